@@ -1,0 +1,97 @@
+"""One writer per upload: the Locker protocol and its in-process implementation.
+
+Like tusd's ``Lock(ctx, requestUnlock)``: whoever wants a held upload asks the holder to let
+go (``on_release_request``), then waits a bounded time. The holder stops reading its body,
+commits what it has and releases, so a client that reconnects after a dropped connection is
+not locked out by its own dead request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+ReleaseRequest = Callable[[], None]
+
+
+class LockTimeout(Exception):
+    """The upload stayed locked by another request for longer than the lock timeout."""
+
+
+class Locker(Protocol):
+    def lock(
+        self,
+        upload_id: str,
+        *,
+        on_release_request: ReleaseRequest | None = None,
+        timeout: float | None = None,
+        ask_holder: bool = True,
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the upload's lock for the ``async with`` block; raise LockTimeout.
+
+        While another request holds it, that holder is asked to release (unless
+        ``ask_holder`` is false: background work never interrupts a client).
+        """
+
+    def request_release_all(self) -> None:
+        """Ask every holder on this node to let go (graceful shutdown)."""
+
+
+@dataclass(slots=True)
+class _Holder:
+    on_release_request: ReleaseRequest | None
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    asked: bool = False
+
+    def ask(self) -> None:
+        if not self.asked and self.on_release_request is not None:
+            self.asked = True
+            self.on_release_request()
+
+
+class MemoryLocker:
+    """Locks within one process (the SQLite deployment)."""
+
+    def __init__(self, default_timeout: float = 10.0) -> None:
+        self.default_timeout = default_timeout
+        self._holders: dict[str, _Holder] = {}
+
+    def is_locked(self, upload_id: str) -> bool:
+        return upload_id in self._holders
+
+    @asynccontextmanager
+    async def lock(
+        self,
+        upload_id: str,
+        *,
+        on_release_request: ReleaseRequest | None = None,
+        timeout: float | None = None,
+        ask_holder: bool = True,
+    ) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.default_timeout if timeout is None else timeout)
+        while (holder := self._holders.get(upload_id)) is not None:
+            if ask_holder:
+                holder.ask()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise LockTimeout(upload_id)
+            try:
+                async with asyncio.timeout(remaining):
+                    await holder.released.wait()
+            except TimeoutError:
+                raise LockTimeout(upload_id) from None
+        mine = _Holder(on_release_request)
+        self._holders[upload_id] = mine
+        try:
+            yield
+        finally:
+            del self._holders[upload_id]
+            mine.released.set()
+
+    def request_release_all(self) -> None:
+        for holder in list(self._holders.values()):
+            holder.ask()

@@ -1,0 +1,60 @@
+"""The Upload: everything the server remembers about one resumable upload between requests.
+
+The committed ``offset`` is the truth about how many bytes the upload holds (invariant 1):
+staging may hold more, never less, and anything past the offset is garbage.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+
+class UploadState(enum.StrEnum):
+    ACTIVE = "active"  # accepting bytes
+    COMPLETE = "complete"  # offset == length; handed to the completion hook
+    TERMINATED = "terminated"  # deleted by the client (tus termination)
+    EXPIRED = "expired"  # no activity for UPLOAD_SESSION_TTL_HOURS; staged bytes removed
+
+
+class UploadKind(enum.StrEnum):
+    SINGLE = "single"
+    PARTIAL = "partial"  # Upload-Concat: partial
+    FINAL = "final"  # Upload-Concat: final;<partials>
+
+
+def new_upload_id() -> str:
+    """128 random bits as 32 hex characters: unguessable, URL-safe, fixed length."""
+    return secrets.token_hex(16)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    id: str
+    length: int | None  # None while the length is deferred
+    offset: int = 0
+    metadata: str = ""  # the Upload-Metadata header, normalised (canonical base64 values)
+    state: UploadState = UploadState.ACTIVE
+    kind: UploadKind = UploadKind.SINGLE
+    parts: tuple[str, ...] = ()  # ids of the partial uploads of a final upload, in order
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+
+    @property
+    def is_complete(self) -> bool:
+        return self.length is not None and self.offset == self.length
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.state is UploadState.EXPIRED or (
+            self.state is UploadState.ACTIVE and self.expires_at is not None and self.expires_at <= now
+        )
+
+    def evolve(self, **changes: object) -> Upload:
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,74 @@
+"""The SessionStore protocol: durable upload state shared by every node.
+
+Implementations: ``sqlite.SQLiteSessionStore`` (embedded default, one process) and
+``postgres.PostgresSessionStore`` (several nodes). ``tests/contract/test_session_store.py``
+holds both to the same behaviour.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+from tusingest.sessions.model import Upload, UploadState
+
+
+class StoreError(Exception):
+    """The store cannot be used (unreachable, not migrated, corrupt)."""
+
+
+class DatabaseNotMigrated(StoreError):
+    pass
+
+
+class SessionStore(Protocol):
+    async def open(self) -> None:
+        """Connect and check the schema; raise StoreError with an operator-facing message."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when the store answers (readiness probe)."""
+
+    async def create(self, upload: Upload) -> None:
+        """Insert a new upload; its id is unique (collisions raise StoreError)."""
+
+    async def get(self, upload_id: str) -> Upload | None: ...
+
+    async def get_many(self, upload_ids: list[str]) -> dict[str, Upload]: ...
+
+    async def commit_offset(
+        self, upload_id: str, expected: int, offset: int, updated_at: datetime, expires_at: datetime | None
+    ) -> Upload | None:
+        """The commit point: move an ACTIVE upload's offset from ``expected`` to ``offset``.
+
+        One round trip. Returns the updated upload, or None when the upload is not ACTIVE at
+        ``expected`` any more (another writer or a termination won; nothing is changed).
+        """
+
+    async def set_length(self, upload_id: str, length: int) -> Upload | None:
+        """Fix a deferred length once. None if the upload is gone or its length is already set."""
+
+    async def set_state(
+        self, upload_id: str, state: UploadState, *, only_from: UploadState | None = None
+    ) -> Upload | None:
+        """Move to ``state`` (optionally only from ``only_from``); None if nothing changed."""
+
+    async def list_expired(self, now: datetime, limit: int = 500) -> list[Upload]:
+        """ACTIVE uploads whose expires_at has passed."""
+
+    async def list_final_uploads_with_part(self, partial_id: str) -> list[Upload]:
+        """Final (concatenated) uploads that refer to ``partial_id``."""
+
+
+def open_session_store(database_url: str) -> SessionStore:
+    """The store for a DATABASE_URL: ``sqlite:///path`` or ``postgresql://...``."""
+    if database_url.startswith("sqlite:"):
+        from tusingest.sessions.sqlite import SQLiteSessionStore
+
+        return SQLiteSessionStore(database_url)
+    if database_url.startswith(("postgresql:", "postgres:")):
+        from tusingest.sessions.postgres import PostgresSessionStore
+
+        return PostgresSessionStore(database_url)
+    raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {database_url!r}")

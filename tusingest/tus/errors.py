@@ -1,0 +1,67 @@
+"""Every failure a tus client can see, as a value with its status code, mapped in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class TusError(Exception):
+    status: int = 400
+    default_message: str = "bad request"
+
+    def __init__(self, message: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        self.message = message or self.default_message
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+
+class BadRequest(TusError):
+    status, default_message = 400, "bad request"
+
+
+class Forbidden(TusError):
+    status, default_message = 403, "forbidden"
+
+
+class UploadNotFound(TusError):
+    status, default_message = 404, "upload not found"
+
+
+class MethodNotAllowed(TusError):
+    status, default_message = 405, "method not allowed"
+
+
+class OffsetMismatch(TusError):
+    status, default_message = 409, "Upload-Offset does not match the upload's offset"
+
+
+class UploadGone(TusError):
+    status, default_message = 410, "upload is gone"
+
+
+class VersionNotSupported(TusError):
+    status, default_message = 412, "Tus-Resumable version not supported"
+
+
+class TooLarge(TusError):
+    status, default_message = 413, "upload too large"
+
+
+class UnsupportedMediaType(TusError):
+    status, default_message = 415, "Content-Type must be application/offset+octet-stream"
+
+
+class UploadLocked(TusError):
+    status, default_message = 423, "upload is locked by another request; retry shortly"
+
+
+class ChecksumMismatch(TusError):
+    status, default_message = 460, "checksum mismatch"
+
+
+class ServerError(TusError):
+    status, default_message = 500, "internal server error"
+
+
+class ServiceUnavailable(TusError):
+    status, default_message = 503, "service unavailable"

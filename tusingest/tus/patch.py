@@ -1,0 +1,100 @@
+"""PATCH: append bytes at the upload's offset.
+
+The path of every byte: the body goes to staging in large writes, is fsynced once, and only
+then the offset is committed in the store (the commit point). A client that disconnects, a
+newer request that asks for the lock, and a shutting-down server all end the body early; what
+arrived by then is committed (invariant 2). Bytes past an aborted request's start are cut off.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tusingest.sessions import Upload, UploadKind, UploadState
+from tusingest.sessions.model import utcnow
+from tusingest.tus.base import TusContext, expires_header, tus_headers
+from tusingest.tus.body import BodyEnd, Interrupt, receive_body
+from tusingest.tus.errors import BadRequest, Forbidden, OffsetMismatch, TooLarge, UnsupportedMediaType, UploadGone
+from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_non_negative
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+class PatchHandler:
+    def __init__(self, ctx: TusContext) -> None:
+        self.ctx = ctx
+
+    async def handle(self, request: Request, upload_id: str) -> Response:
+        if content_type(request) != OFFSET_OCTET_STREAM:
+            raise UnsupportedMediaType()
+        offset = parse_non_negative("Upload-Offset", request.headers.get("upload-offset"))
+        assert offset is not None
+        new_length = parse_non_negative("Upload-Length", request.headers.get("upload-length"), required=False)
+        content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
+
+        interrupt = Interrupt()
+        async with self.ctx.locker.lock(
+            upload_id, on_release_request=interrupt.fire, timeout=self.ctx.options.lock_timeout
+        ):
+            upload = await self.ctx.load(upload_id)
+            if upload.kind is UploadKind.FINAL:
+                raise Forbidden("a final upload of a concatenation cannot be patched")
+            if new_length is not None:
+                upload = await self._declare_length(upload, new_length)
+            if offset != upload.offset:
+                raise OffsetMismatch(f"Upload-Offset is {offset}, the upload is at {upload.offset}")
+
+            length = upload.length if upload.length is not None else self.ctx.options.max_size
+            room = length - offset
+            if content_length is not None and content_length > room:
+                raise TooLarge(f"the body ({content_length} bytes) runs past the upload's length ({room} bytes left)")
+            if upload.state is UploadState.COMPLETE:
+                return self._response(upload, {})
+
+            upload = await self._append(request, upload, room, interrupt)
+            extra: dict[str, str] = {}
+            if upload.is_complete:
+                extra = await self.ctx.complete(upload)
+            return self._response(upload, extra)
+
+    async def _declare_length(self, upload: Upload, length: int) -> Upload:
+        if upload.length is not None:
+            if length != upload.length:
+                raise BadRequest("Upload-Length cannot be changed once set")
+            return upload
+        if length > self.ctx.options.max_size:
+            raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({self.ctx.options.max_size})")
+        if length < upload.offset:
+            raise BadRequest(f"Upload-Length {length} is below the upload's offset {upload.offset}")
+        updated = await self.ctx.store.set_length(upload.id, length)
+        if updated is None:
+            raise UploadGone("upload changed while its length was being set")
+        return updated
+
+    async def _append(self, request: Request, upload: Upload, room: int, interrupt: Interrupt) -> Upload:
+        writer = await self.ctx.staging.open_writer(upload.id, upload.offset)
+        try:
+            end = await receive_body(request.receive, writer, room, interrupt)
+            if end is BodyEnd.OVERFLOW:
+                await writer.discard()
+                raise TooLarge(f"the body runs past the upload's length ({room} bytes left)")
+            new_offset = await writer.sync()
+        finally:
+            writer.close()
+        if new_offset == upload.offset and end is not BodyEnd.COMPLETE:
+            return upload  # cut off before the first byte: nothing to commit
+        now = utcnow()
+        committed = await self.ctx.store.commit_offset(
+            upload.id, upload.offset, new_offset, now, self.ctx.expires_at(now)
+        )
+        if committed is None:
+            raise UploadGone("upload changed while receiving; its state was kept")
+        return committed
+
+    @staticmethod
+    def _response(upload: Upload, extra: dict[str, str]) -> Response:
+        headers = tus_headers() | {"Upload-Offset": str(upload.offset)} | expires_header(upload) | extra
+        return Response(status_code=204, headers=headers)

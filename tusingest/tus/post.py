@@ -1,0 +1,101 @@
+"""POST (creation, creation-with-upload, creation-defer-length): start a new upload.
+
+With a body (creation-with-upload) the bytes are staged first and the upload row is written
+once, with its offset: one database round trip for a small file.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tusingest.sessions import Upload
+from tusingest.sessions.model import new_upload_id, utcnow
+from tusingest.tus.base import TusContext, expires_header, tus_headers
+from tusingest.tus.body import BodyEnd, Interrupt, receive_body
+from tusingest.tus.errors import BadRequest, MethodNotAllowed, TooLarge, UnsupportedMediaType
+from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_metadata, parse_non_negative
+from tusingest.tus.patch import content_type
+
+
+class PostHandler:
+    def __init__(self, ctx: TusContext) -> None:
+        self.ctx = ctx
+
+    async def handle(self, request: Request) -> Response:
+        options = self.ctx.options
+        if not options.has("creation"):
+            raise MethodNotAllowed("creation is not enabled")
+        if request.headers.get("upload-concat") is not None:
+            raise BadRequest("concatenation is not supported")
+        length = self._length(request)
+        metadata = (request.headers.get("upload-metadata") or "").strip()
+        parse_metadata(metadata)  # validation only: the header is kept as sent and echoed byte-exact
+
+        content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
+        with_body = content_type(request) == OFFSET_OCTET_STREAM
+        if with_body and not options.has("creation-with-upload"):
+            raise BadRequest("creation-with-upload is not enabled")
+        if not with_body and content_length:
+            raise UnsupportedMediaType("a creation request with a body needs Content-Type: " + OFFSET_OCTET_STREAM)
+        room = length if length is not None else options.max_size
+        if content_length is not None and content_length > room:
+            raise TooLarge(f"the body ({content_length} bytes) is longer than Upload-Length ({room})")
+
+        upload_id = new_upload_id()
+        interrupt = Interrupt()
+        # Nobody else knows this id yet; the lock only makes the body stoppable at shutdown.
+        async with self.ctx.locker.lock(upload_id, on_release_request=interrupt.fire):
+            offset = 0
+            if with_body:
+                offset = await self._receive(request, upload_id, room, interrupt)
+            now = utcnow()
+            upload = Upload(
+                id=upload_id,
+                length=length,
+                offset=offset,
+                metadata=metadata,
+                created_at=now,
+                updated_at=now,
+                expires_at=self.ctx.expires_at(now),
+            )
+            await self.ctx.store.create(upload)
+            extra: dict[str, str] = {}
+            if upload.is_complete:
+                extra = await self.ctx.complete(upload)
+                upload = await self.ctx.store.get(upload_id) or upload
+
+        headers = tus_headers() | {"Location": self.ctx.location(request, upload_id)} | expires_header(upload)
+        if with_body:
+            headers["Upload-Offset"] = str(upload.offset)
+        return Response(status_code=201, headers=headers | extra)
+
+    def _length(self, request: Request) -> int | None:
+        options = self.ctx.options
+        length = parse_non_negative("Upload-Length", request.headers.get("upload-length"), required=False)
+        defer = request.headers.get("upload-defer-length")
+        if defer is not None:
+            if not options.has("creation-defer-length"):
+                raise BadRequest("creation-defer-length is not enabled")
+            if defer != "1":
+                raise BadRequest("invalid Upload-Defer-Length header: must be 1")
+            if length is not None:
+                raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
+            return None
+        if length is None:
+            raise BadRequest("missing Upload-Length header")
+        if length > options.max_size:
+            raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({options.max_size})")
+        return length
+
+    async def _receive(self, request: Request, upload_id: str, room: int, interrupt: Interrupt) -> int:
+        writer = await self.ctx.staging.open_writer(upload_id, 0)
+        try:
+            end = await receive_body(request.receive, writer, room, interrupt)
+            if end is BodyEnd.OVERFLOW:
+                writer.close()
+                await self.ctx.staging.remove(upload_id)
+                raise TooLarge(f"the body is longer than Upload-Length ({room})")
+            return await writer.sync()
+        finally:
+            writer.close()

@@ -27,6 +27,7 @@ from tusingest.sessions.expiry import expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
+from tusingest.tus.unread_body import UnreadBodyGuard
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def build_app(settings: Settings) -> Starlette:
 
     routes = [Route("/health/live", live), Route("/health/ready", ready), *parts.tus.routes()]
     middleware = [
+        Middleware(UnreadBodyGuard),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_allowed_origins),

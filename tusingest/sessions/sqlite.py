@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
@@ -38,7 +38,8 @@ _COLUMNS = "id, upload_length, upload_offset, metadata, state, kind, parts, crea
 
 
 def _ts(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="microseconds") if value is not None else None
+    # Always UTC: list_expired compares these strings, and text order is time order only in one zone.
+    return value.astimezone(UTC).isoformat(timespec="microseconds") if value is not None else None
 
 
 def _row_to_upload(row: sqlite3.Row | tuple[object, ...]) -> Upload:

@@ -1,5 +1,10 @@
-"""HEAD: where an upload stands. Reads the committed state only, so it never waits for a
-writer: the committed offset is the truth at every moment (invariant 1)."""
+"""HEAD: where an upload stands.
+
+It takes the upload's lock like a writer and so asks a running PATCH to commit and let go:
+a client sends HEAD when it resumes, which means its previous PATCH is dead or dying (a
+dropped connection the server has not noticed yet). It then reports the true offset at once
+instead of one that the old request is about to move.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ class HeadHandler:
         self.ctx = ctx
 
     async def handle(self, request: Request, upload_id: str) -> Response:
-        upload = await self.ctx.load(upload_id)
+        async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
+            upload = await self.ctx.load(upload_id)
         headers = tus_headers() | {"Cache-Control": "no-store", "Upload-Offset": str(upload.offset)}
         if upload.length is None:
             headers["Upload-Defer-Length"] = "1"

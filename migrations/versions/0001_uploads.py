@@ -1,0 +1,48 @@
+"""The uploads table: one row per tus upload, the durable half of the SessionStore.
+
+Revision ID: 0001
+Revises:
+Create Date: 2025-01-01
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = "0001"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "uploads",
+        sa.Column("id", sa.Text(), primary_key=True),
+        sa.Column("upload_length", sa.BigInteger(), nullable=True),  # NULL while the length is deferred
+        sa.Column("upload_offset", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("metadata", sa.Text(), nullable=False, server_default=""),
+        sa.Column("state", sa.Text(), nullable=False),
+        sa.Column("kind", sa.Text(), nullable=False, server_default="single"),
+        sa.Column("parts", postgresql.ARRAY(sa.Text()), nullable=False, server_default="{}"),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    # The expiry sweep: ACTIVE uploads ordered by expires_at.
+    op.create_index("uploads_expiry", "uploads", ["state", "expires_at"])
+    # Only final uploads have parts, so a partial GIN index stays tiny and serves `parts @> ARRAY[id]`
+    # when a partial upload is terminated or expires.
+    op.create_index(
+        "uploads_final_parts",
+        "uploads",
+        ["parts"],
+        postgresql_using="gin",
+        postgresql_where=sa.text("kind = 'final'"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("uploads")

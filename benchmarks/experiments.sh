@@ -5,7 +5,7 @@
 #
 # Usage: benchmarks/experiments.sh   (REPEAT=5 by default; results in benchmarks/results/experiments.jsonl)
 # `small` runs here use 1000 uploads instead of 200, so that a run lasts seconds rather than half of one.
-# Takes about 8 minutes with REPEAT=5 on a 2-core machine. SQLite store only; staging on the normal disk, plus a
+# Takes about 25 minutes with REPEAT=5 on a 2-core machine. SQLite store only; staging on the normal disk, plus a
 # tmpfs pass (TMPFS_DIR, default /dev/shm) for the CPU-only view of the large-upload patches.
 set -euo pipefail
 

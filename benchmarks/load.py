@@ -26,6 +26,11 @@ Scenarios (sizes take a unit, ``64KiB``, ``512MiB``, ``2GiB``; a bare number is 
     ``--uploads`` (200) uploads of ``--size`` (64 KiB), ``--in-flight`` (16) at a time, each one POST carrying
     its body (creation-with-upload).
 
+Comparisons: ``--server bare`` runs ``benchmarks/bare_app.py`` (Starlette + Hypercorn appending bodies to a file, no
+store, no fsync) instead of tusingest; ``--patches recv1m,sfr,...`` runs tusingest through
+``benchmarks/serve_patched.py``, whose monkeypatches stand in for proposed optimisations; ``--tmp-dir /dev/shm`` puts
+staging and SQLite on tmpfs to take the disk out of the figures.
+
 Figures: MiB/s (all bytes / wall time of the scenario, creations included), uploads/s, p50 and p99 latency of
 the PATCH requests (of the POSTs for ``small``), the server's peak RSS (and its RSS when idle before the load),
 and the CPU seconds the server and this client used, so that a client-bound run can be told apart.

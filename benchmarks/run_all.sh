@@ -9,7 +9,7 @@
 #
 # Environment: REPEAT (3), STORES ("sqlite postgres"), RESULTS (benchmarks/results/latest.jsonl, overwritten),
 # TMP_DIR (system temp dir), BENCH_PG_ADMIN_URL (postgresql://postgres@127.0.0.1:5432/postgres), LABEL ("").
-# Takes about 4-6 minutes on a 2-core machine with REPEAT=3. Every run starts and stops its own server on
+# Takes about 2.5 minutes on a 2-core machine with REPEAT=3. Every run starts and stops its own server on
 # 127.0.0.1; a PostgreSQL run creates, migrates and drops its own database.
 set -euo pipefail
 

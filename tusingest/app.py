@@ -108,6 +108,7 @@ def build_app(settings: Settings) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await parts.store.close()
+            parts.staging.close()
 
     async def live(request: Request) -> JSONResponse:
         return JSONResponse({"status": "alive"})

@@ -54,9 +54,9 @@ class StartupError(Exception):
 
 async def _serve(settings: Settings) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
 
     from tusingest.app import build_app
+    from tusingest.serving import hypercorn_config
     from tusingest.sessions import open_session_store
     from tusingest.sessions.store import StoreError
 
@@ -70,11 +70,7 @@ async def _serve(settings: Settings) -> None:
         await probe.close()
 
     app = build_app(settings)
-    config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
-    config.graceful_timeout = settings.shutdown_grace_seconds
-    config.accesslog = None
-    config.errorlog = "-"
+    config = hypercorn_config(settings)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

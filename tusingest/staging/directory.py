@@ -12,14 +12,19 @@ that may block for long (opening, truncating, fsync) run once per request in a w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import functools
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 _IOV_MAX = 512  # well under the kernel's IOV_MAX (1024)
 
 
@@ -64,8 +69,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing dirty pages now; a hint, so failures are ignored."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 class ChunkWriter:
     """Appends one request's bytes at a known offset; ``sync`` makes them durable.
+
+    Bytes gather in memory up to ``write_buffer_bytes``, then go to the page cache in one
+    ``writev`` on a staging thread while the event loop keeps receiving. At most one batch is
+    in flight, so a request holds at most two buffers. ``sync_file_range`` starts writeback
+    of each batch at once, so the fsync at the commit point has little left to do.
 
     Not safe for concurrent use: one writer per upload at a time is the locker's job.
     """
@@ -76,86 +108,135 @@ class ChunkWriter:
         self._fd = fd
         self._chunk_start = chunk_start
         self._start_offset = offset
-        self._flushed = offset  # bytes on disk (page cache) for this upload
+        self._queued = offset  # the upload offset after every batch handed to the thread
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._inflight: asyncio.Future[None] | None = None
         self._new_files = False
+        self._new_directory = False
         self._closed = False
 
     @property
     def offset(self) -> int:
         """The upload offset after everything written so far (synced or not)."""
-        return self._flushed + self._pending_bytes
+        return self._queued + self._pending_bytes
 
     @property
     def written(self) -> int:
         return self.offset - self._start_offset
 
-    def write(self, data: bytes) -> None:
+    async def __aenter__(self) -> ChunkWriter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def write(self, data: bytes) -> None:
         if not data:
             return
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= self._staging.write_buffer_bytes or len(self._pending) >= _IOV_MAX:
-            self._flush()
+            await self._flush()
 
-    def _flush(self) -> None:
+    async def _wait_inflight(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            await inflight
+
+    async def _flush(self) -> None:
+        await self._wait_inflight()
         if not self._pending:
             return
-        if self._flushed - self._chunk_start >= self._staging.chunk_max_bytes:
-            self._roll()
-        buffers: Sequence[bytes] = self._pending
-        total = self._pending_bytes
-        done = os.writev(self._fd, buffers)
-        if done != total:  # short writes are rare (disk full signals as OSError); finish the rest
-            rest = b"".join(buffers)[done:]
-            while rest:
-                n = os.write(self._fd, rest)
-                rest = rest[n:]
-        self._flushed += total
-        self._pending = []
-        self._pending_bytes = 0
+        batch, size = self._pending, self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
+        roll_at = self._queued if self._queued - self._chunk_start >= self._staging.chunk_max_bytes else None
+        if roll_at is not None:
+            self._chunk_start = roll_at
+        self._queued += size
+        loop = asyncio.get_running_loop()
+        self._inflight = loop.run_in_executor(self._staging.executor, self._write_batch, batch, size, roll_at)
 
-    def _roll(self) -> None:
-        os.close(self._fd)
-        self._chunk_start = self._flushed
-        self._fd = os.open(_chunk_path(self._directory, self._flushed), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        self._new_files = True
+    def _write_batch(self, batch: list[bytes], size: int, roll_at: int | None) -> None:
+        """Runs on a staging thread, never two at once for one writer."""
+        try:
+            if roll_at is not None:
+                os.close(self._fd)
+                self._fd = os.open(_chunk_path(self._directory, roll_at), _CREATE_FLAGS, 0o640)
+                self._new_files = True
+            done = os.writev(self._fd, batch)
+            if done != size:  # short writes are rare (disk full signals as OSError); finish the rest
+                rest = memoryview(b"".join(batch))[done:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
+            _start_writeback(self._fd)
+        except OSError as exc:
+            raise StagingError(f"cannot write staged bytes of upload {self._directory.name}: {exc}") from exc
 
     async def sync(self) -> int:
         """Write out everything and fsync it; returns the durable offset. Call before committing."""
-        self._flush()
-        fd, new_files, directory = self._fd, self._new_files, self._directory
+        await self._flush()
+        await self._wait_inflight()
+        fd, new_files, new_directory, directory = self._fd, self._new_files, self._new_directory, self._directory
 
         def _sync() -> None:
-            os.fsync(fd)
-            if new_files:
-                _fsync_dir(directory)
+            try:
+                os.fsync(fd)
+                if new_files:
+                    _fsync_dir(directory)
+                if new_directory:
+                    _fsync_dir(directory.parent)
+            except OSError as exc:
+                raise StagingError(f"cannot sync staged bytes of upload {directory.name}: {exc}") from exc
 
-        await asyncio.to_thread(_sync)
-        self._new_files = False
-        return self._flushed
+        await asyncio.get_running_loop().run_in_executor(self._staging.executor, _sync)
+        self._new_files = self._new_directory = False
+        return self._queued
 
     async def discard(self) -> None:
         """Forget this request's bytes: cut the staged data back to where the writer started."""
-        self._pending = []
-        self._pending_bytes = 0
-        self.close()
+        self._pending, self._pending_bytes = [], 0
+        await self.aclose()
         await self._staging.truncate(self._directory.name, self._start_offset)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(StagingError):
+            await self._wait_inflight()
+        os.close(self._fd)
 
 
 class DirectoryStaging:
     def __init__(
-        self, root: str | Path, *, chunk_max_bytes: int = 256 << 20, write_buffer_bytes: int = 4 << 20
+        self,
+        root: str | Path,
+        *,
+        chunk_max_bytes: int = 256 << 20,
+        write_buffer_bytes: int = 4 << 20,
+        threads: int = 16,
     ) -> None:
         self.root = Path(root)
         self.chunk_max_bytes = chunk_max_bytes
         self.write_buffer_bytes = write_buffer_bytes
+        self._threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Staging's own threads: its blocking calls never queue behind other work's."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="staging")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def _run[T](self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function)
 
     def directory(self, upload_id: str) -> Path:
         if not upload_id or "/" in upload_id or upload_id.startswith("."):
@@ -179,38 +260,49 @@ class DirectoryStaging:
         return kept
 
     async def truncate(self, upload_id: str, offset: int) -> None:
-        await asyncio.to_thread(self._truncate, self.directory(upload_id), offset)
+        directory = self.directory(upload_id)
+        await self._run(lambda: self._truncate(directory, offset))
 
     async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
         """A writer positioned at the committed ``offset``; anything staged past it is dropped."""
         directory = self.directory(upload_id)
 
         def _open() -> ChunkWriter:
-            new_dir = not directory.exists()
-            if new_dir:
-                directory.mkdir(parents=True, exist_ok=True)
+            try:
+                return _open_at(directory, offset)
+            except OSError as exc:
+                raise StagingError(f"cannot open staging for upload {upload_id}: {exc}") from exc
+
+        def _open_at(directory: Path, offset: int) -> ChunkWriter:
+            if offset == 0:
+                try:
+                    directory.mkdir()
+                except FileExistsError:
+                    pass
+                else:  # a new upload: nothing to list or cut, and the new entries need syncing
+                    fd = os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640)
+                    writer = ChunkWriter(self, directory, fd, 0, 0)
+                    writer._new_files = writer._new_directory = True
+                    return writer
             kept = self._truncate(directory, offset)
             if kept and kept[-1].size < self.chunk_max_bytes:
                 last = kept[-1]
-                fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
-                writer = ChunkWriter(self, directory, fd, last.start, offset)
-            else:
-                fd = os.open(_chunk_path(directory, offset), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-                writer = ChunkWriter(self, directory, fd, offset, offset)
-                writer._new_files = True
-            if new_dir:
-                _fsync_dir(directory.parent)
+                return ChunkWriter(self, directory, os.open(last.path, os.O_WRONLY | os.O_APPEND), last.start, offset)
+            writer = ChunkWriter(self, directory, os.open(_chunk_path(directory, offset), _CREATE_FLAGS, 0o640), offset, offset)
+            writer._new_files = True
             return writer
 
-        return await asyncio.to_thread(_open)
+        return await self._run(_open)
 
     async def staged_size(self, upload_id: str) -> int:
-        chunks = await asyncio.to_thread(_list_chunks, self.directory(upload_id))
+        directory = self.directory(upload_id)
+        chunks = await self._run(lambda: _list_chunks(directory))
         return chunks[-1].end if chunks else 0
 
     async def read(self, upload_id: str, length: int, block_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The first ``length`` bytes of an upload, in blocks of at most ``block_size``."""
-        chunks = await asyncio.to_thread(_list_chunks, self.directory(upload_id))
+        directory = self.directory(upload_id)
+        chunks = await self._run(lambda: _list_chunks(directory))
         position = 0
         for chunk in chunks:
             if position >= length:
@@ -218,9 +310,10 @@ class DirectoryStaging:
             if chunk.start != position:
                 raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
             want = min(chunk.size, length - position)
-            with open(chunk.path, "rb", buffering=0) as f:
+            f = await self._run(functools.partial(open, chunk.path, "rb", buffering=0))
+            with f:
                 while want > 0:
-                    block = await asyncio.to_thread(f.read, min(block_size, want))
+                    block = await self._run(functools.partial(f.read, min(block_size, want)))
                     if not block:
                         raise StagingError(f"staging for upload {upload_id} ended early at byte {position}")
                     want -= len(block)
@@ -230,7 +323,8 @@ class DirectoryStaging:
             raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
 
     async def remove(self, upload_id: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.directory(upload_id), True)
+        directory = self.directory(upload_id)
+        await self._run(lambda: shutil.rmtree(directory, ignore_errors=True))
 
     async def list_upload_ids(self) -> list[str]:
         def _list() -> list[str]:
@@ -239,4 +333,4 @@ class DirectoryStaging:
             except FileNotFoundError:
                 return []
 
-        return await asyncio.to_thread(_list)
+        return await self._run(_list)

@@ -48,7 +48,7 @@ async def receive_body(receive: Receive, writer: ChunkWriter, limit: int, interr
                 if body:
                     if writer.written + len(body) > limit:
                         return BodyEnd.OVERFLOW
-                    writer.write(body)
+                    await writer.write(body)
                 if not message.get("more_body", False):
                     return BodyEnd.COMPLETE
     except TimeoutError:

@@ -75,15 +75,12 @@ class PatchHandler:
         return updated
 
     async def _append(self, request: Request, upload: Upload, room: int, interrupt: Interrupt) -> Upload:
-        writer = await self.ctx.staging.open_writer(upload.id, upload.offset)
-        try:
+        async with await self.ctx.staging.open_writer(upload.id, upload.offset) as writer:
             end = await receive_body(request.receive, writer, room, interrupt)
             if end is BodyEnd.OVERFLOW:
                 await writer.discard()
                 raise TooLarge(f"the body runs past the upload's length ({room} bytes left)")
             new_offset = await writer.sync()
-        finally:
-            writer.close()
         if new_offset == upload.offset and end is not BodyEnd.COMPLETE:
             return upload  # cut off before the first byte: nothing to commit
         now = utcnow()

@@ -63,9 +63,10 @@ class PostHandler:
             extra: dict[str, str] = {}
             if upload.is_complete:
                 extra = await self.ctx.complete(upload)
-                upload = await self.ctx.store.get(upload_id) or upload
 
-        headers = tus_headers() | {"Location": self.ctx.location(request, upload_id)} | expires_header(upload)
+        headers = tus_headers() | {"Location": self.ctx.location(request, upload_id)}
+        if not upload.is_complete:
+            headers |= expires_header(upload)
         if with_body:
             headers["Upload-Offset"] = str(upload.offset)
         return Response(status_code=201, headers=headers | extra)
@@ -89,13 +90,10 @@ class PostHandler:
         return length
 
     async def _receive(self, request: Request, upload_id: str, room: int, interrupt: Interrupt) -> int:
-        writer = await self.ctx.staging.open_writer(upload_id, 0)
-        try:
+        async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
             end = await receive_body(request.receive, writer, room, interrupt)
             if end is BodyEnd.OVERFLOW:
-                writer.close()
+                await writer.aclose()
                 await self.ctx.staging.remove(upload_id)
                 raise TooLarge(f"the body is longer than Upload-Length ({room})")
             return await writer.sync()
-        finally:
-            writer.close()

@@ -36,7 +36,7 @@ def build_app(root: Path) -> Starlette:
 
     async def append(request: Request, upload_id: str) -> int:
         # Blocking writes on the event loop, on purpose: that is what the simplest app does.
-        with open(chunk_path(upload_id), "ab") as f:  # noqa: ASYNC230
+        with open(chunk_path(upload_id), "ab") as f:
             async for chunk in request.stream():
                 f.write(chunk)
             return f.tell()

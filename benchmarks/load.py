@@ -27,9 +27,10 @@ Scenarios (sizes take a unit, ``64KiB``, ``512MiB``, ``2GiB``; a bare number is 
     its body (creation-with-upload).
 
 Comparisons: ``--server bare`` runs ``benchmarks/bare_app.py`` (Starlette + Hypercorn appending bodies to a file, no
-store, no fsync) instead of tusingest; ``--patches recv1m,sfr,...`` runs tusingest through
-``benchmarks/serve_patched.py``, whose monkeypatches stand in for proposed optimisations; ``--tmp-dir /dev/shm`` puts
-staging and SQLite on tmpfs to take the disk out of the figures.
+store, no fsync) instead of tusingest; ``--server node`` runs the Node reference, @tus/server with @tus/file-store
+(``benchmarks/node_reference/server.mjs``; ``npm ci`` in that folder first); ``--patches recv1m,sfr,...`` runs
+tusingest through ``benchmarks/serve_patched.py``, whose monkeypatches stand in for proposed optimisations;
+``--tmp-dir /dev/shm`` puts staging and SQLite on tmpfs to take the disk out of the figures.
 
 Figures: MiB/s (all bytes / wall time of the scenario, creations included), uploads/s, p50 and p99 latency of
 the PATCH requests (of the POSTs for ``small``), the server's peak RSS (and its RSS when idle before the load),
@@ -235,6 +236,10 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
     here = Path(__file__).resolve().parent
     if args.server == "bare":
         return [sys.executable, str(here / "bare_app.py"), *listen]
+    if args.server == "node":
+        if not (here / "node_reference" / "node_modules" / "@tus" / "server").is_dir():
+            raise BenchError("--server node: run `npm ci` in benchmarks/node_reference first")
+        return [shutil.which("node") or "node", str(here / "node_reference" / "server.mjs"), *listen]
     if args.patches:
         return [sys.executable, str(here / "serve_patched.py"), "--patches", args.patches, "serve", *listen]
     return [args.tusingest, "serve", *listen]
@@ -403,6 +408,8 @@ async def run_scenario(
 
 
 def staged_bytes(staging_dir: Path, upload_id: str) -> int:
+    if (staging_dir / upload_id).is_file():  # @tus/file-store (--server node): one file per upload
+        return (staging_dir / upload_id).stat().st_size
     return sum(path.stat().st_size for path in (staging_dir / upload_id).glob("*.chunk"))
 
 
@@ -560,6 +567,8 @@ def default_label(args: argparse.Namespace) -> str:
     parts = []
     if args.server == "bare":
         parts.append("bare app")
+    if args.server == "node":
+        parts.append("node @tus/server")
     if args.patches:
         parts.append(f"patches={args.patches}")
     if args.tmp_dir:
@@ -588,9 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--server",
-        choices=["tusingest", "bare"],
+        choices=["tusingest", "bare", "node"],
         default="tusingest",
-        help="bare: benchmarks/bare_app.py, Starlette + Hypercorn appending bodies to a file (no store, no fsync)",
+        help="bare: benchmarks/bare_app.py, Starlette + Hypercorn appending bodies to a file (no store, no fsync); "
+        "node: benchmarks/node_reference/server.mjs, @tus/server + @tus/file-store",
     )
     parser.add_argument("--patches", default="", help="run tusingest through serve_patched.py with these patches")
     parser.add_argument("--tusingest", default=str(Path(sys.executable).parent / "tusingest"), help="the CLI")
@@ -611,8 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.in_flight = args.uploads
     if args.scenario == "small":
         args.patch_size = args.size
-    if args.server == "bare" and args.store != "sqlite":
-        parser.error("--server bare has no session store: use --store sqlite (the default)")
+    if args.server in ("bare", "node") and args.store != "sqlite":
+        parser.error(f"--server {args.server} has no session store: use --store sqlite (the default)")
     if args.uploads < 1 or args.in_flight < 1:
         parser.error("--uploads and --in-flight must be at least 1")
     if args.scenario != "small" and args.patch_size > args.size:

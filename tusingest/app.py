@@ -98,7 +98,7 @@ def build_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        Path(settings.staging_dir).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(settings.staging_dir).mkdir, parents=True, exist_ok=True)
         await parts.store.open()
         sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
         try:
@@ -130,7 +130,7 @@ def build_app(settings: Settings) -> Starlette:
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
             max_age=86400,
-        )
+        ),
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.parts = parts

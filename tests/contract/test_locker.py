@@ -30,17 +30,18 @@ async def test_locks_of_different_uploads_do_not_interfere(locker: Locker) -> No
 
 async def test_the_holder_is_asked_to_release_and_the_newcomer_gets_the_lock_after_it(locker: Locker) -> None:
     asked = asyncio.Event()
+    held = asyncio.Event()
     order: list[str] = []
 
     async def holder() -> None:
         async with locker.lock("u1", on_release_request=asked.set):
             order.append("holder in")
+            held.set()
             await asked.wait()
             order.append("holder out")
 
     task = asyncio.create_task(holder())
-    while not order:  # the holder has the lock once it has written
-        await asyncio.sleep(0)
+    await held.wait()
     async with locker.lock("u1"):
         order.append("newcomer in")
     await task

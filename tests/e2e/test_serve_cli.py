@@ -161,7 +161,9 @@ async def test_migrate_then_serve_on_postgresql(workdir: Path, empty_postgres_ur
     port = free_port()
     async with running(workdir, env, port):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            created = await client.post("/files/", headers=TUS | {"Upload-Length": "3", "Content-Type": OCTETS}, content=b"abc")
+            created = await client.post(
+                "/files/", headers=TUS | {"Upload-Length": "3", "Content-Type": OCTETS}, content=b"abc"
+            )
     assert created.status_code == 201 and created.headers["Upload-Offset"] == "3"
 
 

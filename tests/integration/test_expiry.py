@@ -12,7 +12,9 @@ from tusingest.sessions.expiry import expire_uploads
 
 async def create_with_bytes(server: LiveServer) -> str:
     async with server.client() as client:
-        response = await client.post("/files/", headers=TUS | {"Upload-Length": "10", "Content-Type": OCTETS}, content=b"abc")
+        response = await client.post(
+            "/files/", headers=TUS | {"Upload-Length": "10", "Content-Type": OCTETS}, content=b"abc"
+        )
     return response.headers["Location"].rsplit("/", 1)[1]
 
 

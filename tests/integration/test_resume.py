@@ -32,7 +32,7 @@ async def test_patch_cut_off_mid_body_keeps_every_received_byte_and_the_upload_r
     async with server.client() as client:
         url = await create(client, len(payload))
         upload_id = url.rsplit("/", 1)[1]
-        reader, writer = await open_request(url, "PATCH", patch_headers(0, len(payload)))
+        _, writer = await open_request(url, "PATCH", patch_headers(0, len(payload)))
         writer.write(payload[:half])
         await writer.drain()
         writer.close()  # the network drops: half the body was sent
@@ -108,8 +108,7 @@ async def test_bytes_staged_past_the_committed_offset_are_ignored_then_overwritt
         # file and in a chunk file of its own.
         directory = server.parts.staging.directory(upload_id)
         (chunk,) = directory.iterdir()
-        with open(chunk, "ab") as f:
-            f.write(b"GARBAGE")
+        chunk.write_bytes(chunk.read_bytes() + b"GARBAGE")
         (directory / f"{12:020d}.chunk").write_bytes(b"MORE GARBAGE")
         reported = await client.head(url, headers=TUS)
         rest = await client.patch(url, headers=patch_headers(5, 6), content=b" world")
@@ -126,7 +125,9 @@ async def test_an_upload_spanning_several_chunk_files_reads_back_exactly(start_s
         url = await create(client, len(payload))
         offset = 0
         for size in (700_000, 1_500_000, len(payload) - 2_200_000):
-            response = await client.patch(url, headers=patch_headers(offset, size), content=payload[offset : offset + size])
+            response = await client.patch(
+                url, headers=patch_headers(offset, size), content=payload[offset : offset + size]
+            )
             assert response.status_code == 204
             offset += size
     upload_id = url.rsplit("/", 1)[1]

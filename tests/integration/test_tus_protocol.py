@@ -410,9 +410,7 @@ async def test_chunked_patch_running_past_upload_length_is_413_and_offset_unchan
     async with server.client() as client:
         url = await create(client, 10)
         await patch(client, url, 0, b"abcde")
-        response = await client.patch(
-            url, headers=TUS | {"Upload-Offset": "5", "Content-Type": OCTETS}, content=body()
-        )
+        response = await client.patch(url, headers=TUS | {"Upload-Offset": "5", "Content-Type": OCTETS}, content=body())
         after = await head(client, url)
         good = await patch(client, url, 5, b"12345")
     assert response.status_code == 413

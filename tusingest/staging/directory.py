@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import io
 import os
 import re
 import shutil
@@ -81,7 +82,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def _start_writeback(fd: int) -> None:
@@ -288,7 +289,9 @@ class DirectoryStaging:
             if kept and kept[-1].size < self.chunk_max_bytes:
                 last = kept[-1]
                 return ChunkWriter(self, directory, os.open(last.path, os.O_WRONLY | os.O_APPEND), last.start, offset)
-            writer = ChunkWriter(self, directory, os.open(_chunk_path(directory, offset), _CREATE_FLAGS, 0o640), offset, offset)
+            writer = ChunkWriter(
+                self, directory, os.open(_chunk_path(directory, offset), _CREATE_FLAGS, 0o640), offset, offset
+            )
             writer._new_files = True
             return writer
 
@@ -310,7 +313,7 @@ class DirectoryStaging:
             if chunk.start != position:
                 raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
             want = min(chunk.size, length - position)
-            f = await self._run(functools.partial(open, chunk.path, "rb", buffering=0))
+            f = await self._run(functools.partial(io.FileIO, chunk.path, "r"))
             with f:
                 while want > 0:
                     block = await self._run(functools.partial(f.read, min(block_size, want)))

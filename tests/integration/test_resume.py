@@ -133,3 +133,28 @@ async def test_an_upload_spanning_several_chunk_files_reads_back_exactly(start_s
     upload_id = url.rsplit("/", 1)[1]
     assert len(list(server.parts.staging.directory(upload_id).iterdir())) >= 3
     assert await staged(server, upload_id, len(payload)) == payload
+
+
+async def test_an_upload_held_past_the_lock_timeout_answers_423_with_retry_after(start_server: ServerFactory) -> None:
+    server = await start_server(lock_timeout_seconds=0.3)
+    async with server.client() as client:
+        url = await create(client, 10)
+        upload_id = url.rsplit("/", 1)[1]
+        # A holder that never lets go (a request stuck in the store, say): no release callback.
+        async with server.parts.locker.lock(upload_id):
+            response = await client.patch(url, headers=patch_headers(0, 3), content=b"abc")
+        after = await client.head(url, headers=TUS)
+    assert response.status_code == 423
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    assert after.headers["Upload-Offset"] == "0"
+
+
+async def test_a_session_store_that_went_away_is_a_503_that_still_speaks_tus(server: LiveServer) -> None:
+    async with server.client() as client:
+        url = await create(client, 10)
+        await server.parts.store.close()  # the store goes away under the running server
+        response = await client.head(url, headers=TUS)
+        await server.parts.store.open()
+    assert response.status_code == 503
+    assert response.headers["Tus-Resumable"] == "1.0.0"

@@ -11,10 +11,19 @@ from starlette.routing import BaseRoute, Route
 
 from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
+from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
 from tusingest.tus.base import CompletionHook, TusContext, TusOptions, tus_headers
 from tusingest.tus.delete import DeleteHandler
-from tusingest.tus.errors import BadRequest, MethodNotAllowed, ServerError, TusError, UploadLocked, VersionNotSupported
+from tusingest.tus.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    ServerError,
+    ServiceUnavailable,
+    TusError,
+    UploadLocked,
+    VersionNotSupported,
+)
 from tusingest.tus.head import HeadHandler
 from tusingest.tus.headers import TUS_VERSION
 from tusingest.tus.options import OptionsHandler
@@ -85,7 +94,14 @@ class TusServer:
             return self.error_response(UploadLocked(headers={"Retry-After": retry}))
         except StagingError as exc:
             log.error("staging failed for upload %s: %s", upload_id, exc)
-            return self.error_response(ServerError("the upload's staged data is damaged"))
+            return self.error_response(ServerError("the upload's staged data cannot be used"))
+        except StoreError as exc:
+            log.error("session store failed for upload %s: %s", upload_id, exc)
+            return self.error_response(ServiceUnavailable("the session store is unavailable; retry shortly"))
+        except Exception:
+            # Still a tus answer (Tus-Resumable, CORS headers) so clients see a clean 500 and retry.
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return self.error_response(ServerError())
 
     @staticmethod
     def _method(request: Request) -> str:

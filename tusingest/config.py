@@ -23,7 +23,17 @@ TUS_EXTENSIONS = (
     "concatenation-unfinished",
 )
 # Advertised and served only once implemented: the default list is what works today.
-IMPLEMENTED_EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "expiration", "termination")
+# checksum-trailer is not offered: Hypercorn does not pass request trailers to ASGI apps.
+IMPLEMENTED_EXTENSIONS = (
+    "creation",
+    "creation-with-upload",
+    "creation-defer-length",
+    "expiration",
+    "termination",
+    "checksum",
+    "concatenation",
+    "concatenation-unfinished",
+)
 
 
 class SettingsError(Exception):
@@ -72,6 +82,10 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown tus extension(s) {', '.join(unknown)}; known: {known}")
         if "creation" not in value and ({"creation-with-upload", "creation-defer-length"} & set(value)):
             raise ValueError("creation-with-upload and creation-defer-length need creation")
+        if "creation" not in value and "concatenation" in value:
+            raise ValueError("concatenation needs creation")
+        if "concatenation-unfinished" in value and "concatenation" not in value:
+            raise ValueError("concatenation-unfinished needs concatenation")
         return value
 
     @field_validator("tus_base_path")

@@ -57,6 +57,9 @@ async def test_options_advertises_version_max_size_and_enabled_extensions_withou
         "creation-defer-length",
         "expiration",
         "termination",
+        "checksum",
+        "concatenation",
+        "concatenation-unfinished",
     ]
 
 

@@ -4,9 +4,10 @@ Layout: ``<root>/<upload id>/<start offset, 20 digits>.chunk``. A PATCH appends 
 chunk file while it is below ``chunk_max_bytes`` and opens a new one after, so a long upload
 is a handful of large files, and a concatenated upload can refer to its partials' chunks.
 
-Writes go to the page cache in large batches (``write_buffer_bytes``) on the event loop
-thread: a write of a few MiB to the page cache is cheaper than a thread hop. The only calls
-that may block for long (opening, truncating, fsync) run once per request in a worker thread.
+Bytes gather in memory and go to the page cache in large batches (``write_buffer_bytes``) on
+staging's own threads, one batch in flight per request, so the event loop keeps receiving
+while a batch is copied; there is no thread hop per received chunk. Opening, truncating and
+the fsync at the commit point run once per request on the same threads.
 """
 
 from __future__ import annotations

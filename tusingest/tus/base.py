@@ -1,23 +1,29 @@
 """What every tus handler shares: options, the parts it works with, loading an upload,
-the headers every response carries."""
+completing one, the headers every response carries."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from starlette.requests import Request
 
-from tusingest.sessions import SessionStore, Upload, UploadState
-from tusingest.sessions.locks import Locker
+from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
+from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
 from tusingest.staging import DirectoryStaging
 from tusingest.tus.errors import UploadGone, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
 
 CompletionHook = Callable[[Upload], Awaitable[Mapping[str, str] | None]]
-"""Called once an upload holds all its bytes; may return extra response headers."""
+"""Called once an upload holds all its bytes; may return extra response headers.
+
+Called for single and final uploads, never for a partial one: a partial is no file of its own.
+"""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +72,55 @@ class TusContext:
         return f"{scheme}://{host}{self.options.base_path}{upload_id}"
 
     async def complete(self, upload: Upload) -> dict[str, str]:
-        extra = await self.on_complete(upload)
-        return dict(extra or {})
+        """Run once ``upload`` holds all its bytes; returns extra headers for the response.
+
+        A partial upload is only marked complete; every final upload waiting for it as its
+        last missing partial (concatenation-unfinished) is completed instead.
+        """
+        if upload.kind is not UploadKind.PARTIAL:
+            extra = await self.on_complete(upload)
+            return dict(extra or {})
+        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
+        for final in await self.store.list_final_uploads_with_part(upload.id):
+            if final.state is not UploadState.ACTIVE or final.is_complete:
+                continue
+            try:
+                await self.complete_final(final.id)
+            except LockTimeout:
+                # The partial's own request succeeded; a HEAD on the final completes it later.
+                log.warning("final upload %s was busy when its partial %s completed", final.id, upload.id)
+        return {}
+
+    async def complete_final(self, final_id: str) -> Upload | None:
+        """Complete a final upload whose partials all hold their bytes; None if it is not ready.
+
+        Runs under the final's lock; the conditional offset commit makes sure only one request
+        ever completes it, so the completion hook runs once. Its headers belong to no response:
+        the request that got here was about another upload.
+        """
+        async with self.locker.lock(final_id, timeout=self.options.lock_timeout):
+            final = await self.store.get(final_id)
+            now = utcnow()
+            if final is None or final.state is not UploadState.ACTIVE or final.is_complete or final.is_expired(now):
+                return None
+            partials = await self.store.get_many(list(dict.fromkeys(final.parts)))
+            if final.length is None or not partials_complete(final.parts, partials):
+                return None
+            completed = await self.store.commit_offset(final.id, final.offset, final.length, now, self.expires_at(now))
+            if completed is None:
+                return None
+            await self.on_complete(completed)
+            return await self.store.get(final_id) or completed  # the hook may have moved its state
+
+
+def partials_complete(part_ids: Iterable[str], partials: Mapping[str, Upload]) -> bool:
+    """Whether every partial upload named holds all its bytes and is still there."""
+    now = utcnow()
+    for part_id in part_ids:
+        part = partials.get(part_id)
+        if part is None or not part.is_complete or part.state is UploadState.TERMINATED or part.is_expired(now):
+            return False
+    return True
 
 
 def expires_header(upload: Upload) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 
 from starlette.types import Receive
 
@@ -33,8 +34,18 @@ class Interrupt:
             self._timeout.reschedule(asyncio.get_running_loop().time())
 
 
-async def receive_body(receive: Receive, writer: ChunkWriter, limit: int, interrupt: Interrupt) -> BodyEnd:
-    """Append the body to ``writer`` until it ends; at most ``limit`` bytes are accepted."""
+async def receive_body(
+    receive: Receive,
+    writer: ChunkWriter,
+    limit: int,
+    interrupt: Interrupt,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> BodyEnd:
+    """Append the body to ``writer`` until it ends; at most ``limit`` bytes are accepted.
+
+    ``on_chunk`` sees every accepted piece of the body, in order, before it is written (the
+    checksum extension hashes the body this way).
+    """
     try:
         async with asyncio.timeout(None) as timeout:
             interrupt._timeout = timeout
@@ -48,6 +59,8 @@ async def receive_body(receive: Receive, writer: ChunkWriter, limit: int, interr
                 if body:
                     if writer.written + len(body) > limit:
                         return BodyEnd.OVERFLOW
+                    if on_chunk is not None:
+                        on_chunk(body)
                     await writer.write(body)
                 if not message.get("more_body", False):
                     return BodyEnd.COMPLETE

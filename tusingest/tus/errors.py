@@ -65,3 +65,33 @@ class ServerError(TusError):
 
 class ServiceUnavailable(TusError):
     status, default_message = 503, "service unavailable"
+
+
+class UploadProblem(TusError):
+    """A failure of the IETF resumable-upload draft, answered as an RFC 9457 problem document."""
+
+    problem_type = "about:blank"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        members: Mapping[str, int | str] | None = None,
+    ) -> None:
+        super().__init__(message, headers)
+        self.members = dict(members or {})
+
+
+class MismatchingUploadOffset(UploadProblem):
+    status, default_message = 409, "offset from request does not match offset of resource"
+    problem_type = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
+
+
+class CompletedUpload(UploadProblem):
+    status, default_message = 400, "upload is already completed"
+    problem_type = "https://iana.org/assignments/http-problem-types#completed-upload"
+
+
+class InconsistentUploadLength(UploadProblem):
+    status, default_message = 400, "inconsistent length values for upload"
+    problem_type = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"

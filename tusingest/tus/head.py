@@ -4,6 +4,9 @@ It takes the upload's lock like a writer and so asks a running PATCH to commit a
 a client sends HEAD when it resumes, which means its previous PATCH is dead or dying (a
 dropped connection the server has not noticed yet). It then reports the true offset at once
 instead of one that the old request is about to move.
+
+For concatenation it also says what an upload is made of (``Upload-Concat``); a final upload
+reports no ``Upload-Offset`` until all its partials are complete.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tusingest.sessions import UploadKind, UploadState
 from tusingest.tus.base import TusContext, expires_header, tus_headers
+from tusingest.tus.concat import upload_concat_header
 
 
 class HeadHandler:
@@ -21,7 +26,14 @@ class HeadHandler:
     async def handle(self, request: Request, upload_id: str) -> Response:
         async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
             upload = await self.ctx.load(upload_id)
-        headers = tus_headers() | {"Cache-Control": "no-store", "Upload-Offset": str(upload.offset)}
+        if upload.kind is UploadKind.FINAL and upload.state is UploadState.ACTIVE and not upload.is_complete:
+            # Normally the last partial's PATCH completes the final; this catches a final whose
+            # completion was cut short there (a crash, a busy lock) once its partials are done.
+            upload = await self.ctx.complete_final(upload.id) or upload
+        headers = tus_headers() | {"Cache-Control": "no-store"} | upload_concat_header(self.ctx, request, upload)
+        if upload.kind is not UploadKind.FINAL or upload.is_complete:
+            # A final upload has no offset of its own until its partials are all complete.
+            headers["Upload-Offset"] = str(upload.offset)
         if upload.length is None:
             headers["Upload-Defer-Length"] = "1"
         else:

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from tusingest.config import TUS_EXTENSIONS
 from tusingest.tus.base import TusContext, tus_headers
+from tusingest.tus.checksum import ALGORITHMS
 from tusingest.tus.headers import TUS_VERSION
 
 
@@ -20,4 +21,6 @@ class OptionsHandler:
         enabled = [name for name in TUS_EXTENSIONS if self.ctx.options.has(name)]
         if enabled:
             headers["Tus-Extension"] = ",".join(enabled)
+        if self.ctx.options.has("checksum"):
+            headers["Tus-Checksum-Algorithm"] = ",".join(ALGORITHMS)
         return Response(status_code=204, headers=headers)

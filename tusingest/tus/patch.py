@@ -15,7 +15,16 @@ from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.model import utcnow
 from tusingest.tus.base import TusContext, expires_header, tus_headers
 from tusingest.tus.body import BodyEnd, Interrupt, receive_body
-from tusingest.tus.errors import BadRequest, Forbidden, OffsetMismatch, TooLarge, UnsupportedMediaType, UploadGone
+from tusingest.tus.checksum import BodyChecksum, request_checksum
+from tusingest.tus.errors import (
+    BadRequest,
+    ChecksumMismatch,
+    Forbidden,
+    OffsetMismatch,
+    TooLarge,
+    UnsupportedMediaType,
+    UploadGone,
+)
 from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_non_negative
 
 
@@ -34,6 +43,7 @@ class PatchHandler:
         assert offset is not None
         new_length = parse_non_negative("Upload-Length", request.headers.get("upload-length"), required=False)
         content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
+        checksum = request_checksum(request, self.ctx.options)
 
         interrupt = Interrupt()
         async with self.ctx.locker.lock(
@@ -54,7 +64,7 @@ class PatchHandler:
             if upload.state is UploadState.COMPLETE:
                 return self._response(upload, {})
 
-            upload = await self._append(request, upload, room, interrupt)
+            upload = await self._append(request, upload, room, interrupt, checksum)
             extra: dict[str, str] = {}
             if upload.is_complete:
                 extra = await self.ctx.complete(upload)
@@ -74,12 +84,23 @@ class PatchHandler:
             raise UploadGone("upload changed while its length was being set")
         return updated
 
-    async def _append(self, request: Request, upload: Upload, room: int, interrupt: Interrupt) -> Upload:
+    async def _append(
+        self, request: Request, upload: Upload, room: int, interrupt: Interrupt, checksum: BodyChecksum | None
+    ) -> Upload:
         async with await self.ctx.staging.open_writer(upload.id, upload.offset) as writer:
-            end = await receive_body(request.receive, writer, room, interrupt)
+            on_chunk = checksum.update if checksum is not None else None
+            end = await receive_body(request.receive, writer, room, interrupt, on_chunk)
             if end is BodyEnd.OVERFLOW:
                 await writer.discard()
                 raise TooLarge(f"the body runs past the upload's length ({room} bytes left)")
+            if checksum is not None and end is not BodyEnd.COMPLETE:
+                # The digest covers the whole body, so a part of it cannot be verified. Keeping
+                # unverified bytes would break the client's request; it resends from the old offset.
+                await writer.discard()
+                return upload
+            if checksum is not None and not checksum.matches():
+                await writer.discard()
+                raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
             new_offset = await writer.sync()
         if new_offset == upload.offset and end is not BodyEnd.COMPLETE:
             return upload  # cut off before the first byte: nothing to commit

@@ -1,4 +1,4 @@
-"""POST (creation, creation-with-upload, creation-defer-length): start a new upload.
+"""POST (creation, creation-with-upload, creation-defer-length, concatenation): start a new upload.
 
 With a body (creation-with-upload) the bytes are staged first and the upload row is written
 once, with its offset: one database round trip for a small file.
@@ -9,11 +9,13 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tusingest.sessions import Upload
+from tusingest.sessions import Upload, UploadKind
 from tusingest.sessions.model import new_upload_id, utcnow
 from tusingest.tus.base import TusContext, expires_header, tus_headers
 from tusingest.tus.body import BodyEnd, Interrupt, receive_body
-from tusingest.tus.errors import BadRequest, MethodNotAllowed, TooLarge, UnsupportedMediaType
+from tusingest.tus.checksum import BodyChecksum, request_checksum
+from tusingest.tus.concat import FinalConcat, create_final, parse_upload_concat
+from tusingest.tus.errors import BadRequest, ChecksumMismatch, MethodNotAllowed, TooLarge, UnsupportedMediaType
 from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_metadata, parse_non_negative
 from tusingest.tus.patch import content_type
 
@@ -26,8 +28,15 @@ class PostHandler:
         options = self.ctx.options
         if not options.has("creation"):
             raise MethodNotAllowed("creation is not enabled")
-        if request.headers.get("upload-concat") is not None:
-            raise BadRequest("concatenation is not supported")
+        kind = UploadKind.SINGLE
+        concat_value = request.headers.get("upload-concat")
+        if concat_value is not None:
+            if not options.has("concatenation"):
+                raise BadRequest("concatenation is not enabled")
+            concat = parse_upload_concat(concat_value, options.base_path)
+            if isinstance(concat, FinalConcat):
+                return await self._create_final(request, concat)
+            kind = concat
         length = self._length(request)
         metadata = (request.headers.get("upload-metadata") or "").strip()
         parse_metadata(metadata)  # validation only: the header is kept as sent and echoed byte-exact
@@ -41,6 +50,7 @@ class PostHandler:
         room = length if length is not None else options.max_size
         if content_length is not None and content_length > room:
             raise TooLarge(f"the body ({content_length} bytes) is longer than Upload-Length ({room})")
+        checksum = request_checksum(request, options)  # verified over the body, if there is one
 
         upload_id = new_upload_id()
         interrupt = Interrupt()
@@ -48,13 +58,14 @@ class PostHandler:
         async with self.ctx.locker.lock(upload_id, on_release_request=interrupt.fire):
             offset = 0
             if with_body:
-                offset = await self._receive(request, upload_id, room, interrupt)
+                offset = await self._receive(request, upload_id, room, interrupt, checksum)
             now = utcnow()
             upload = Upload(
                 id=upload_id,
                 length=length,
                 offset=offset,
                 metadata=metadata,
+                kind=kind,
                 created_at=now,
                 updated_at=now,
                 expires_at=self.ctx.expires_at(now),
@@ -70,6 +81,17 @@ class PostHandler:
         if with_body:
             headers["Upload-Offset"] = str(upload.offset)
         return Response(status_code=201, headers=headers | extra)
+
+    async def _create_final(self, request: Request, concat: FinalConcat) -> Response:
+        """A final upload takes its length from its partials and its bytes from their staging."""
+        if "upload-length" in request.headers or "upload-defer-length" in request.headers:
+            raise BadRequest("a final upload takes its length from its partial uploads: send no Upload-Length")
+        content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
+        if content_length or "transfer-encoding" in request.headers:
+            raise BadRequest("a final upload takes no body: its bytes are those of its partial uploads")
+        metadata = (request.headers.get("upload-metadata") or "").strip()
+        parse_metadata(metadata)
+        return await create_final(self.ctx, request, concat, metadata)
 
     def _length(self, request: Request) -> int | None:
         options = self.ctx.options
@@ -89,11 +111,23 @@ class PostHandler:
             raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({options.max_size})")
         return length
 
-    async def _receive(self, request: Request, upload_id: str, room: int, interrupt: Interrupt) -> int:
+    async def _receive(
+        self, request: Request, upload_id: str, room: int, interrupt: Interrupt, checksum: BodyChecksum | None
+    ) -> int:
         async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
-            end = await receive_body(request.receive, writer, room, interrupt)
+            on_chunk = checksum.update if checksum is not None else None
+            end = await receive_body(request.receive, writer, room, interrupt, on_chunk)
             if end is BodyEnd.OVERFLOW:
                 await writer.aclose()
                 await self.ctx.staging.remove(upload_id)
                 raise TooLarge(f"the body is longer than Upload-Length ({room})")
+            if checksum is not None and end is not BodyEnd.COMPLETE:
+                # Part of a body cannot be verified against the whole body's digest: keep none
+                # of it. The upload is still created, at offset 0, so the client can resume.
+                await writer.discard()
+                return 0
+            if checksum is not None and not checksum.matches():
+                await writer.aclose()
+                await self.ctx.staging.remove(upload_id)
+                raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
             return await writer.sync()

@@ -3,6 +3,7 @@ method, and the one place where protocol errors become responses."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from starlette.requests import Request
@@ -22,10 +23,12 @@ from tusingest.tus.errors import (
     ServiceUnavailable,
     TusError,
     UploadLocked,
+    UploadProblem,
     VersionNotSupported,
 )
 from tusingest.tus.head import HeadHandler
 from tusingest.tus.headers import TUS_VERSION
+from tusingest.tus.ietf import IetfDraft, uses_ietf_draft
 from tusingest.tus.options import OptionsHandler
 from tusingest.tus.patch import PatchHandler
 from tusingest.tus.post import PostHandler
@@ -54,6 +57,7 @@ class TusServer:
         self.head = HeadHandler(self.ctx)
         self.patch = PatchHandler(self.ctx)
         self.delete = DeleteHandler(self.ctx)
+        self.ietf = IetfDraft(self.ctx, self.options_handler)
 
     def routes(self) -> list[BaseRoute]:
         base = self.ctx.options.base_path  # always ends with "/"
@@ -72,6 +76,8 @@ class TusServer:
     async def _dispatch(self, request: Request, upload_id: str | None) -> Response:
         try:
             method = self._method(request)
+            if uses_ietf_draft(request):  # the IETF resumable-upload draft needs no Tus-Resumable
+                return await self.ietf.handle(request, method, upload_id)
             if method == "OPTIONS":
                 return await self.options_handler.handle(request, upload_id)
             if request.headers.get("tus-resumable") != TUS_VERSION:
@@ -117,4 +123,7 @@ class TusServer:
     @staticmethod
     def error_response(error: TusError) -> Response:
         headers = tus_headers() | error.headers
+        if isinstance(error, UploadProblem):  # RFC 9457, as the IETF draft asks
+            problem = {"type": error.problem_type, "title": error.message} | error.members
+            return Response(json.dumps(problem), error.status, headers, media_type="application/problem+json")
         return Response(error.message + "\n", status_code=error.status, headers=headers, media_type="text/plain")

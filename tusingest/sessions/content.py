@@ -1,0 +1,41 @@
+"""The bytes of an upload, wherever they are staged: what the finaliser reads.
+
+A single or partial upload is its own staged bytes up to its committed offset (invariant 1).
+A final upload (concatenation) has no bytes of its own: it is its partials' staged bytes, in
+order, each bounded by the partial's length. Either way the bytes stream in blocks, never
+all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from tusingest.sessions.model import Upload, UploadKind, UploadState
+from tusingest.sessions.store import SessionStore
+from tusingest.staging import DirectoryStaging, StagingError
+
+
+async def read_upload(
+    store: SessionStore, staging: DirectoryStaging, upload: Upload, block_size: int = 1 << 20
+) -> AsyncIterator[bytes]:
+    """The upload's committed bytes in blocks of at most ``block_size``.
+
+    A final upload is readable once all its partials are complete; otherwise, or when a
+    partial is gone, StagingError is raised before the first byte.
+    """
+    if upload.kind is not UploadKind.FINAL:
+        async for block in staging.read(upload.id, upload.offset, block_size):
+            yield block
+        return
+    partials = await store.get_many(list(dict.fromkeys(upload.parts)))
+    lengths = []
+    for part_id in upload.parts:
+        part = partials.get(part_id)
+        if part is None or part.state in (UploadState.TERMINATED, UploadState.EXPIRED):
+            raise StagingError(f"partial upload {part_id} of final upload {upload.id} is gone")
+        if part.length is None or not part.is_complete:
+            raise StagingError(f"partial upload {part_id} of final upload {upload.id} is not complete")
+        lengths.append((part_id, part.length))
+    for part_id, length in lengths:
+        async for block in staging.read(part_id, length, block_size):
+            yield block

@@ -1,7 +1,7 @@
 """build_app(settings): the one place that builds the parts and connects them.
 
-Routes, middleware and a lifespan that opens the session store, prepares staging and runs
-the expiry task. Everything else receives what it needs as arguments.
+Routes, middleware and a lifespan that opens the session store and the upload locker,
+prepares staging and runs the expiry task. Everything else receives what it needs as arguments.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from tusingest.config import Settings
 from tusingest.sessions import SessionStore, Upload, UploadState, open_session_store
 from tusingest.sessions.expiry import expire_uploads
-from tusingest.sessions.locks import Locker, MemoryLocker
+from tusingest.sessions.locks import Locker, open_locker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.unread_body import UnreadBodyGuard
@@ -38,11 +38,16 @@ EXPOSED_HEADERS = (
     "Upload-Defer-Length",
     "Upload-Metadata",
     "Upload-Expires",
+    "Upload-Concat",
     "Tus-Resumable",
     "Tus-Version",
     "Tus-Extension",
     "Tus-Max-Size",
+    "Tus-Checksum-Algorithm",
     "Retry-After",
+    "Upload-Complete",
+    "Upload-Limit",
+    "Upload-Draft-Interop-Version",
 )
 
 
@@ -64,7 +69,8 @@ def build_parts(settings: Settings) -> Parts:
         chunk_max_bytes=settings.staging_chunk_max_mb << 20,
         write_buffer_bytes=settings.staging_write_buffer_kb << 10,
     )
-    locker = MemoryLocker(default_timeout=settings.lock_timeout_seconds)
+    # Same database as the store: advisory locks on PostgreSQL (one writer across nodes), in-process on SQLite.
+    locker = open_locker(settings.database_url, default_timeout=settings.lock_timeout_seconds)
 
     async def mark_complete(upload: Upload) -> Mapping[str, str] | None:
         # The finaliser takes over here; until then a complete upload is simply marked so.
@@ -100,6 +106,11 @@ def build_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(Path(settings.staging_dir).mkdir, parents=True, exist_ok=True)
         await parts.store.open()
+        try:
+            await parts.locker.open()
+        except BaseException:
+            await parts.store.close()
+            raise
         sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
         try:
             yield
@@ -107,6 +118,7 @@ def build_app(settings: Settings) -> Starlette:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await parts.locker.close()
             await parts.store.close()
             parts.staging.close()
 

@@ -112,7 +112,12 @@ def cleanup() -> None:
         parts = build_parts(settings)
         await parts.store.open()
         try:
-            report = await expire_uploads(parts.store, parts.staging, parts.locker)
+            # On PostgreSQL the locker sees the serving nodes' locks, so uploads being written are skipped.
+            await parts.locker.open()
+            try:
+                report = await expire_uploads(parts.store, parts.staging, parts.locker)
+            finally:
+                await parts.locker.close()
         finally:
             await parts.store.close()
         typer.echo(f"expired {report.expired} upload(s); {report.skipped_busy} busy")

@@ -4,6 +4,10 @@ Like tusd's ``Lock(ctx, requestUnlock)``: whoever wants a held upload asks the h
 go (``on_release_request``), then waits a bounded time. The holder stops reading its body,
 commits what it has and releases, so a client that reconnects after a dropped connection is
 not locked out by its own dead request.
+
+Implementations: ``MemoryLocker`` (one process, the SQLite deployment) and
+``pglocks.PostgresLocker`` (several nodes sharing PostgreSQL). ``open_locker`` picks one for
+a DATABASE_URL; ``tests/contract/test_locker.py`` holds both to the same behaviour.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ class Locker(Protocol):
 
     def request_release_all(self) -> None:
         """Ask every holder on this node to let go (graceful shutdown)."""
+
+    async def open(self) -> None:
+        """Connect to what the locks live in; raise StoreError with an operator-facing message."""
+
+    async def close(self) -> None:
+        """Disconnect; locks still held by this node are given up."""
 
 
 @dataclass(slots=True)
@@ -95,3 +105,18 @@ class MemoryLocker:
     def request_release_all(self) -> None:
         for holder in list(self._holders.values()):
             holder.ask()
+
+    async def open(self) -> None:
+        pass  # nothing to connect to
+
+    async def close(self) -> None:
+        pass
+
+
+def open_locker(database_url: str, default_timeout: float) -> Locker:
+    """The locker that matches a DATABASE_URL: cross-node on PostgreSQL, in-process otherwise."""
+    if database_url.startswith(("postgresql:", "postgres:")):
+        from tusingest.sessions.pglocks import PostgresLocker
+
+        return PostgresLocker(database_url, default_timeout=default_timeout)
+    return MemoryLocker(default_timeout=default_timeout)

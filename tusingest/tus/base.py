@@ -71,6 +71,17 @@ class TusContext:
             host = _first(request.headers.get("x-forwarded-host")) or host
         return f"{scheme}://{host}{self.options.base_path}{upload_id}"
 
+    async def terminate(self, upload_id: str) -> None:
+        """Stop an upload for good and free its staged bytes (tus termination, draft cancellation).
+
+        Takes the lock like any writer, so a running PATCH is asked to commit and let go first.
+        """
+        async with self.locker.lock(upload_id, timeout=self.options.lock_timeout):
+            upload = await self.load(upload_id)
+            if await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state) is None:
+                raise UploadGone("upload changed state while being terminated")
+            await self.staging.remove(upload.id)
+
     async def complete(self, upload: Upload) -> dict[str, str]:
         """Run once ``upload`` holds all its bytes; returns extra headers for the response.
 

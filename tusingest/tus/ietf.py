@@ -318,11 +318,7 @@ class IetfDeleteHandler:
     async def handle(self, request: Request, upload_id: str) -> Response:
         if not self.ctx.options.has("termination"):
             raise MethodNotAllowed("termination is not enabled")
-        async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
-            upload = await self.ctx.load(upload_id)
-            if await self.ctx.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state) is None:
-                raise UploadGone("upload changed state while being cancelled")
-            await self.ctx.staging.remove(upload.id)
+        await self.ctx.terminate(upload_id)
         return Response(status_code=204, headers=draft_headers())
 
 

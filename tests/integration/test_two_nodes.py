@@ -61,7 +61,8 @@ async def test_a_head_on_one_node_interrupts_a_stalled_patch_on_the_other_which_
         await eventually(lambda: a.parts.staging.staged_size(upload_id), lambda size: size > sent - buffer)
 
         resumed_at = await client_b.head(url, headers=TUS)  # node b asks node a's PATCH to let go
-        status, headers = await read_response(reader)  # the stalled PATCH's own answer, from node a
+        async with asyncio.timeout(10):
+            status, headers = await read_response(reader)  # the stalled PATCH's own answer, from node a
         offset = int(resumed_at.headers["Upload-Offset"])
         rest = await client_b.patch(url, headers=patch_headers(offset, len(payload) - offset), content=payload[offset:])
         writer.close()

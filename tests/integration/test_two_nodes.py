@@ -44,6 +44,18 @@ def patch_headers(offset: int, length: int) -> dict[str, str]:
     return TUS | {"Upload-Offset": str(offset), "Content-Type": OCTETS, "Content-Length": str(length)}
 
 
+@contextlib.asynccontextmanager
+async def stalled_patch(url: str, payload: bytes, sent: int) -> AsyncIterator[asyncio.StreamReader]:
+    """A PATCH of ``payload`` that sends ``sent`` bytes and goes quiet, its connection open until the block ends."""
+    reader, writer = await open_request(url, "PATCH", patch_headers(0, len(payload)))
+    try:
+        writer.write(payload[:sent])
+        await writer.drain()
+        yield reader
+    finally:
+        writer.close()  # also when the test fails: a connection left open would hold up the server's shutdown
+
+
 async def test_a_head_on_one_node_interrupts_a_stalled_patch_on_the_other_which_commits_what_it_received(
     start_node: ServerFactory,
 ) -> None:
@@ -55,17 +67,13 @@ async def test_a_head_on_one_node_interrupts_a_stalled_patch_on_the_other_which_
     async with a.client() as client_a, b.client() as client_b:
         url = await create(client_a, len(payload))
         upload_id = url.rsplit("/", 1)[1]
-        reader, writer = await open_request(a.url + url, "PATCH", patch_headers(0, len(payload)))
-        writer.write(payload[:sent])
-        await writer.drain()  # ...and the client goes quiet, its connection to node a still open
-        await eventually(lambda: a.parts.staging.staged_size(upload_id), lambda size: size > sent - buffer)
-
-        resumed_at = await client_b.head(url, headers=TUS)  # node b asks node a's PATCH to let go
-        async with asyncio.timeout(10):
-            status, headers = await read_response(reader)  # the stalled PATCH's own answer, from node a
+        async with stalled_patch(a.url + url, payload, sent) as reader:  # to node a
+            await eventually(lambda: a.parts.staging.staged_size(upload_id), lambda size: size > sent - buffer)
+            resumed_at = await client_b.head(url, headers=TUS)  # node b asks node a's PATCH to let go
+            async with asyncio.timeout(10):
+                status, headers = await read_response(reader)  # the stalled PATCH's own answer, from node a
         offset = int(resumed_at.headers["Upload-Offset"])
         rest = await client_b.patch(url, headers=patch_headers(offset, len(payload) - offset), content=payload[offset:])
-        writer.close()
     assert sent - buffer < offset <= sent
     assert (status, headers["upload-offset"]) == (204, str(offset))
     assert rest.status_code == 204 and rest.headers["Upload-Offset"] == str(len(payload))
@@ -83,13 +91,10 @@ async def test_a_patch_on_one_node_interrupts_a_stalled_patch_on_the_other_and_g
     async with a.client() as client_a, b.client() as client_b:
         url = await create(client_a, len(payload))
         upload_id = url.rsplit("/", 1)[1]
-        _, writer = await open_request(a.url + url, "PATCH", patch_headers(0, len(payload)))
-        writer.write(payload[:sent])
-        await writer.drain()
-        await eventually(lambda: a.parts.staging.staged_size(upload_id), lambda size: size > sent - buffer)
-        # A client that lost track retries from 0 on the other node: not locked out, it learns the offset.
-        retry = await client_b.patch(url, headers=patch_headers(0, len(payload)), content=payload)
-        writer.close()
+        async with stalled_patch(a.url + url, payload, sent):  # to node a
+            await eventually(lambda: a.parts.staging.staged_size(upload_id), lambda size: size > sent - buffer)
+            # A client that lost track retries from 0 on the other node: not locked out, it learns the offset.
+            retry = await client_b.patch(url, headers=patch_headers(0, len(payload)), content=payload)
         after = await client_b.head(url, headers=TUS)
     offset = int(after.headers["Upload-Offset"])
     assert retry.status_code == 409

@@ -317,3 +317,20 @@ async def test_a_node_holds_an_upload_once_however_many_local_requests_want_it(
     assert all(order[i].endswith("in") and order[i + 1].endswith("out") for i in range(0, len(order), 2))
     async with b.lock("u1", timeout=0):  # and every local release gave the database lock back
         pass
+
+
+async def test_a_claimed_new_upload_is_held_within_the_node_and_stopped_by_release_all(locker: Locker) -> None:
+    asked = asyncio.Event()
+    held = asyncio.Event()
+
+    async def creation() -> None:
+        async with locker.claim_new("new-upload", on_release_request=asked.set):
+            held.set()
+            await asked.wait()
+
+    task = asyncio.create_task(creation())
+    await held.wait()
+    locker.request_release_all()  # graceful shutdown reaches a creation's body too
+    await task
+    async with locker.lock("new-upload", timeout=0):
+        pass

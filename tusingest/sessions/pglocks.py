@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -170,6 +170,12 @@ class PostgresLocker:
             finally:
                 del self._held[upload_id]
                 await self._release(upload_id, hold)
+
+    def claim_new(
+        self, upload_id: str, *, on_release_request: ReleaseRequest | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        # No other node can know a new id yet: the in-process lock is all it needs.
+        return self._local.lock(upload_id, on_release_request=on_release_request)
 
     def request_release_all(self) -> None:
         self._local.request_release_all()

@@ -160,8 +160,8 @@ class IetfPostHandler:
 
         upload_id = new_upload_id()
         interrupt = Interrupt()
-        # Nobody else knows this id yet; the lock only makes the body stoppable at shutdown.
-        async with self.ctx.locker.lock(upload_id, on_release_request=interrupt.fire):
+        # Nobody else knows this id yet; the claim only makes the body stoppable at shutdown.
+        async with self.ctx.locker.claim_new(upload_id, on_release_request=interrupt.fire):
             async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
                 end = await receive_body(request.receive, writer, room, interrupt)
                 if end is BodyEnd.OVERFLOW:

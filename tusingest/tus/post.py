@@ -54,8 +54,8 @@ class PostHandler:
 
         upload_id = new_upload_id()
         interrupt = Interrupt()
-        # Nobody else knows this id yet; the lock only makes the body stoppable at shutdown.
-        async with self.ctx.locker.lock(upload_id, on_release_request=interrupt.fire):
+        # Nobody else knows this id yet; the claim only makes the body stoppable at shutdown.
+        async with self.ctx.locker.claim_new(upload_id, on_release_request=interrupt.fire):
             offset = 0
             if with_body:
                 offset = await self._receive(request, upload_id, room, interrupt, checksum)

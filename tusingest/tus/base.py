@@ -71,6 +71,18 @@ class TusContext:
             host = _first(request.headers.get("x-forwarded-host")) or host
         return f"{scheme}://{host}{self.options.base_path}{upload_id}"
 
+    async def commit(self, upload: Upload, new_offset: int) -> Upload:
+        """The commit point: move the upload's offset to ``new_offset`` once its bytes are synced.
+
+        Conditional on the offset the request started from, so a request that lost its upload
+        meanwhile (terminated, expired, or written by another node after a lost lock) changes nothing.
+        """
+        now = utcnow()
+        committed = await self.store.commit_offset(upload.id, upload.offset, new_offset, now, self.expires_at(now))
+        if committed is None:
+            raise UploadGone("upload changed while receiving; its state was kept")
+        return committed
+
     async def terminate(self, upload_id: str) -> None:
         """Stop an upload for good and free its staged bytes (tus termination, draft cancellation).
 

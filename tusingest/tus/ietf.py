@@ -300,13 +300,7 @@ class IetfPatchHandler:
             new_offset = await writer.sync()
         if new_offset == upload.offset:
             return upload, end  # nothing arrived: nothing to commit
-        now = utcnow()
-        committed = await self.ctx.store.commit_offset(
-            upload.id, upload.offset, new_offset, now, self.ctx.expires_at(now)
-        )
-        if committed is None:
-            raise UploadGone("upload changed while receiving; its state was kept")
-        return committed, end
+        return await self.ctx.commit(upload, new_offset), end
 
 
 class IetfDeleteHandler:

@@ -12,7 +12,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
-from tusingest.sessions.model import utcnow
 from tusingest.tus.base import TusContext, expires_header, tus_headers
 from tusingest.tus.body import BodyEnd, Interrupt, receive_body
 from tusingest.tus.checksum import BodyChecksum, request_checksum
@@ -104,13 +103,7 @@ class PatchHandler:
             new_offset = await writer.sync()
         if new_offset == upload.offset and end is not BodyEnd.COMPLETE:
             return upload  # cut off before the first byte: nothing to commit
-        now = utcnow()
-        committed = await self.ctx.store.commit_offset(
-            upload.id, upload.offset, new_offset, now, self.ctx.expires_at(now)
-        )
-        if committed is None:
-            raise UploadGone("upload changed while receiving; its state was kept")
-        return committed
+        return await self.ctx.commit(upload, new_offset)
 
     @staticmethod
     def _response(upload: Upload, extra: dict[str, str]) -> Response:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tusingest.config import Settings
+from tusingest.elements.runtime import StorageElements
 from tusingest.sessions import SessionStore, Upload, UploadState, open_session_store
 from tusingest.sessions.expiry import expire_uploads
 from tusingest.sessions.locks import Locker, open_locker
@@ -60,6 +61,7 @@ class Parts:
     staging: DirectoryStaging
     locker: Locker
     tus: TusServer
+    elements: StorageElements
 
 
 def build_parts(settings: Settings) -> Parts:
@@ -86,7 +88,8 @@ def build_parts(settings: Settings) -> Parts:
         trust_proxy_headers=settings.trust_proxy_headers,
     )
     tus = TusServer(options, store, staging, locker, mark_complete)
-    return Parts(settings, store, staging, locker, tus)
+    elements = StorageElements.from_settings(settings)
+    return Parts(settings, store, staging, locker, tus, elements)
 
 
 async def _expire_periodically(parts: Parts) -> None:
@@ -106,33 +109,48 @@ def build_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(Path(settings.staging_dir).mkdir, parents=True, exist_ok=True)
         await parts.store.open()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(parts.staging.close)
+            stack.push_async_callback(parts.store.close)
             await parts.locker.open()
-        except BaseException:
-            await parts.store.close()
-            raise
-        sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
-        try:
+            stack.push_async_callback(parts.locker.close)
+            await parts.elements.open()
+            stack.push_async_callback(parts.elements.close)
+            sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
+            stack.push_async_callback(_cancel, sweeper)
             yield
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            await parts.locker.close()
-            await parts.store.close()
-            parts.staging.close()
 
     async def live(request: Request) -> JSONResponse:
         return JSONResponse({"status": "alive"})
 
     async def ready(request: Request) -> JSONResponse:
-        checks = {"session_store": await parts.store.ping(), "staging": _writable(parts.staging.root)}
+        checks = {
+            "session_store": await parts.store.ping(),
+            "staging": _writable(parts.staging.root),
+            "writable_storage_element": parts.elements.pool.has_writable_element(),
+        }
         ok = all(checks.values())
         return JSONResponse(
             {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
         )
 
-    routes = [Route("/health/live", live), Route("/health/ready", ready), *parts.tus.routes()]
+    async def elements(request: Request) -> JSONResponse:
+        discovery = parts.elements.discovery
+        return JSONResponse(
+            {
+                "version": parts.elements.pool.version,
+                "source": discovery.source,
+                "discovery_connected": discovery.connected,
+                "storage_elements": [asdict(row) for row in parts.elements.pool.statuses()],
+            }
+        )
+
+    routes = [
+        Route("/health/live", live),
+        Route("/health/ready", ready),
+        Route("/health/elements", elements),
+        *parts.tus.routes(),
+    ]
     middleware = [
         Middleware(UnreadBodyGuard),
         Middleware(
@@ -147,6 +165,12 @@ def build_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.parts = parts
     return app
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _writable(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""The `tusingest` command: serve, migrate, cleanup."""
+"""The `tusingest` command: serve, migrate, cleanup, elements."""
 
 from __future__ import annotations
 
@@ -123,6 +123,102 @@ def cleanup() -> None:
         typer.echo(f"expired {report.expired} upload(s); {report.skipped_busy} busy")
 
     asyncio.run(run())
+
+
+@cli.command()
+def elements(
+    url: Annotated[
+        str | None, typer.Option(help="A running node's base URL (default: http://HOST:PORT of the settings).")
+    ] = None,
+    local: Annotated[bool, typer.Option("--local", help="Do not ask a running node; probe the elements here.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show the Storage Elements: mode, fill, health and circuit-breaker state."""
+    import json
+
+    settings = _settings()
+    report = None if local else _node_elements(url or f"http://{settings.host}:{settings.port}")
+    if report is None:
+        report = asyncio.run(_probe_elements_here(settings))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_elements(report)
+
+
+def _node_elements(base_url: str) -> dict[str, object] | None:
+    """The running node's view (with its breaker states), or None when no node answers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/health/elements", timeout=5) as response:
+            report: dict[str, object] = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    report["from"] = base_url
+    return report
+
+
+async def _probe_elements_here(settings: Settings) -> dict[str, object]:
+    from dataclasses import asdict
+
+    from tusingest.elements.runtime import StorageElements
+
+    storage = StorageElements.from_settings(settings)
+    await storage.open(health_checks=False)
+    try:
+        await storage.pool.probe_all()
+        return {
+            "from": "this process (no running node answered; breaker states are this probe's only)",
+            "version": storage.pool.version,
+            "source": storage.discovery.source,
+            "discovery_connected": storage.discovery.connected,
+            "storage_elements": [asdict(row) for row in storage.pool.statuses()],
+        }
+    finally:
+        await storage.close()
+
+
+def _print_elements(report: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = report.get("storage_elements")
+    table = Table(title=f"Storage Elements (list version {report.get('version')}, from {report.get('source')})")
+    for column in ("id", "backend", "mode", "status", "priority", "fill", "health", "breaker"):
+        table.add_column(column)
+    for row in rows if isinstance(rows, list) else []:
+        table.add_row(
+            str(row["element_id"]),
+            str(row["backend"]),
+            str(row["mode"]),
+            str(row["status"]),
+            str(row["priority"]),
+            _fill(row["used_bytes"], row["capacity_bytes"]),
+            _health(row),
+            str(row["breaker"]),
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"[dim]asked: {report.get('from')}[/dim]")
+
+
+def _fill(used: int, capacity: int | None) -> str:
+    gib = 1 << 30
+    if capacity is None:
+        return f"{used / gib:.1f} GiB / unbounded"
+    percent = 100 * used / capacity if capacity else 100.0
+    return f"{used / gib:.1f} / {capacity / gib:.1f} GiB ({percent:.0f}%)"
+
+
+def _health(row: dict[str, object]) -> str:
+    if row.get("healthy") is None:
+        return "not probed yet"
+    if row["healthy"]:
+        return f"ok {row['latency_ms']} ms"
+    return f"failing: {row.get('last_error')}"
 
 
 def main() -> None:

@@ -66,7 +66,60 @@ class Settings(BaseSettings):
     cors_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
     trust_proxy_headers: bool = False
 
-    @field_validator("tus_extensions", "cors_allowed_origins", mode="before")
+    # Storage Elements: where the list comes from (Redis, else the fallback file, else one
+    # directory element under ./data), how one is chosen and how failures are contained.
+    service_discovery_key: str = "artstore:storage_elements"
+    service_discovery_channel: str = "artstore:storage_elements:changed"
+    service_discovery_fallback_config: str | None = None
+    service_discovery_cache_file: str = "./data/storage_elements.json"
+    service_discovery_reconnect_max_seconds: float = Field(30.0, gt=0)
+    default_element_dir: str = "./data/elements/local"
+    storage_selection_strategy: Literal["least_used", "round_robin", "random", "priority"] = "least_used"
+    storage_preferred_datacenter: str | None = None
+    storage_health_check_interval_seconds: float = Field(30.0, gt=0)
+    storage_health_check_timeout_seconds: float = Field(5.0, gt=0)
+    storage_retry_max_attempts: int = Field(3, ge=1, le=20)
+    storage_retry_base_delay_seconds: float = Field(0.2, ge=0)
+    circuit_breaker_failure_threshold: int = Field(5, ge=1)
+    circuit_breaker_timeout_seconds: float = Field(30.0, gt=0)
+    circuit_breaker_success_threshold: int = Field(2, ge=1)
+    # S3 TLS: verification on by default; a CA bundle for private CAs (per element:
+    # ELEMENT_<ID>_CA_BUNDLE). Keys come from AWS_* or ELEMENT_<ID>_AWS_ACCESS_KEY_ID / _SECRET_.
+    s3_verify_tls: bool = True
+    s3_ca_bundle: str | None = None
+    s3_connect_timeout_seconds: float = Field(5.0, gt=0)
+    s3_read_timeout_seconds: float = Field(60.0, gt=0)
+
+    # Finalisation: what a complete upload must pass before it becomes a file.
+    mime_type_validation: bool = True
+    allowed_mime_types: Annotated[tuple[str, ...], NoDecode] = ()  # empty: every type; else e.g. image/*,text/plain
+    virus_scan_enabled: bool = False
+    clamd_url: str = "tcp://127.0.0.1:3310"  # or unix:///run/clamav/clamd.ctl
+    virus_scan_fail_open: bool = False
+    virus_scan_timeout_seconds: float = Field(300.0, gt=0)
+    compression_enabled: bool = True
+    compression_algorithm: Literal["brotli", "gzip"] = "brotli"
+    compression_level: int | None = Field(None, ge=0, le=11)  # None: brotli 4, gzip 6
+    compression_min_size_mb: float = Field(1.0, ge=0)
+    compression_min_saving: float = Field(0.10, ge=0, lt=1)
+    finalise_wait_seconds: float = Field(30.0, ge=0)  # how long the final PATCH waits for the saga
+    default_username: str = "anonymous"
+
+    # The upload saga and its outbox.
+    saga_retry_max_attempts: int = Field(5, ge=1, le=50)
+    saga_retry_base_delay_seconds: float = Field(0.5, ge=0)
+    saga_timeout_seconds: float = Field(3600.0, gt=0)
+    saga_lease_seconds: float = Field(60.0, gt=0)
+    saga_recovery_interval_seconds: float = Field(30.0, gt=0)
+    file_events_stream: str = "file-events"
+    webhook_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    webhook_secret: str | None = None
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_retry_max_seconds: float = Field(300.0, gt=0)
+    outbox_poll_interval_seconds: float = Field(5.0, gt=0)
+    saga_failpoints: str = ""  # testing only: see tusingest/saga/failpoints.py
+
+    @field_validator("tus_extensions", "cors_allowed_origins", "allowed_mime_types", "webhook_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -105,6 +158,25 @@ class Settings(BaseSettings):
     @property
     def max_file_size(self) -> int:
         return self.max_file_size_mb << 20
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return value
+
+    @field_validator("clamd_url")
+    @classmethod
+    def _clamd_url(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "unix://")):
+            raise ValueError("must be tcp://host:port or unix:///path/to/clamd.ctl")
+        return value
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk_size_mb << 20
 
 
 def load_settings(**overrides: object) -> Settings:

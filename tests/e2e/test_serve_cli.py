@@ -31,7 +31,8 @@ def free_port() -> int:
 
 def clean_env(**values: str) -> dict[str, str]:
     """The environment without any tusingest setting, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "STAGING_", "TUS_", "UPLOAD_"))}
+    prefixes = ("DATABASE_", "STAGING_", "TUS_", "UPLOAD_", "REDIS_", "SERVICE_DISCOVERY_", "STORAGE_", "ELEMENT_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     return env | values
 
 

@@ -652,7 +652,11 @@ async def test_health_live_and_ready(server: LiveServer) -> None:
         live = await client.get("/health/live")
         ready = await client.get("/health/ready")
     assert live.status_code == 200
-    assert ready.status_code == 200 and ready.json()["checks"] == {"session_store": True, "staging": True}
+    assert ready.status_code == 200 and ready.json()["checks"] == {
+        "session_store": True,
+        "staging": True,
+        "writable_storage_element": True,
+    }
 
 
 async def test_health_ready_fails_when_staging_is_not_writable(server: LiveServer) -> None:

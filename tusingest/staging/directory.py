@@ -58,7 +58,11 @@ def _list_chunks(directory: Path) -> list[Chunk]:
     for entry in entries:
         match = _CHUNK_NAME.match(entry.name)
         if match:
-            chunks.append(Chunk(int(match.group(1)), Path(entry.path), entry.stat().st_size))
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:  # discarded between the listing and now
+                continue
+            chunks.append(Chunk(int(match.group(1)), Path(entry.path), size))
     chunks.sort(key=lambda c: c.start)
     return chunks
 

@@ -1,0 +1,123 @@
+"""The directory backend's own layout, beyond the shared contract: where attributes are kept (and what
+happens without xattrs), which files are never objects, and the directories it tidies up."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tusingest.elements.backend import BackendError, InvalidKey
+from tusingest.elements.directory import DirectoryBackend, directory_error, is_temp_name
+
+
+async def stream(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> DirectoryBackend:
+    return DirectoryBackend("dir-1", tmp_path / "root")
+
+
+async def test_put_creates_the_root_and_parents_and_keeps_attributes_in_user_xattrs(backend: DirectoryBackend) -> None:
+    await backend.put("a/b/c.txt", stream(b"hello"), content_type="text/plain", metadata={"Owner": "alice"})
+    path = backend.root / "a" / "b" / "c.txt"
+    assert path.read_bytes() == b"hello"
+    assert os.getxattr(path, "user.artstore.content_type") == b"text/plain"
+    assert json.loads(os.getxattr(path, "user.artstore.meta")) == {"owner": "alice"}
+    with pytest.raises(OSError) as absent:
+        os.getxattr(path, "user.artstore.content_encoding")
+    assert absent.value.errno == errno.ENODATA
+
+
+async def test_without_xattr_support_put_stores_the_bytes_and_head_reports_no_attributes(
+    backend: DirectoryBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(*args: object) -> bytes:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", unsupported)
+    monkeypatch.setattr(os, "getxattr", unsupported)
+    await backend.put("k", stream(b"data"), content_type="text/plain", content_encoding="gzip", metadata={"a": "b"})
+    head = await backend.head("k")
+    assert head is not None
+    assert (head.size, head.content_type, head.content_encoding, dict(head.metadata)) == (4, None, None, {})
+
+
+async def test_list_keys_skips_temp_files_and_a_temp_file_name_is_not_a_valid_key(backend: DirectoryBackend) -> None:
+    await backend.put("dir/real.bin", stream(b"x"))
+    stray = backend.root / "dir" / ".real.bin.0123456789abcdef.tmp"
+    stray.write_bytes(b"half")
+    assert is_temp_name(stray.name)
+    assert [key async for key in backend.list_keys()] == ["dir/real.bin"]
+    with pytest.raises(InvalidKey):
+        await backend.put("dir/.real.bin.0123456789abcdef.tmp", stream(b"x"))
+
+
+async def test_delete_removes_emptied_parent_directories_but_not_the_root_or_a_busy_one(
+    backend: DirectoryBackend,
+) -> None:
+    await backend.put("2026/11/28/a.bin", stream(b"a"))
+    await backend.put("2026/12/b.bin", stream(b"b"))
+    assert await backend.delete("2026/11/28/a.bin") is True
+    assert sorted(str(path.relative_to(backend.root)) for path in backend.root.rglob("*")) == [
+        "2026",
+        "2026/12",
+        "2026/12/b.bin",
+    ]
+    assert await backend.delete("2026/12/b.bin") is True
+    assert backend.root.is_dir() and list(backend.root.iterdir()) == []
+
+
+async def test_a_key_naming_a_directory_of_other_keys_is_not_an_object(backend: DirectoryBackend) -> None:
+    await backend.put("a/b.bin", stream(b"x"))
+    assert await backend.head("a") is None
+    assert await backend.delete("a") is False
+    assert (backend.root / "a" / "b.bin").exists()
+
+
+async def test_probe_creates_a_missing_root_and_leaves_nothing_in_it(backend: DirectoryBackend) -> None:
+    await backend.probe()
+    assert backend.root.is_dir() and list(backend.root.iterdir()) == []
+
+
+@pytest.fixture
+def other_filesystem() -> Iterator[Path]:
+    # /dev/shm is a tmpfs on every Linux we run on, so it is another filesystem than tmp_path.
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        yield Path(directory)
+
+
+async def test_can_copy_to_is_true_on_one_filesystem_and_false_across_filesystems(
+    backend: DirectoryBackend, tmp_path: Path, other_filesystem: Path
+) -> None:
+    assert os.stat(tmp_path).st_dev != os.stat(other_filesystem).st_dev, "the test needs two filesystems"
+    assert backend.can_copy_to(DirectoryBackend("dir-2", tmp_path / "not-yet-created")) is True
+    assert backend.can_copy_to(DirectoryBackend("dir-3", other_filesystem / "element")) is False
+
+
+@pytest.mark.parametrize(
+    ("code", "transient"),
+    [
+        (errno.ENOSPC, True),
+        (errno.EIO, True),
+        (errno.ESTALE, True),
+        (errno.EACCES, False),
+        (errno.EROFS, False),
+        (errno.ENOTDIR, False),
+        (errno.EEXIST, False),
+    ],
+    ids=errno.errorcode.get,
+)
+def test_file_errors_are_transient_only_when_a_later_attempt_may_succeed(code: int, transient: bool) -> None:
+    error = directory_error(OSError(code, os.strerror(code), "/data/x"), element_id="dir-1", operation="put", key="x")
+    assert type(error) is BackendError
+    assert error.transient is transient
+    assert str(error).startswith("element dir-1: put of 'x' failed: ")

@@ -1,0 +1,98 @@
+"""The Storage Element backend protocol: what the saga needs from any place that keeps objects.
+
+Keys are relative object names (``2026/11/28/12/name_alice_20261128T120000_<id>.txt``); an S3
+backend puts them under its bucket and prefix, a directory backend under its root. Every method
+is safe to repeat: a second ``delete`` of the same key is not an error, a second ``put`` replaces.
+Failures are values with a ``transient`` flag so callers know whether a retry can help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class BackendError(Exception):
+    """A backend operation failed. ``transient``: the same call may succeed later."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class ObjectNotFound(BackendError):
+    """The key does not exist on the element."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"object {key!r} not found", transient=False)
+        self.key = key
+
+
+class InvalidKey(BackendError):
+    """The key is empty, absolute, or climbs out of the element (``..``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"invalid object key {key!r}", transient=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    content_type: str | None = None
+    content_encoding: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One Storage Element's object store (S3 bucket + prefix, or a directory)."""
+
+    element_id: str
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        length: int | None = None,
+        content_type: str = "application/octet-stream",
+        content_encoding: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Store the stream under key; length may be unknown. Memory stays bounded by the part
+        size. Nothing is visible under key unless the whole stream was stored: a failure leaves
+        no object (and, on S3, no multipart upload) behind."""
+        ...
+
+    def get(self, key: str) -> AsyncIterator[bytes]:
+        """Stream the object's bytes; raises ObjectNotFound on first iteration when absent."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size and stored attributes of key, or None when it does not exist."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove key; True when something was removed, False when it was already gone."""
+        ...
+
+    def can_copy_to(self, other: Backend) -> bool:
+        """True when ``copy_to(other)`` can copy without streaming through this process
+        (the same S3 endpoint and credentials, or the same filesystem)."""
+        ...
+
+    async def copy_to(self, key: str, other: Backend, other_key: str) -> ObjectInfo:
+        """Server-side copy of key to other_key on other; only when can_copy_to(other)."""
+        ...
+
+    def list_keys(self, prefix: str = "") -> AsyncIterator[str]:
+        """Every key under prefix (relative to the element), in no promised order."""
+        ...
+
+    async def probe(self) -> None:
+        """Health probe (S3 HeadBucket, a directory write test); raises BackendError."""
+        ...
+
+    async def close(self) -> None: ...

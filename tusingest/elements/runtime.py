@@ -1,0 +1,74 @@
+"""The Storage Elements of a running node: the list as discovery reports it, the pool that
+places files on them, and the timer that probes their health. Built from the settings by
+``StorageElements.from_settings``; app.py and the CLI open and close it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from tusingest.config import Settings
+from tusingest.elements.backend import Backend
+from tusingest.elements.backends import open_backend
+from tusingest.elements.breaker import BreakerSettings
+from tusingest.elements.discovery import ElementDiscovery
+from tusingest.elements.model import StorageElement
+from tusingest.elements.pool import ElementPool
+from tusingest.elements.s3 import S3ClientPool
+from tusingest.elements.selection import Selector
+
+log = logging.getLogger(__name__)
+
+
+class StorageElements:
+    def __init__(
+        self, discovery: ElementDiscovery, pool: ElementPool, s3_clients: S3ClientPool, health_interval: float
+    ) -> None:
+        self.discovery = discovery
+        self.pool = pool
+        self._s3_clients = s3_clients
+        self._health_interval = health_interval
+        self._health_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StorageElements:
+        s3_clients = S3ClientPool.from_settings(settings)
+
+        def backend_for(element: StorageElement) -> Backend:
+            return open_backend(element, settings, s3_clients)
+
+        pool = ElementPool(
+            backend_for,
+            selector=Selector(settings.storage_selection_strategy),
+            breaker_settings=BreakerSettings(
+                failure_threshold=settings.circuit_breaker_failure_threshold,
+                timeout=settings.circuit_breaker_timeout_seconds,
+                success_threshold=settings.circuit_breaker_success_threshold,
+            ),
+            retry_attempts=settings.storage_retry_max_attempts,
+            retry_base_delay=settings.storage_retry_base_delay_seconds,
+            probe_timeout=settings.storage_health_check_timeout_seconds,
+            datacenter=settings.storage_preferred_datacenter,
+        )
+        discovery = ElementDiscovery.from_settings(settings, on_change=pool.apply)
+        return cls(discovery, pool, s3_clients, settings.storage_health_check_interval_seconds)
+
+    async def open(self, *, health_checks: bool = True) -> None:
+        await self.discovery.start()
+        self.pool.apply(self.discovery.current)
+        if health_checks:
+            self._health_task = asyncio.create_task(
+                self.pool.run_health_checks(self._health_interval), name="storage-element-health"
+            )
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        await self.discovery.close()
+        await self.pool.close()
+        await self._s3_clients.close()

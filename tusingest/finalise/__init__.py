@@ -1,0 +1,1 @@
+"""The finaliser's building blocks: ClamAV scanning, MIME detection and selective compression."""

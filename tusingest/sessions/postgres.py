@@ -25,6 +25,23 @@ def database_name(database_url: str) -> str:
     return parts.path.lstrip("/") or parse_qs(parts.query).get("dbname", [""])[0] or parts.username or "(default)"
 
 
+def check_revision(database_url: str, at: str | None) -> None:
+    """Refuse a database that is not at the head revision, telling the operator what to do."""
+    head = migrations.head_revision()
+    if at == head:
+        return
+    name = database_name(database_url)
+    if at is not None and not migrations.is_known_revision(at):
+        # Telling the operator to migrate would be wrong: a newer tusingest already did.
+        raise StoreError(
+            f"database {name} is at revision {at}, which this tusingest does not know (head is {head}): "
+            "it was migrated by a newer version"
+        )
+    raise DatabaseNotMigrated(
+        f"database {name} is not migrated (at {at or 'nothing'}, head is {head}): run `tusingest migrate`"
+    )
+
+
 def describe_database(database_url: str) -> str:
     """``<db> on <host:port>`` for messages an operator reads: never the user or password."""
     parts = urlsplit(database_url)
@@ -97,26 +114,11 @@ class PostgresSessionStore:
         try:
             async with pool.acquire() as connection:
                 at = await migrations.read_revision(connection)
-            self._check_revision(at)
+            check_revision(self.database_url, at)
         except BaseException:
             pool.terminate()  # nothing was handed out yet, and a cancelled open must not wait on a graceful close
             raise
         self._pool = pool
-
-    def _check_revision(self, at: str | None) -> None:
-        head = migrations.head_revision()
-        if at == head:
-            return
-        name = database_name(self.database_url)
-        if at is not None and not migrations.is_known_revision(at):
-            # Telling the operator to migrate would be wrong: a newer tusingest already did.
-            raise StoreError(
-                f"database {name} is at revision {at}, which this tusingest does not know (head is {head}): "
-                "it was migrated by a newer version"
-            )
-        raise DatabaseNotMigrated(
-            f"database {name} is not migrated (at {at or 'nothing'}, head is {head}): run `tusingest migrate`"
-        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -1,0 +1,27 @@
+"""The durable saga log, files registry and transactional outbox behind the upload, delete and transfer sagas."""
+
+from tusingest.saga.records import FileRecord, NewOutboxMessage, OutboxMessage, Saga, SagaState
+from tusingest.saga.store import (
+    DuplicateFile,
+    DuplicateSaga,
+    SagaNotFound,
+    SagaOwnershipLost,
+    SagaStore,
+    SagaStoreError,
+    open_saga_store,
+)
+
+__all__ = [
+    "DuplicateFile",
+    "DuplicateSaga",
+    "FileRecord",
+    "NewOutboxMessage",
+    "OutboxMessage",
+    "Saga",
+    "SagaNotFound",
+    "SagaOwnershipLost",
+    "SagaState",
+    "SagaStore",
+    "SagaStoreError",
+    "open_saga_store",
+]

@@ -1,0 +1,577 @@
+"""SagaStore on SQLite: the saga log, files registry and outbox of the embedded single-process setup.
+
+It shares the session store's database file but keeps its own connection and creates its own tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import aiosqlite
+
+from tusingest.saga.records import (
+    FileRecord,
+    NewOutboxMessage,
+    OutboxKind,
+    OutboxMessage,
+    Saga,
+    SagaKind,
+    SagaState,
+    new_saga_id,
+)
+from tusingest.saga.store import DuplicateFile, DuplicateSaga, SagaNotFound, SagaOwnershipLost
+from tusingest.sessions.store import StoreError
+
+# Mirrors migrations/versions/0002_sagas_files_outbox.py; JSON is kept as TEXT, times as UTC ISO strings.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sagas (
+    saga_id          TEXT PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    subject_id       TEXT NOT NULL,
+    state            TEXT NOT NULL
+                     CHECK (state IN ('running', 'compensating', 'completed', 'compensated', 'failed')),
+    step             TEXT,
+    data             TEXT NOT NULL DEFAULT '{}',
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    error_code       TEXT,
+    error            TEXT,
+    owner            TEXT,
+    lease_expires_at TEXT,
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sagas_one_unfinished ON sagas (kind, subject_id)
+    WHERE state IN ('running', 'compensating');
+CREATE INDEX IF NOT EXISTS sagas_by_subject ON sagas (kind, subject_id, created_at);
+CREATE INDEX IF NOT EXISTS sagas_by_lease ON sagas (state, lease_expires_at);
+
+CREATE TABLE IF NOT EXISTS files (
+    file_id             TEXT PRIMARY KEY,
+    upload_id           TEXT,
+    original_filename   TEXT NOT NULL,
+    storage_filename    TEXT NOT NULL,
+    storage_element_id  TEXT NOT NULL,
+    storage_key         TEXT NOT NULL,
+    size_bytes          INTEGER NOT NULL,
+    stored_size_bytes   INTEGER NOT NULL,
+    content_type        TEXT NOT NULL,
+    content_encoding    TEXT,
+    md5                 TEXT NOT NULL,
+    sha256              TEXT NOT NULL,
+    created_by_id       TEXT,
+    created_by_username TEXT NOT NULL,
+    retention_policy    TEXT,
+    description         TEXT,
+    metadata            TEXT NOT NULL DEFAULT '{}',
+    uploaded_at         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_upload ON files (upload_id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    message_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind            TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    delivered_at    TEXT,
+    last_error      TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE delivered_at IS NULL;
+"""
+
+_SAGA_COLUMNS = (
+    "saga_id, kind, subject_id, state, step, data, attempts, error_code, error, owner, lease_expires_at, "
+    "created_at, updated_at"
+)
+_FILE_COLUMNS = (
+    "file_id, upload_id, original_filename, storage_filename, storage_element_id, storage_key, size_bytes, "
+    "stored_size_bytes, content_type, content_encoding, md5, sha256, created_by_id, created_by_username, "
+    "retention_policy, description, metadata, uploaded_at"
+)
+_OUTBOX_COLUMNS = (
+    "message_id, kind, destination, payload, attempts, next_attempt_at, created_at, delivered_at, last_error"
+)
+_UNFINISHED_SQL = "('running', 'compensating')"
+
+
+def _ts(value: datetime) -> str:
+    # Always UTC and always with microseconds: lease and due-time queries compare these strings, and text
+    # order is time order only in one zone and one format.
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _now(now: datetime | None) -> datetime:
+    return datetime.now(UTC) if now is None else now
+
+
+def _opt_ts(value: datetime | None) -> str | None:
+    return None if value is None else _ts(value)
+
+
+def _time(value: Any) -> datetime:
+    return datetime.fromisoformat(str(value))
+
+
+def _opt_time(value: Any) -> datetime | None:
+    return None if value is None else _time(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value))
+
+
+def _row_to_saga(row: Sequence[Any]) -> Saga:
+    (saga_id, kind, subject, state, step, data, attempts, error_code, error, owner, lease, created, updated) = row
+    return Saga(
+        saga_id=str(saga_id),
+        kind=cast(SagaKind, str(kind)),
+        subject_id=str(subject),
+        state=SagaState(str(state)),
+        step=_opt_str(step),
+        data=json.loads(str(data)),
+        attempts=int(attempts),
+        error_code=_opt_str(error_code),
+        error=_opt_str(error),
+        owner=_opt_str(owner),
+        lease_expires_at=_opt_time(lease),
+        created_at=_time(created),
+        updated_at=_time(updated),
+    )
+
+
+def _row_to_file(row: Sequence[Any]) -> FileRecord:
+    return FileRecord(
+        file_id=str(row[0]),
+        upload_id=_opt_str(row[1]),
+        original_filename=str(row[2]),
+        storage_filename=str(row[3]),
+        storage_element_id=str(row[4]),
+        storage_key=str(row[5]),
+        size_bytes=int(row[6]),
+        stored_size_bytes=int(row[7]),
+        content_type=str(row[8]),
+        content_encoding=_opt_str(row[9]),
+        md5=str(row[10]),
+        sha256=str(row[11]),
+        created_by_id=_opt_str(row[12]),
+        created_by_username=str(row[13]),
+        retention_policy=_opt_str(row[14]),
+        description=_opt_str(row[15]),
+        metadata=json.loads(str(row[16])),
+        uploaded_at=_time(row[17]),
+    )
+
+
+def _file_params(record: FileRecord) -> tuple[object, ...]:
+    return (
+        record.file_id,
+        record.upload_id,
+        record.original_filename,
+        record.storage_filename,
+        record.storage_element_id,
+        record.storage_key,
+        record.size_bytes,
+        record.stored_size_bytes,
+        record.content_type,
+        record.content_encoding,
+        record.md5,
+        record.sha256,
+        record.created_by_id,
+        record.created_by_username,
+        record.retention_policy,
+        record.description,
+        _json(record.metadata),
+        _ts(record.uploaded_at),
+    )
+
+
+def _row_to_message(row: Sequence[Any]) -> OutboxMessage:
+    (message_id, kind, destination, payload, attempts, next_attempt, created, delivered, last_error) = row
+    return OutboxMessage(
+        message_id=int(message_id),
+        kind=cast(OutboxKind, str(kind)),
+        destination=str(destination),
+        payload=json.loads(str(payload)),
+        attempts=int(attempts),
+        next_attempt_at=_time(next_attempt),
+        created_at=_time(created),
+        delivered_at=_opt_time(delivered),
+        last_error=_opt_str(last_error),
+    )
+
+
+def _is_unfinished_saga_conflict(exc: sqlite3.IntegrityError) -> bool:
+    return "sagas.kind, sagas.subject_id" in str(exc)
+
+
+class SQLiteSagaStore:
+    def __init__(self, database_url: str) -> None:
+        path = database_url.removeprefix("sqlite:///").removeprefix("sqlite://")
+        if not path:
+            raise ValueError("sqlite DATABASE_URL needs a file path, e.g. sqlite:///./data/tusingest.db")
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        # One connection serves every coroutine of this store: a statement issued while another coroutine's
+        # BEGIN IMMEDIATE is open would silently join (and roll back with) that transaction.
+        self._lock = asyncio.Lock()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the SQLite saga store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            # FULL, where the session store settles for NORMAL: a commit lost to a power cut here could forget
+            # an object already put on an element (an orphan recovery never hears of) or a file already
+            # reported to the client. A handful of commits per upload can afford the fsync.
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            await db.close()
+            raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        self._db = db
+
+    async def close(self) -> None:
+        async with self._lock:
+            db, self._db = self._db, None
+            if db is not None:
+                await db.close()
+
+    async def ping(self) -> bool:
+        try:
+            await self.db.execute("SELECT 1")
+        except (sqlite3.Error, StoreError):
+            return False
+        return True
+
+    # --- plumbing ----------------------------------------------------------------------------------
+
+    async def _fetchone(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Row | None:
+        async with self.db.execute(sql, tuple(params)) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+    async def _fetchall(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
+        async with self.db.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE: take the write lock up front, so a read-then-write call never meets a newer
+        snapshot half-way (which SQLite answers with SQLITE_BUSY instead of waiting)."""
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise
+
+    async def _saga_row(self, saga_id: str) -> Saga | None:
+        row = await self._fetchone(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?", (saga_id,))
+        return None if row is None else _row_to_saga(row)
+
+    async def _owned(self, saga_id: str, owner: str) -> Saga:
+        """The saga, when ``owner`` owns it; call inside a transaction."""
+        saga = await self._saga_row(saga_id)
+        if saga is None:
+            raise SagaNotFound(saga_id)
+        if saga.owner != owner:
+            raise SagaOwnershipLost(saga_id, owner, saga.owner)
+        return saga
+
+    async def _update_saga(self, saga_id: str, assignments: str, params: Sequence[object]) -> Saga:
+        row = await self._fetchone(
+            f"UPDATE sagas SET {assignments} WHERE saga_id = ? RETURNING {_SAGA_COLUMNS}", (*params, saga_id)
+        )
+        if row is None:
+            raise SagaNotFound(saga_id)
+        return _row_to_saga(row)
+
+    async def _advance(
+        self, saga: Saga, step: str, data_update: Mapping[str, Any], lease_seconds: float, now: datetime
+    ) -> Saga:
+        # SQLite's json_patch merges nested objects too; the contract is a shallow merge, so do it here.
+        return await self._update_saga(
+            saga.saga_id,
+            "step = ?, data = ?, lease_expires_at = ?, updated_at = ?",
+            (step, _json({**saga.data, **data_update}), _ts(now + timedelta(seconds=lease_seconds)), _ts(now)),
+        )
+
+    # --- the saga log --------------------------------------------------------------------------------
+
+    async def create_saga(
+        self,
+        kind: SagaKind,
+        subject_id: str,
+        data: Mapping[str, Any],
+        *,
+        owner: str,
+        lease_seconds: float,
+        now: datetime | None = None,
+    ) -> Saga:
+        now = _now(now)
+        params = (
+            new_saga_id(),
+            kind,
+            subject_id,
+            SagaState.RUNNING.value,
+            _json(data),
+            owner,
+            _ts(now + timedelta(seconds=lease_seconds)),
+            _ts(now),
+            _ts(now),
+        )
+        async with self._lock:
+            try:
+                row = await self._fetchone(
+                    "INSERT INTO sagas (saga_id, kind, subject_id, state, data, owner, lease_expires_at, "
+                    f"created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING {_SAGA_COLUMNS}",
+                    params,
+                )
+            except sqlite3.IntegrityError as exc:
+                if _is_unfinished_saga_conflict(exc):
+                    raise DuplicateSaga(kind, subject_id) from exc
+                raise
+        assert row is not None  # an INSERT ... RETURNING that did not raise returns its row
+        return _row_to_saga(row)
+
+    async def get_saga(self, saga_id: str) -> Saga | None:
+        async with self._lock:
+            return await self._saga_row(saga_id)
+
+    async def latest_saga(self, kind: SagaKind, subject_id: str) -> Saga | None:
+        async with self._lock:
+            row = await self._fetchone(
+                f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE kind = ? AND subject_id = ? "
+                "ORDER BY created_at DESC, saga_id DESC LIMIT 1",
+                (kind, subject_id),
+            )
+        return None if row is None else _row_to_saga(row)
+
+    async def advance(
+        self,
+        saga_id: str,
+        *,
+        owner: str,
+        step: str,
+        data_update: Mapping[str, Any],
+        lease_seconds: float,
+        now: datetime | None = None,
+    ) -> Saga:
+        now = _now(now)
+        async with self._transaction():
+            saga = await self._owned(saga_id, owner)
+            return await self._advance(saga, step, data_update, lease_seconds, now)
+
+    async def set_state(
+        self,
+        saga_id: str,
+        *,
+        owner: str,
+        state: SagaState,
+        error_code: str | None = None,
+        error: str | None = None,
+        now: datetime | None = None,
+    ) -> Saga:
+        now = _now(now)
+        async with self._transaction():
+            saga = await self._owned(saga_id, owner)
+            lease = None if state.is_finished else _opt_ts(saga.lease_expires_at)
+            try:
+                return await self._update_saga(
+                    saga_id,
+                    "state = ?, error_code = ?, error = ?, lease_expires_at = ?, updated_at = ?",
+                    (state.value, error_code, error, lease, _ts(now)),
+                )
+            except sqlite3.IntegrityError as exc:
+                if _is_unfinished_saga_conflict(exc):
+                    raise DuplicateSaga(saga.kind, saga.subject_id) from exc
+                raise
+
+    async def bump_attempts(self, saga_id: str, *, owner: str, now: datetime | None = None) -> Saga:
+        now = _now(now)
+        async with self._transaction():
+            await self._owned(saga_id, owner)
+            return await self._update_saga(saga_id, "attempts = attempts + 1, updated_at = ?", (_ts(now),))
+
+    async def renew_lease(self, saga_id: str, *, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
+        now = _now(now)
+        async with self._lock:
+            row = await self._fetchone(
+                "UPDATE sagas SET lease_expires_at = ?, updated_at = ? "
+                f"WHERE saga_id = ? AND owner = ? AND state IN {_UNFINISHED_SQL} RETURNING saga_id",
+                (_ts(now + timedelta(seconds=lease_seconds)), _ts(now), saga_id, owner),
+            )
+        return row is not None
+
+    async def claim_stale(
+        self, owner: str, *, lease_seconds: float, limit: int, now: datetime | None = None
+    ) -> list[Saga]:
+        now = _now(now)
+        # One statement, so one write lock: another connection's claim runs before or after it, never between.
+        async with self._lock:
+            rows = await self._fetchall(
+                "UPDATE sagas SET owner = ?, lease_expires_at = ?, updated_at = ? WHERE saga_id IN ("
+                f"  SELECT saga_id FROM sagas WHERE state IN {_UNFINISHED_SQL}"
+                "   AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= ?)"
+                "   ORDER BY lease_expires_at, created_at LIMIT ?"
+                f") RETURNING {_SAGA_COLUMNS}",
+                (owner, _ts(now + timedelta(seconds=lease_seconds)), _ts(now), _ts(now), limit),
+            )
+        return sorted(map(_row_to_saga, rows), key=lambda s: (s.created_at, s.saga_id))
+
+    async def list_sagas(self, states: Sequence[SagaState] | None = None) -> list[Saga]:
+        where = ""
+        params: tuple[str, ...] = ()
+        if states is not None:
+            where = f"WHERE state IN ({','.join('?' * len(states))})"
+            params = tuple(s.value for s in states)
+        async with self._lock:
+            rows = await self._fetchall(
+                f"SELECT {_SAGA_COLUMNS} FROM sagas {where} ORDER BY created_at, saga_id", params
+            )
+        return [_row_to_saga(r) for r in rows]
+
+    # --- the files registry ----------------------------------------------------------------------------
+
+    async def register_file(
+        self,
+        saga_id: str,
+        *,
+        owner: str,
+        record: FileRecord,
+        messages: Sequence[NewOutboxMessage],
+        step: str,
+        data_update: Mapping[str, Any],
+        lease_seconds: float,
+        now: datetime | None = None,
+    ) -> Saga:
+        now = _now(now)
+        # Encoded before the transaction opens: a payload that is not JSON fails without touching anything.
+        outbox_rows = [(m.kind, m.destination, _json(m.payload), _ts(now), _ts(now)) for m in messages]
+        async with self._transaction():
+            saga = await self._owned(saga_id, owner)
+            if saga.step == step:
+                return saga
+            inserted = await self._fetchone(
+                f"INSERT INTO files ({_FILE_COLUMNS}) VALUES ({','.join('?' * 18)}) "
+                "ON CONFLICT (file_id) DO NOTHING RETURNING file_id",
+                _file_params(record),
+            )
+            if inserted is None:
+                existing = await self._fetchone("SELECT upload_id FROM files WHERE file_id = ?", (record.file_id,))
+                if existing is None or existing[0] != record.upload_id:
+                    raise DuplicateFile(record.file_id)
+            elif outbox_rows:
+                await self.db.executemany(
+                    "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) VALUES (?,?,?,?,?)",
+                    outbox_rows,
+                )
+            return await self._advance(saga, step, data_update, lease_seconds, now)
+
+    async def enqueue(self, messages: Sequence[NewOutboxMessage], *, now: datetime | None = None) -> None:
+        now = _now(now)
+        rows = [(m.kind, m.destination, _json(m.payload), _ts(now), _ts(now)) for m in messages]
+        if not rows:
+            return
+        async with self._transaction():
+            await self.db.executemany(
+                "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) VALUES (?,?,?,?,?)",
+                rows,
+            )
+
+    async def get_file(self, file_id: str) -> FileRecord | None:
+        async with self._lock:
+            row = await self._fetchone(f"SELECT {_FILE_COLUMNS} FROM files WHERE file_id = ?", (file_id,))
+        return None if row is None else _row_to_file(row)
+
+    async def file_for_upload(self, upload_id: str) -> FileRecord | None:
+        async with self._lock:
+            row = await self._fetchone(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE upload_id = ? "
+                "ORDER BY uploaded_at DESC, file_id DESC LIMIT 1",
+                (upload_id,),
+            )
+        return None if row is None else _row_to_file(row)
+
+    async def delete_file(self, file_id: str) -> bool:
+        async with self._lock:
+            row = await self._fetchone("DELETE FROM files WHERE file_id = ? RETURNING file_id", (file_id,))
+        return row is not None
+
+    async def update_file_location(
+        self, file_id: str, *, storage_element_id: str, storage_key: str
+    ) -> FileRecord | None:
+        async with self._lock:
+            row = await self._fetchone(
+                f"UPDATE files SET storage_element_id = ?, storage_key = ? WHERE file_id = ? RETURNING {_FILE_COLUMNS}",
+                (storage_element_id, storage_key, file_id),
+            )
+        return None if row is None else _row_to_file(row)
+
+    async def count_files(self) -> int:
+        async with self._lock:
+            row = await self._fetchone("SELECT count(*) FROM files")
+        assert row is not None
+        return int(row[0])
+
+    # --- the outbox --------------------------------------------------------------------------------------
+
+    async def claim_due_messages(
+        self, *, limit: int, lease_seconds: float, now: datetime | None = None
+    ) -> list[OutboxMessage]:
+        now = _now(now)
+        async with self._lock:
+            rows = await self._fetchall(
+                "UPDATE outbox SET next_attempt_at = ? WHERE message_id IN ("
+                "  SELECT message_id FROM outbox WHERE delivered_at IS NULL AND next_attempt_at <= ?"
+                "  ORDER BY next_attempt_at, message_id LIMIT ?"
+                f") RETURNING {_OUTBOX_COLUMNS}",
+                (_ts(now + timedelta(seconds=lease_seconds)), _ts(now), limit),
+            )
+        return sorted(map(_row_to_message, rows), key=lambda m: m.message_id)
+
+    async def mark_delivered(self, message_id: int, *, now: datetime | None = None) -> bool:
+        now = _now(now)
+        async with self._lock:
+            row = await self._fetchone(
+                "UPDATE outbox SET delivered_at = ? WHERE message_id = ? AND delivered_at IS NULL RETURNING message_id",
+                (_ts(now), message_id),
+            )
+        return row is not None
+
+    async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
+        async with self._lock:
+            row = await self._fetchone(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+                "WHERE message_id = ? AND delivered_at IS NULL RETURNING message_id",
+                (_ts(next_attempt_at), error, message_id),
+            )
+        return row is not None

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +24,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tusingest.api.sessions import SessionStatus
 from tusingest.config import Settings
 from tusingest.elements.runtime import StorageElements
-from tusingest.sessions import SessionStore, Upload, UploadState, open_session_store
+from tusingest.finalise import hooks as finaliser
+from tusingest.finalise.clamd import ClamdScanner
+from tusingest.finalise.pipeline import FinalisePolicy
+from tusingest.saga import open_saga_store
+from tusingest.saga.failpoints import Failpoints
+from tusingest.saga.outbox import OutboxRelay
+from tusingest.saga.store import SagaStore
+from tusingest.saga.upload import SagaSettings, UploadSagas
+from tusingest.sessions import SessionStore, open_session_store
 from tusingest.sessions.expiry import expire_uploads
 from tusingest.sessions.locks import Locker, open_locker
 from tusingest.staging import DirectoryStaging
@@ -49,6 +61,7 @@ EXPOSED_HEADERS = (
     "Upload-Complete",
     "Upload-Limit",
     "Upload-Draft-Interop-Version",
+    *finaliser.EXPOSED_HEADERS,
 )
 
 
@@ -62,6 +75,9 @@ class Parts:
     locker: Locker
     tus: TusServer
     elements: StorageElements
+    saga_store: SagaStore
+    relay: OutboxRelay
+    sagas: UploadSagas
 
 
 def build_parts(settings: Settings) -> Parts:
@@ -74,11 +90,6 @@ def build_parts(settings: Settings) -> Parts:
     # Same database as the store: advisory locks on PostgreSQL (one writer across nodes), in-process on SQLite.
     locker = open_locker(settings.database_url, default_timeout=settings.lock_timeout_seconds)
 
-    async def mark_complete(upload: Upload) -> Mapping[str, str] | None:
-        # The finaliser takes over here; until then a complete upload is simply marked so.
-        await store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
-        return None
-
     options = TusOptions(
         base_path=settings.tus_base_path,
         max_size=settings.max_file_size,
@@ -87,9 +98,60 @@ def build_parts(settings: Settings) -> Parts:
         lock_timeout=settings.lock_timeout_seconds,
         trust_proxy_headers=settings.trust_proxy_headers,
     )
-    tus = TusServer(options, store, staging, locker, mark_complete)
     elements = StorageElements.from_settings(settings)
-    return Parts(settings, store, staging, locker, tus, elements)
+    saga_store = open_saga_store(settings.database_url)
+    relay = OutboxRelay(
+        saga_store,
+        redis_url=settings.redis_url,
+        webhook_secret=settings.webhook_secret,
+        webhook_timeout=settings.webhook_timeout_seconds,
+        retry_max_seconds=settings.webhook_retry_max_seconds,
+        poll_interval=settings.outbox_poll_interval_seconds,
+    )
+    policy = FinalisePolicy(
+        max_size=settings.max_file_size,
+        mime_validation=settings.mime_type_validation,
+        allowed_mime_types=settings.allowed_mime_types,
+        compression_enabled=settings.compression_enabled,
+        compression_algorithm=settings.compression_algorithm,
+        compression_level=settings.compression_level,
+        compression_min_size=int(settings.compression_min_size_mb * (1 << 20)),
+        compression_min_saving=settings.compression_min_saving,
+        scan_fail_open=settings.virus_scan_fail_open,
+    )
+    scanner = (
+        ClamdScanner(settings.clamd_url, timeout=settings.virus_scan_timeout_seconds)
+        if settings.virus_scan_enabled
+        else None
+    )
+    sagas = UploadSagas(
+        sessions=store,
+        staging=staging,
+        sagas=saga_store,
+        pool=elements.pool,
+        relay=relay,
+        scanner=scanner,
+        policy=policy,
+        settings=SagaSettings(
+            owner=node_id(),
+            lease_seconds=settings.saga_lease_seconds,
+            retry_attempts=settings.saga_retry_max_attempts,
+            retry_base_delay=settings.saga_retry_base_delay_seconds,
+            timeout=settings.saga_timeout_seconds,
+            webhook_urls=settings.webhook_urls,
+            events_stream=settings.file_events_stream if settings.redis_url else None,
+            default_username=settings.default_username,
+        ),
+        failpoints=Failpoints(settings.saga_failpoints),
+    )
+    hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
+    tus = TusServer(options, store, staging, locker, hooks)
+    return Parts(settings, store, staging, locker, tus, elements, saga_store, relay, sagas)
+
+
+def node_id() -> str:
+    """This process's name in the saga log: host, pid and a random part (pids repeat across restarts)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 async def _expire_periodically(parts: Parts) -> None:
@@ -116,6 +178,15 @@ def build_app(settings: Settings) -> Starlette:
             stack.push_async_callback(parts.locker.close)
             await parts.elements.open()
             stack.push_async_callback(parts.elements.close)
+            await parts.saga_store.open()
+            stack.push_async_callback(parts.saga_store.close)
+            await parts.relay.start()
+            stack.push_async_callback(parts.relay.close)
+            stack.push_async_callback(parts.sagas.close)
+            recovery = asyncio.create_task(
+                parts.sagas.run_recovery(settings.saga_recovery_interval_seconds), name="saga-recovery"
+            )
+            stack.push_async_callback(_cancel, recovery)
             sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
             stack.push_async_callback(_cancel, sweeper)
             yield
@@ -126,6 +197,7 @@ def build_app(settings: Settings) -> Starlette:
     async def ready(request: Request) -> JSONResponse:
         checks = {
             "session_store": await parts.store.ping(),
+            "saga_store": await parts.saga_store.ping(),
             "staging": _writable(parts.staging.root),
             "writable_storage_element": parts.elements.pool.has_writable_element(),
         }
@@ -149,6 +221,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/health/live", live),
         Route("/health/ready", ready),
         Route("/health/elements", elements),
+        *SessionStatus(parts.store, parts.sagas).routes(),
         *parts.tus.routes(),
     ]
     middleware = [

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -37,8 +41,10 @@ def clean_env(**values: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def running(cwd: Path, env: dict[str, str], port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([*TUSINGEST, "serve", "--port", str(port)], cwd=cwd, env=env, stderr=subprocess.PIPE)
+async def running(
+    cwd: Path, env: dict[str, str], port: int, stderr: int | IO[bytes] = subprocess.PIPE
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([*TUSINGEST, "serve", "--port", str(port)], cwd=cwd, env=env, stderr=stderr)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
 
@@ -79,9 +85,17 @@ async def test_serve_with_no_configuration_takes_a_tus_upload_into_data(workdir:
 
         url = await asyncio.to_thread(upload)
     upload_id = url.rsplit("/", 1)[1]
-    assert (workdir / "data" / "tusingest.db").exists()
-    chunks = sorted((workdir / "data" / "staging" / upload_id).iterdir())
-    assert b"".join(c.read_bytes() for c in chunks) == payload
+    # The upload became a file in the default directory element, with its attr.json and a registry row.
+    element = workdir / "data" / "elements" / "local"
+    stored = sorted(p for p in element.rglob("*") if p.is_file())
+    assert [p.name.endswith(".attr.json") for p in stored] == [False, True]
+    assert stored[0].read_bytes() == payload
+    attr = json.loads(stored[1].read_bytes())
+    assert attr["sha256"] == hashlib.sha256(payload).hexdigest() and attr["file_size"] == len(payload)
+    with sqlite3.connect(workdir / "data" / "tusingest.db") as db:
+        rows = db.execute("SELECT file_id, storage_key, sha256 FROM files WHERE upload_id = ?", (upload_id,)).fetchall()
+    assert rows == [(attr["file_id"], attr["storage_path"], attr["sha256"])]
+    assert not (workdir / "data" / "staging" / upload_id).exists()  # staged bytes are freed once placed
 
 
 async def test_sigterm_lets_an_in_flight_patch_commit_what_it_received(workdir: Path) -> None:
@@ -120,8 +134,9 @@ async def test_sigterm_lets_an_in_flight_patch_commit_what_it_received(workdir: 
                 content=payload[committed:],
             )
     assert after.headers["Upload-Offset"] == str(committed)
-    assert rest.status_code == 204
-    assert b"".join(p.read_bytes() for p in sorted(upload_dir.glob("*.chunk"))) == payload
+    assert rest.status_code == 204 and rest.headers["ArtStore-Upload-Status"] == "completed"
+    (stored,) = [p for p in (workdir / "data" / "elements").rglob("*") if p.is_file() and p.suffix != ".json"]
+    assert stored.read_bytes() == payload
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -19,14 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.server import TUS, LiveServer
+from tests.fixtures.server import TUS, LiveServer, upload_bytes
 from tusingest.sessions import UploadState
 from tusingest.sessions.model import Upload
-
-try:  # the concatenation-aware reader (a final upload is its partials' bytes)
-    from tusingest.sessions.content import read_upload
-except ImportError:  # pragma: no cover - older tree: single uploads only
-    read_upload = None  # type: ignore[assignment]
 
 JS_DIR = Path(__file__).parent / "js"
 SCRIPT = JS_DIR / "upload.mjs"
@@ -86,13 +82,8 @@ def upload_id_of(url: str) -> str:
 
 
 async def content(server: LiveServer, upload: Upload) -> bytes:
-    """The upload's committed bytes as the finaliser would read them."""
-    if read_upload is not None:
-        blocks = read_upload(server.parts.store, server.parts.staging, upload)
-    else:
-        assert upload.length is not None
-        blocks = server.parts.staging.read(upload.id, upload.length)
-    return b"".join([block async for block in blocks])
+    """The upload's bytes: the stored file once finalised, else what is staged."""
+    return await upload_bytes(server, upload.id)
 
 
 def all_uploads(server: LiveServer) -> list[tuple[str, str, str]]:
@@ -128,6 +119,14 @@ async def test_tus_js_client_uploads_a_file_in_chunks_with_metadata(sqlite_serve
     pairs = dict(item.split(" ") for item in head.headers["Upload-Metadata"].split(","))
     assert base64.b64decode(pairs["filename"]) == b"scan 01.tiff"
     assert base64.b64decode(pairs["filetype"]) == b"image/tiff"
+    # The upload became a file in the default directory element: object, attr.json, registry row.
+    record = await server.parts.saga_store.file_for_upload(upload.id)
+    assert record is not None and record.original_filename == "scan 01.tiff"
+    assert head.headers["ArtStore-File-Id"] == record.file_id
+    element = Path(server.settings.default_element_dir)
+    assert (element / record.storage_key).read_bytes() == payload
+    attr = json.loads((element / (record.storage_key + ".attr.json")).read_bytes())
+    assert attr["sha256"] == record.sha256 == hashlib.sha256(payload).hexdigest()
 
 
 @pytest.mark.parametrize("resume_by", ["uploadUrl", "findPreviousUploads"])
@@ -203,11 +202,7 @@ async def test_tus_js_client_parallel_uploads_concatenate_into_one_final_upload(
     assert all(p.is_complete for p in partials.values())
     assert sum(p.length or 0 for p in partials.values()) == len(payload)
 
-    if read_upload is not None:
-        data = await content(server, final)
-    else:  # no concatenation-aware reader: the final's bytes are its partials' in order
-        data = b"".join([await content(server, partials[part]) for part in final.parts])
-    assert data == payload
+    assert await content(server, final) == payload
 
     rows = all_uploads(server)
     assert [row for row in rows if row[1] == "final"] == [(final.id, "final", "complete")]
@@ -217,3 +212,35 @@ async def test_tus_js_client_parallel_uploads_concatenate_into_one_final_upload(
         head = await client.head(result["url"], headers=TUS)
     assert head.status_code == 200 and int(head.headers["Upload-Offset"]) == len(payload)
     assert head.headers["Upload-Concat"].startswith("final;")
+
+
+async def test_tus_js_client_against_tusingest_serve_on_embedded_defaults_ends_as_a_registered_file(
+    tmp_path: Path,
+) -> None:
+    from tests.e2e.test_serve_cli import clean_env, free_port, running
+
+    workdir = tmp_path / "node"
+    workdir.mkdir()
+    path, payload = write_payload(tmp_path, 2 * MIB + 77, name="Annual Report 2026.pdf")
+    port = free_port()
+    async with running(workdir, clean_env(), port):
+        result = await tus_js(
+            {
+                "endpoint": f"http://127.0.0.1:{port}/files/",
+                "file": str(path),
+                "chunkSize": MIB,
+                "metadata": {"filename": "Annual Report 2026.pdf", "username": "carol"},
+            }
+        )
+    assert result["ok"] and result["exitCode"] == 0, failure(result)
+    upload_id = upload_id_of(result["url"])
+    element = workdir / "data" / "elements" / "local"
+    stored = sorted(p for p in element.rglob("*") if p.is_file())
+    assert [p.name.endswith(".attr.json") for p in stored] == [False, True]
+    assert stored[0].read_bytes() == payload
+    assert stored[0].name.startswith("Annual_Report_2026_carol_") and stored[0].suffix == ".pdf"
+    attr = json.loads(stored[1].read_bytes())
+    assert attr["original_filename"] == "Annual Report 2026.pdf" and attr["file_size"] == len(payload)
+    with sqlite3.connect(workdir / "data" / "tusingest.db") as db:
+        rows = db.execute("SELECT file_id, sha256 FROM files WHERE upload_id = ?", (upload_id,)).fetchall()
+    assert rows == [(attr["file_id"], hashlib.sha256(payload).hexdigest())]

@@ -10,12 +10,12 @@ import os
 from tusclient.client import TusClient
 from tusclient.uploader import Uploader
 
-from tests.fixtures.server import TUS, LiveServer
+from tests.fixtures.server import TUS, LiveServer, upload_bytes
 from tusingest.sessions import UploadState
 
 
 async def staged(server: LiveServer, upload_id: str, length: int) -> bytes:
-    return b"".join([block async for block in server.parts.staging.read(upload_id, length)])
+    return await upload_bytes(server, upload_id, length)
 
 
 async def test_tuspy_uploads_a_file_in_chunks_with_metadata(server: LiveServer) -> None:

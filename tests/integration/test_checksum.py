@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.fixtures.rawhttp import eventually, open_request, read_response
-from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, upload_bytes
 
 ALGORITHMS = ["md5", "sha1", "sha256", "sha512", "crc32"]
 
@@ -47,7 +47,7 @@ async def offset_of(client: httpx.AsyncClient, url: str) -> int:
 
 async def staged(server: LiveServer, url: str, length: int) -> bytes:
     upload_id = url.rsplit("/", 1)[1]
-    return b"".join([block async for block in server.parts.staging.read(upload_id, length)])
+    return await upload_bytes(server, upload_id, length)
 
 
 async def staged_size(server: LiveServer, url: str) -> int:

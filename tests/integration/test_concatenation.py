@@ -15,9 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, upload_bytes
 from tusingest.sessions import Upload, UploadKind, UploadState
-from tusingest.sessions.content import read_upload
 from tusingest.staging import StagingError
 
 
@@ -53,22 +52,20 @@ def path_of(url: str) -> str:
 
 def record_completions(server: LiveServer) -> list[Upload]:
     """Every upload handed to the completion hook from now on, in order."""
-    ctx = server.parts.tus.ctx
-    hook = ctx.on_complete
+    hooks = server.parts.tus.ctx.hooks
+    completed = hooks.completed
     calls: list[Upload] = []
 
-    async def recording(upload: Upload) -> Mapping[str, str] | None:
+    async def recording(upload: Upload) -> Mapping[str, str]:
         calls.append(upload)
-        return await hook(upload)
+        return await completed(upload)
 
-    ctx.on_complete = recording
+    hooks.completed = recording  # type: ignore[method-assign]
     return calls
 
 
 async def read_back(server: LiveServer, url: str) -> bytes:
-    upload = await server.parts.store.get(upload_id(url))
-    assert upload is not None
-    return b"".join([block async for block in read_upload(server.parts.store, server.parts.staging, upload, 7)])
+    return await upload_bytes(server, upload_id(url))
 
 
 # --- partial uploads -----------------------------------------------------------------------------

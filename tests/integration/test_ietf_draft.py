@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.fixtures.server import LiveServer
+from tests.fixtures.server import LiveServer, upload_bytes
 from tusingest.sessions import UploadState
 
 DRAFT = {"Upload-Draft-Interop-Version": "8"}
@@ -32,7 +32,7 @@ async def append(
 
 async def staged(server: LiveServer, url: str, length: int) -> bytes:
     upload_id = url.rsplit("/", 1)[1]
-    return b"".join([block async for block in server.parts.staging.read(upload_id, length)])
+    return await upload_bytes(server, upload_id, length)
 
 
 async def state(server: LiveServer, url: str) -> UploadState:

@@ -9,7 +9,7 @@ import os
 import httpx
 
 from tests.fixtures.rawhttp import eventually, open_request, read_response
-from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, upload_bytes
 
 
 async def create(client: httpx.AsyncClient, length: int) -> str:
@@ -19,7 +19,7 @@ async def create(client: httpx.AsyncClient, length: int) -> str:
 
 
 async def staged(server: LiveServer, upload_id: str, length: int) -> bytes:
-    return b"".join([block async for block in server.parts.staging.read(upload_id, length)])
+    return await upload_bytes(server, upload_id, length)
 
 
 def patch_headers(offset: int, length: int) -> dict[str, str]:
@@ -101,7 +101,7 @@ async def test_a_new_patch_interrupts_a_stalled_patch_and_gets_409_with_the_comm
 
 async def test_bytes_staged_past_the_committed_offset_are_ignored_then_overwritten(server: LiveServer) -> None:
     async with server.client() as client:
-        url = await create(client, 11)
+        url = await create(client, 20)  # stays incomplete, so its staging is still there to look at
         upload_id = url.rsplit("/", 1)[1]
         await client.patch(url, headers=patch_headers(0, 5), content=b"hello")
         # A crash after staging but before the commit: garbage past the offset, in the chunk
@@ -122,7 +122,8 @@ async def test_an_upload_spanning_several_chunk_files_reads_back_exactly(start_s
     server = await start_server(staging_chunk_max_mb=1, staging_write_buffer_kb=256)
     payload = os.urandom((3 << 20) + 12345)
     async with server.client() as client:
-        url = await create(client, len(payload))
+        url = await create(client, len(payload) + 1)  # one byte short until the end: staging stays to look at
+        upload_id = url.rsplit("/", 1)[1]
         offset = 0
         for size in (700_000, 1_500_000, len(payload) - 2_200_000):
             response = await client.patch(
@@ -130,9 +131,14 @@ async def test_an_upload_spanning_several_chunk_files_reads_back_exactly(start_s
             )
             assert response.status_code == 204
             offset += size
-    upload_id = url.rsplit("/", 1)[1]
-    assert len(list(server.parts.staging.directory(upload_id).iterdir())) >= 3
-    assert await staged(server, upload_id, len(payload)) == payload
+        chunk_files = len(list(server.parts.staging.directory(upload_id).iterdir()))
+        staged_before = await staged(server, upload_id, len(payload))
+        last = await client.patch(url, headers=patch_headers(offset, 1), content=b"!")
+    assert chunk_files >= 3
+    assert staged_before == payload
+    # The finaliser read the chunk files in order into the stored file.
+    assert last.status_code == 204 and last.headers["ArtStore-Upload-Status"] == "completed"
+    assert await staged(server, upload_id, len(payload) + 1) == payload + b"!"
 
 
 async def test_an_upload_held_past_the_lock_timeout_answers_423_with_retry_after(start_server: ServerFactory) -> None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, upload_bytes
 from tusingest.sessions import UploadState
 
 
@@ -339,7 +339,7 @@ async def test_patch_appends_and_answers_204_with_offset_and_expiry(server: Live
     assert first.status_code == 204 and first.headers["Upload-Offset"] == "5"
     assert second.status_code == 204 and second.headers["Upload-Offset"] == "11"
     assert "Upload-Expires" in first.headers
-    data = b"".join([b async for b in server.parts.staging.read(url.rsplit("/", 1)[1], 11)])
+    data = await upload_bytes(server, url.rsplit("/", 1)[1], 11)
     assert data == b"hello world"
 
 
@@ -385,7 +385,7 @@ async def test_patch_with_stale_offset_returns_409_and_keeps_data(server: LiveSe
         after = await head(client, url)
     assert response.status_code == 409
     assert after.headers["Upload-Offset"] == "5"
-    data = b"".join([b async for b in server.parts.staging.read(url.rsplit("/", 1)[1], 5)])
+    data = await upload_bytes(server, url.rsplit("/", 1)[1], 5)
     assert data == b"abcde"
 
 
@@ -419,7 +419,7 @@ async def test_chunked_patch_running_past_upload_length_is_413_and_offset_unchan
     assert response.status_code == 413
     assert after.headers["Upload-Offset"] == "5"
     assert good.status_code == 204
-    data = b"".join([b async for b in server.parts.staging.read(url.rsplit("/", 1)[1], 10)])
+    data = await upload_bytes(server, url.rsplit("/", 1)[1], 10)
     assert data == b"abcde12345"
 
 
@@ -654,6 +654,7 @@ async def test_health_live_and_ready(server: LiveServer) -> None:
     assert live.status_code == 200
     assert ready.status_code == 200 and ready.json()["checks"] == {
         "session_store": True,
+        "saga_store": True,
         "staging": True,
         "writable_storage_element": True,
     }

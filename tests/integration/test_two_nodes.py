@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.fixtures.rawhttp import eventually, open_request, read_response
-from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, _server_factory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, _server_factory, upload_bytes
 from tusingest.sessions import UploadState
 
 
@@ -37,7 +37,7 @@ async def create(client: httpx.AsyncClient, length: int) -> str:
 
 
 async def staged(server: LiveServer, upload_id: str, length: int) -> bytes:
-    return b"".join([block async for block in server.parts.staging.read(upload_id, length)])
+    return await upload_bytes(server, upload_id, length)
 
 
 def patch_headers(offset: int, length: int) -> dict[str, str]:

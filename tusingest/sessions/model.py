@@ -17,6 +17,7 @@ class UploadState(enum.StrEnum):
     COMPLETE = "complete"  # offset == length; handed to the completion hook
     TERMINATED = "terminated"  # deleted by the client (tus termination)
     EXPIRED = "expired"  # no activity for UPLOAD_SESSION_TTL_HOURS; staged bytes removed
+    FAILED = "failed"  # refused or could not be stored; the reason is kept by the completion hooks
 
 
 class UploadKind(enum.StrEnum):

@@ -4,9 +4,10 @@ completing one, the headers every response carries."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from starlette.requests import Request
 
@@ -14,14 +15,53 @@ from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
 from tusingest.staging import DirectoryStaging
-from tusingest.tus.errors import UploadGone, UploadNotFound
+from tusingest.tus.errors import TusError, UploadGone, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
 
-CompletionHook = Callable[[Upload], Awaitable[Mapping[str, str] | None]]
-"""Called once an upload holds all its bytes; may return extra response headers.
 
-Called for single and final uploads, never for a partial one: a partial is no file of its own.
-"""
+class UploadHooks(Protocol):
+    """What happens to an upload beyond the protocol: the tus layer calls these and knows
+    nothing of what they do (the finaliser, in app.py). Each may refuse with a TusError."""
+
+    head_bytes: int
+    """How many first bytes ``inspect_start`` wants to see; 0: never called."""
+
+    async def inspect_start(self, upload: Upload, head: bytes) -> None:
+        """The first bytes of a single upload, as soon as they arrive, before they are committed.
+        Raising refuses the upload there and then (a type that will never be accepted)."""
+
+    async def completed(self, upload: Upload) -> Mapping[str, str]:
+        """The upload holds all its bytes (single or final, never partial). Returns headers for
+        the response; raising answers the request with that error."""
+
+    async def describe(self, upload: Upload) -> Mapping[str, str]:
+        """Extra headers for HEAD and PATCH on an upload that is complete or failed."""
+
+    async def refusal(self, upload: Upload) -> TusError:
+        """The answer to a PATCH on a FAILED upload."""
+
+
+class PlainHooks:
+    """No finaliser: a complete upload is simply marked complete."""
+
+    head_bytes = 0
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+
+    async def inspect_start(self, upload: Upload, head: bytes) -> None:
+        return None
+
+    async def completed(self, upload: Upload) -> Mapping[str, str]:
+        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
+        return {}
+
+    async def describe(self, upload: Upload) -> Mapping[str, str]:
+        return {}
+
+    async def refusal(self, upload: Upload) -> TusError:
+        return UploadGone("upload failed")
+
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +85,7 @@ class TusContext:
     store: SessionStore
     staging: DirectoryStaging
     locker: Locker
-    on_complete: CompletionHook
+    hooks: UploadHooks
 
     def expires_at(self, now: datetime) -> datetime | None:
         if self.options.ttl is None or not self.options.has("expiration"):
@@ -101,8 +141,7 @@ class TusContext:
         last missing partial (concatenation-unfinished) is completed instead.
         """
         if upload.kind is not UploadKind.PARTIAL:
-            extra = await self.on_complete(upload)
-            return dict(extra or {})
+            return dict(await self.hooks.completed(upload))
         await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
         for final in await self.store.list_final_uploads_with_part(upload.id):
             if final.state is not UploadState.ACTIVE or final.is_complete:
@@ -132,7 +171,10 @@ class TusContext:
             completed = await self.store.commit_offset(final.id, final.offset, final.length, now, self.expires_at(now))
             if completed is None:
                 return None
-            await self.on_complete(completed)
+            try:
+                await self.hooks.completed(completed)
+            except TusError as refused:
+                log.info("final upload %s was refused on completion: %s", final_id, refused.message)
             return await self.store.get(final_id) or completed  # the hook may have moved its state
 
 

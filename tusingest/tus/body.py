@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import Receive
 
@@ -40,11 +40,13 @@ async def receive_body(
     limit: int,
     interrupt: Interrupt,
     on_chunk: Callable[[bytes], None] | None = None,
+    inspect: Callable[[bytes], Awaitable[bool]] | None = None,
 ) -> BodyEnd:
     """Append the body to ``writer`` until it ends; at most ``limit`` bytes are accepted.
 
     ``on_chunk`` sees every accepted piece of the body, in order, before it is written (the
-    checksum extension hashes the body this way).
+    checksum extension hashes the body this way). ``inspect`` sees the first pieces too, until
+    it returns True (it has seen enough); it may raise to refuse the upload mid-body.
     """
     try:
         async with asyncio.timeout(None) as timeout:
@@ -61,6 +63,8 @@ async def receive_body(
                         return BodyEnd.OVERFLOW
                     if on_chunk is not None:
                         on_chunk(body)
+                    if inspect is not None and await inspect(body):
+                        inspect = None
                     await writer.write(body)
                 if not message.get("more_body", False):
                     return BodyEnd.COMPLETE

@@ -95,3 +95,12 @@ class CompletedUpload(UploadProblem):
 class InconsistentUploadLength(UploadProblem):
     status, default_message = 400, "inconsistent length values for upload"
     problem_type = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"
+
+
+class UploadRefused(TusError):
+    """The upload was refused by what runs after the protocol (the finaliser): 415 for a type
+    that is not accepted, 422 for a file that failed validation, 503 when storage failed."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, headers)
+        self.status = status

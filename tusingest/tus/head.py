@@ -41,4 +41,6 @@ class HeadHandler:
         if upload.metadata:
             headers["Upload-Metadata"] = upload.metadata
         headers |= expires_header(upload)
+        if upload.state in (UploadState.COMPLETE, UploadState.FAILED):
+            headers |= await self.ctx.hooks.describe(upload)
         return Response(status_code=200, headers=headers)

@@ -21,6 +21,7 @@ from tusingest.tus.errors import (
     Forbidden,
     OffsetMismatch,
     TooLarge,
+    TusError,
     UnsupportedMediaType,
     UploadGone,
 )
@@ -51,6 +52,8 @@ class PatchHandler:
             upload = await self.ctx.load(upload_id)
             if upload.kind is UploadKind.FINAL:
                 raise Forbidden("a final upload of a concatenation cannot be patched")
+            if upload.state is UploadState.FAILED:
+                raise await self.ctx.hooks.refusal(upload)
             if new_length is not None:
                 upload = await self._declare_length(upload, new_length)
             if offset != upload.offset:
@@ -61,7 +64,7 @@ class PatchHandler:
             if content_length is not None and content_length > room:
                 raise TooLarge(f"the body ({content_length} bytes) runs past the upload's length ({room} bytes left)")
             if upload.state is UploadState.COMPLETE:
-                return self._response(upload, {})
+                return self._response(upload, dict(await self.ctx.hooks.describe(upload)))
 
             upload = await self._append(request, upload, room, interrupt, checksum)
             extra: dict[str, str] = {}
@@ -86,9 +89,18 @@ class PatchHandler:
     async def _append(
         self, request: Request, upload: Upload, room: int, interrupt: Interrupt, checksum: BodyChecksum | None
     ) -> Upload:
+        inspector = await self._start_inspector(upload)
         async with await self.ctx.staging.open_writer(upload.id, upload.offset) as writer:
             on_chunk = checksum.update if checksum is not None else None
-            end = await receive_body(request.receive, writer, room, interrupt, on_chunk)
+            try:
+                end = await receive_body(
+                    request.receive, writer, room, interrupt, on_chunk, inspector.feed if inspector else None
+                )
+                if inspector is not None and end is BodyEnd.COMPLETE and writer.written == room:
+                    await inspector.finish()  # the whole upload is shorter than what it wanted to see
+            except TusError:
+                await writer.discard()  # refused by the inspection: nothing of this body is kept
+                raise
             if end is BodyEnd.OVERFLOW:
                 await writer.discard()
                 raise TooLarge(f"the body runs past the upload's length ({room} bytes left)")
@@ -105,7 +117,39 @@ class PatchHandler:
             return upload  # cut off before the first byte: nothing to commit
         return await self.ctx.commit(upload, new_offset)
 
+    async def _start_inspector(self, upload: Upload) -> StartInspector | None:
+        wanted = self.ctx.hooks.head_bytes
+        if wanted <= 0 or upload.kind is not UploadKind.SINGLE or upload.offset >= wanted:
+            return None
+        already = b""
+        if upload.offset:  # an earlier PATCH was cut short before the inspection had enough
+            already = b"".join([block async for block in self.ctx.staging.read(upload.id, upload.offset)])
+        return StartInspector(self.ctx, upload, already, wanted)
+
     @staticmethod
     def _response(upload: Upload, extra: dict[str, str]) -> Response:
         headers = tus_headers() | {"Upload-Offset": str(upload.offset)} | expires_header(upload) | extra
         return Response(status_code=204, headers=headers)
+
+
+class StartInspector:
+    """Collects the first bytes of an upload for ``UploadHooks.inspect_start``, which can then
+    refuse a file early (a type that will never be accepted) instead of after the last byte."""
+
+    def __init__(self, ctx: TusContext, upload: Upload, already: bytes, wanted: int) -> None:
+        self.ctx = ctx
+        self.upload = upload
+        self.head = bytearray(already)
+        self.wanted = wanted
+        self.done = False
+
+    async def feed(self, data: bytes) -> bool:
+        self.head += data[: self.wanted - len(self.head)]
+        if len(self.head) >= self.wanted:
+            await self.finish()
+        return self.done
+
+    async def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.ctx.hooks.inspect_start(self.upload, bytes(self.head))

@@ -14,7 +14,7 @@ from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
-from tusingest.tus.base import CompletionHook, TusContext, TusOptions, tus_headers
+from tusingest.tus.base import PlainHooks, TusContext, TusOptions, UploadHooks, tus_headers
 from tusingest.tus.delete import DeleteHandler
 from tusingest.tus.errors import (
     BadRequest,
@@ -33,7 +33,7 @@ from tusingest.tus.options import OptionsHandler
 from tusingest.tus.patch import PatchHandler
 from tusingest.tus.post import PostHandler
 
-__all__ = ["CompletionHook", "TusOptions", "TusServer"]
+__all__ = ["PlainHooks", "TusOptions", "TusServer", "UploadHooks"]
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class TusServer:
         store: SessionStore,
         staging: DirectoryStaging,
         locker: Locker,
-        on_complete: CompletionHook,
+        hooks: UploadHooks | None = None,
     ) -> None:
-        self.ctx = TusContext(options, store, staging, locker, on_complete)
+        self.ctx = TusContext(options, store, staging, locker, hooks or PlainHooks(store))
         self.options_handler = OptionsHandler(self.ctx)
         self.post = PostHandler(self.ctx)
         self.head = HeadHandler(self.ctx)

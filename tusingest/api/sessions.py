@@ -1,0 +1,66 @@
+"""GET /api/files/upload/session/{session_id}: where an upload stands, for tus and facade uploads
+alike (the session id is the last path segment of the tus URL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tusingest.saga.upload import UploadSagas, file_json
+from tusingest.sessions import SessionStore, Upload, UploadState
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class SessionStatus:
+    def __init__(self, store: SessionStore, sagas: UploadSagas) -> None:
+        self.store = store
+        self.sagas = sagas
+
+    def routes(self) -> list[Route]:
+        return [Route("/api/files/upload/session/{session_id}", self.get, methods=["GET"])]
+
+    async def get(self, request: Request) -> JSONResponse:
+        session_id = request.path_params["session_id"]
+        upload = await self.store.get(session_id)
+        if upload is None:
+            return error(404, "session_not_found", f"no upload session {session_id}")
+        return JSONResponse(await self.describe(upload))
+
+    async def describe(self, upload: Upload) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "session_id": upload.id,
+            "status": "in_progress",
+            "bytes_uploaded": upload.offset,
+            "bytes_total": upload.length,
+            "created_at": _iso(upload.created_at),
+            "last_activity_at": _iso(upload.updated_at),
+            "expires_at": _iso(upload.expires_at),
+            "file": None,
+            "error": None,
+        }
+        if upload.state in (UploadState.TERMINATED, UploadState.EXPIRED):
+            body["status"] = "failed"
+            body["error"] = {"error": f"upload_{upload.state.value}", "message": f"the upload was {upload.state.value}"}
+            return body
+        outcome = await self.sagas.outcome(upload.id)
+        if outcome is None:
+            if upload.state is UploadState.COMPLETE:
+                body["status"] = "finalizing"
+            return body
+        body["status"] = outcome.status
+        if outcome.file is not None:
+            body["file"] = file_json(outcome.file)
+        if outcome.status == "failed":
+            body["error"] = {"error": outcome.error_code, "message": outcome.error}
+        return body

@@ -1,0 +1,84 @@
+"""The finaliser seen from the tus layer: the UploadHooks that refuse a type on the first bytes,
+run the upload saga when the last byte arrives, and describe the result in ArtStore-* headers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from tusingest.finalise.mime import HEAD_BYTES, detect_mime
+from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, check_mime
+from tusingest.saga.upload import UploadOutcome, UploadSagas
+from tusingest.sessions import SessionStore, Upload, UploadState
+from tusingest.tus.errors import TusError, UploadRefused
+
+log = logging.getLogger(__name__)
+
+FILE_ID_HEADER = "ArtStore-File-Id"
+ELEMENT_HEADER = "ArtStore-Storage-Element-Id"
+SHA256_HEADER = "ArtStore-Sha256"
+STATUS_HEADER = "ArtStore-Upload-Status"
+ERROR_HEADER = "ArtStore-Error"
+EXPOSED_HEADERS = (FILE_ID_HEADER, ELEMENT_HEADER, SHA256_HEADER, STATUS_HEADER, ERROR_HEADER)
+
+
+class FinaliserHooks:
+    def __init__(self, sagas: UploadSagas, store: SessionStore, policy: FinalisePolicy, *, wait_seconds: float) -> None:
+        self.sagas = sagas
+        self.store = store
+        self.policy = policy
+        self.wait_seconds = wait_seconds
+        # Only worth looking early when some types are refused.
+        self.head_bytes = HEAD_BYTES if policy.mime_validation and policy.allowed_mime_types else 0
+
+    async def inspect_start(self, upload: Upload, head: bytes) -> None:
+        mime = await asyncio.to_thread(detect_mime, head)
+        try:
+            check_mime(mime, self.policy)
+        except FileRejected as rejection:
+            await self.sagas.refuse_early(upload, rejection)
+            raise UploadRefused(rejection.status, rejection.message, {ERROR_HEADER: rejection.code}) from None
+
+    async def completed(self, upload: Upload) -> Mapping[str, str]:
+        # COMPLETE first: the expiry sweep leaves it alone while the saga runs.
+        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
+        task = await self.sagas.begin(upload)
+        try:
+            # Shielded: a client that hangs up does not stop the saga.
+            outcome = await asyncio.wait_for(asyncio.shield(task), self.wait_seconds)
+        except TimeoutError:
+            return {STATUS_HEADER: "finalizing"}
+        return answer(outcome)
+
+    async def describe(self, upload: Upload) -> Mapping[str, str]:
+        outcome = await self.sagas.outcome(upload.id)
+        if outcome is None:
+            return {}
+        return headers_for(outcome)
+
+    async def refusal(self, upload: Upload) -> TusError:
+        outcome = await self.sagas.outcome(upload.id)
+        if outcome is None or outcome.status != "failed":
+            return UploadRefused(422, "the upload failed")
+        return UploadRefused(outcome.http_status, outcome.error or "the upload failed", headers_for(outcome))
+
+
+def headers_for(outcome: UploadOutcome) -> dict[str, str]:
+    headers: dict[str, str] = {STATUS_HEADER: outcome.status}
+    if outcome.file is not None:
+        headers |= {
+            FILE_ID_HEADER: outcome.file.file_id,
+            ELEMENT_HEADER: outcome.file.storage_element_id,
+            SHA256_HEADER: outcome.file.sha256,
+        }
+    if outcome.error_code:
+        headers[ERROR_HEADER] = outcome.error_code
+    return headers
+
+
+def answer(outcome: UploadOutcome) -> dict[str, str]:
+    """Headers for a finished saga, or the refusal to raise for a failed one."""
+    if outcome.status == "failed":
+        raise UploadRefused(outcome.http_status, outcome.error or "the upload failed", headers_for(outcome))
+    return headers_for(outcome)

@@ -1,0 +1,46 @@
+"""Failure injection at named saga steps, for tests that must prove recovery on a real process.
+
+SAGA_FAILPOINTS is a comma list of ``<point>=<action>[@<element_id>]``: ``pause`` blocks the saga
+there for good (the test then kills the process), ``fail`` raises a permanent element failure.
+Empty in production; nothing here costs anything when no point is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from tusingest.elements.backend import BackendError
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("pause", "fail")
+
+
+@dataclass(frozen=True, slots=True)
+class Failpoint:
+    action: str
+    element_id: str | None
+
+
+class Failpoints:
+    def __init__(self, spec: str = "") -> None:
+        self._points: dict[str, Failpoint] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            point, _, rest = item.partition("=")
+            action, _, element_id = rest.partition("@")
+            if action not in ACTIONS:
+                raise ValueError(f"failpoint {item!r}: action must be one of {', '.join(ACTIONS)}")
+            self._points[point.strip()] = Failpoint(action, element_id or None)
+        if self._points:
+            log.warning("saga failpoints are set (testing only): %s", spec)
+
+    async def reach(self, point: str, element_id: str | None = None) -> None:
+        failpoint = self._points.get(point)
+        if failpoint is None or (failpoint.element_id is not None and failpoint.element_id != element_id):
+            return
+        log.warning("failpoint %s reached: %s", point, failpoint.action)
+        if failpoint.action == "pause":
+            await asyncio.Event().wait()
+        raise BackendError(f"failpoint {point} on {element_id}", transient=False)

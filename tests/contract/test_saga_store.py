@@ -553,6 +553,20 @@ async def test_claimed_sagas_are_not_claimed_again_while_the_new_lease_lasts(sto
     assert len(await store.claim_stale("node-c", lease_seconds=30, limit=10, now=at(31))) == 1
 
 
+async def test_claim_stale_with_kinds_takes_only_sagas_of_those_kinds(store: SagaStore) -> None:
+    upload = await started(store, lease_seconds=0)
+    delete = await store.create_saga("delete", "file-1", {}, owner=NODE_A, lease_seconds=0, now=T0)
+    transfer = await store.create_saga("transfer", "file-2", {}, owner=NODE_A, lease_seconds=0, now=T0)
+
+    claimed = await store.claim_stale(NODE_B, lease_seconds=30, limit=10, kinds=("delete", "transfer"), now=at(1))
+
+    assert sorted(s.saga_id for s in claimed) == sorted([delete.saga_id, transfer.saga_id])
+    assert await store.get_saga(upload.saga_id) == upload
+    assert [s.saga_id for s in await store.claim_stale(NODE_B, lease_seconds=30, limit=10, now=at(1))] == [
+        upload.saga_id
+    ]
+
+
 async def test_claim_stale_with_nothing_stale_returns_an_empty_list(store: SagaStore) -> None:
     await started(store)
 

@@ -321,7 +321,13 @@ class PostgresSagaStore:
         return renewed is not None
 
     async def claim_stale(
-        self, owner: str, *, lease_seconds: float, limit: int, now: datetime | None = None
+        self,
+        owner: str,
+        *,
+        lease_seconds: float,
+        limit: int,
+        kinds: Sequence[SagaKind] | None = None,
+        now: datetime | None = None,
     ) -> list[Saga]:
         now = _now(now)
         # SKIP LOCKED: a row another node is claiming right now is left to it. Should that node commit first,
@@ -330,6 +336,7 @@ class PostgresSagaStore:
             "WITH claimed AS ("
             "  UPDATE sagas SET owner = $1, lease_expires_at = $2, updated_at = $3 WHERE saga_id IN ("
             f"    SELECT saga_id FROM sagas WHERE state IN {_UNFINISHED_SQL}"
+            "     AND ($5::text[] IS NULL OR kind = ANY($5::text[]))"
             "     AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= $3)"
             "     ORDER BY lease_expires_at NULLS FIRST, created_at LIMIT $4"
             "     FOR UPDATE SKIP LOCKED"
@@ -339,6 +346,7 @@ class PostgresSagaStore:
             now + timedelta(seconds=lease_seconds),
             now,
             limit,
+            None if kinds is None else list(kinds),
         )
         return [_row_to_saga(r) for r in rows]
 

@@ -432,18 +432,25 @@ class SQLiteSagaStore:
         return row is not None
 
     async def claim_stale(
-        self, owner: str, *, lease_seconds: float, limit: int, now: datetime | None = None
+        self,
+        owner: str,
+        *,
+        lease_seconds: float,
+        limit: int,
+        kinds: Sequence[SagaKind] | None = None,
+        now: datetime | None = None,
     ) -> list[Saga]:
         now = _now(now)
+        of_kinds = "" if kinds is None else f" AND kind IN ({','.join('?' * len(kinds))})"
         # One statement, so one write lock: another connection's claim runs before or after it, never between.
         async with self._lock:
             rows = await self._fetchall(
                 "UPDATE sagas SET owner = ?, lease_expires_at = ?, updated_at = ? WHERE saga_id IN ("
-                f"  SELECT saga_id FROM sagas WHERE state IN {_UNFINISHED_SQL}"
+                f"  SELECT saga_id FROM sagas WHERE state IN {_UNFINISHED_SQL}{of_kinds}"
                 "   AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= ?)"
                 "   ORDER BY lease_expires_at, created_at LIMIT ?"
                 f") RETURNING {_SAGA_COLUMNS}",
-                (owner, _ts(now + timedelta(seconds=lease_seconds)), _ts(now), _ts(now), limit),
+                (owner, _ts(now + timedelta(seconds=lease_seconds)), _ts(now), *(kinds or ()), _ts(now), limit),
             )
         return sorted(map(_row_to_saga, rows), key=lambda s: (s.created_at, s.saga_id))
 

@@ -123,10 +123,17 @@ class SagaStore(Protocol):
         """Extend the lease to now + lease_seconds; False when ``owner`` does not own the unfinished saga."""
 
     async def claim_stale(
-        self, owner: str, *, lease_seconds: float, limit: int, now: datetime | None = None
+        self,
+        owner: str,
+        *,
+        lease_seconds: float,
+        limit: int,
+        kinds: Sequence[SagaKind] | None = None,
+        now: datetime | None = None,
     ) -> list[Saga]:
         """Take over up to ``limit`` unfinished sagas whose lease has expired (at or before now) or that have
         no owner: each becomes ``owner``'s until now + lease_seconds. Across nodes, a saga goes to one claimer.
+        With ``kinds``, only sagas of those kinds are taken, so each saga runner claims only what it can run.
         """
 
     async def enqueue(self, messages: Sequence[NewOutboxMessage], *, now: datetime | None = None) -> None:

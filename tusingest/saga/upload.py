@@ -183,7 +183,7 @@ class UploadSagas:
     async def recover(self, limit: int = 20) -> int:
         """Take over sagas whose node died (lease expired) and carry them on here."""
         claimed = await self.sagas.claim_stale(
-            self.settings.owner, lease_seconds=self.settings.lease_seconds, limit=limit
+            self.settings.owner, lease_seconds=self.settings.lease_seconds, limit=limit, kinds=(KIND,)
         )
         for saga in claimed:
             if saga.kind != KIND or saga.subject_id in self._running:

@@ -24,7 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tusingest.api.files import FilesApi
+from tusingest.api.openapi import openapi_routes
 from tusingest.api.sessions import SessionStatus
+from tusingest.api.uploads import FacadeUploads
 from tusingest.config import Settings
 from tusingest.elements.runtime import StorageElements
 from tusingest.finalise import hooks as finaliser
@@ -78,6 +81,7 @@ class Parts:
     saga_store: SagaStore
     relay: OutboxRelay
     sagas: UploadSagas
+    files_api: FilesApi
 
 
 def build_parts(settings: Settings) -> Parts:
@@ -124,6 +128,7 @@ def build_parts(settings: Settings) -> Parts:
         if settings.virus_scan_enabled
         else None
     )
+    owner = node_id()
     sagas = UploadSagas(
         sessions=store,
         staging=staging,
@@ -133,7 +138,7 @@ def build_parts(settings: Settings) -> Parts:
         scanner=scanner,
         policy=policy,
         settings=SagaSettings(
-            owner=node_id(),
+            owner=owner,
             lease_seconds=settings.saga_lease_seconds,
             retry_attempts=settings.saga_retry_max_attempts,
             retry_base_delay=settings.saga_retry_base_delay_seconds,
@@ -146,7 +151,8 @@ def build_parts(settings: Settings) -> Parts:
     )
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
     tus = TusServer(options, store, staging, locker, hooks)
-    return Parts(settings, store, staging, locker, tus, elements, saga_store, relay, sagas)
+    files_api = FilesApi(settings, saga_store, elements.pool, relay, owner)
+    return Parts(settings, store, staging, locker, tus, elements, saga_store, relay, sagas, files_api)
 
 
 def node_id() -> str:
@@ -183,6 +189,8 @@ def build_app(settings: Settings) -> Starlette:
             await parts.relay.start()
             stack.push_async_callback(parts.relay.close)
             stack.push_async_callback(parts.sagas.close)
+            await parts.files_api.open()
+            stack.push_async_callback(parts.files_api.close)
             recovery = asyncio.create_task(
                 parts.sagas.run_recovery(settings.saga_recovery_interval_seconds), name="saga-recovery"
             )
@@ -222,6 +230,9 @@ def build_app(settings: Settings) -> Starlette:
         Route("/health/ready", ready),
         Route("/health/elements", elements),
         *SessionStatus(parts.store, parts.sagas).routes(),
+        *FacadeUploads(settings, parts.store, parts.staging, parts.locker, parts.tus.ctx.hooks, parts.sagas).routes(),
+        *parts.files_api.routes(),
+        *openapi_routes(),
         *parts.tus.routes(),
     ]
     middleware = [

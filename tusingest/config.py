@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     outbox_poll_interval_seconds: float = Field(5.0, gt=0)
     saga_failpoints: str = ""  # testing only: see tusingest/saga/failpoints.py
 
+    # The REST facade (/api/files).
+    max_batch_files: int = Field(20, ge=1, le=1000)
+    max_batch_size_mb: int = Field(1024, ge=1)
+    batch_parallelism: int = Field(2, ge=1, le=32)
+    transfer_verify_checksum_default: bool = True
+
     @field_validator("tus_extensions", "cors_allowed_origins", "allowed_mime_types", "webhook_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:

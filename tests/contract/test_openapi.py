@@ -1,0 +1,151 @@
+"""The OpenAPI document of /api is valid OpenAPI 3.1, names exactly the /api routes the app has, and is true of
+the live app: schemathesis sends generated requests over HTTP and checks every answer against the document."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hypothesis
+import jsonschema_rs
+import pytest
+import requests
+import schemathesis
+from schemathesis import Case
+from schemathesis.checks import CheckFunction, not_a_server_error
+from schemathesis.core.result import Err
+from schemathesis.errors import FailureGroup
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.routing import BaseRoute, Mount, Route
+
+from tests.fixtures.server import LiveServer, ServerFactory, base_settings
+from tusingest.api.openapi import openapi_document
+from tusingest.app import build_app
+
+CHECKS: list[CheckFunction] = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+# Few examples, always the same ones, never shrunk: a contract check that takes seconds, not a fuzzing campaign.
+EXAMPLES = hypothesis.settings(
+    max_examples=15,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    suppress_health_check=list(hypothesis.HealthCheck),
+    print_blob=False,
+)
+HTTP_METHODS = frozenset({"get", "put", "post", "delete", "patch", "options", "head", "trace"})
+CONVERTER = re.compile(r"\{(\w+):\w+\}")
+
+
+def documented_operations(document: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (method.upper(), path) for path, item in document["paths"].items() for method in item if method in HTTP_METHODS
+    }
+
+
+def app_operations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(method, path) for every route under /api, paths as OpenAPI writes them ({id}, not {id:str})."""
+    for route in routes:
+        if isinstance(route, Mount):
+            yield from app_operations(route.routes, prefix + route.path)
+        elif isinstance(route, Route) and (prefix + route.path).startswith("/api/"):
+            path = CONVERTER.sub(r"{\1}", prefix + route.path)
+            # Starlette answers HEAD for every GET route on its own; the document describes what we wrote.
+            yield from ((method, path) for method in route.methods or () if method != "HEAD")
+
+
+def describe(failure: BaseException) -> str:
+    """A failure as the route's author needs it: which check, what came back, how to replay it."""
+    if isinstance(failure, FailureGroup):
+        text = failure.message  # schemathesis' report: the checks, the status and body, a curl command
+    elif isinstance(failure, BaseExceptionGroup):
+        text = "\n".join(describe(inner) for inner in failure.exceptions)
+    else:
+        text = f"{type(failure).__name__}: {failure}"
+    return "\n".join([text, *getattr(failure, "__notes__", [])])
+
+
+def exercise(base_url: str) -> list[str]:
+    """Run every documented operation against the server; one report per operation that broke the contract."""
+    schema = schemathesis.openapi.from_dict(openapi_document())
+    reports: list[str] = []
+    with requests.Session() as session:
+        for result in schema.get_all_operations():
+            if isinstance(result, Err):
+                reports.append(f"unusable operation: {result.err()}")
+                continue
+            operation = result.ok()
+
+            @EXAMPLES
+            @hypothesis.given(case=operation.as_strategy())
+            def call(case: Case[Any]) -> None:
+                response = case.call(base_url=base_url, session=session, timeout=10)
+                case.validate_response(response, checks=CHECKS)
+
+            try:
+                call()
+            except (Exception, BaseExceptionGroup) as failure:  # schemathesis raises FailureGroup, not an Exception
+                reports.append(f"{operation.label}\n{describe(failure)}")
+    return reports
+
+
+def test_document_is_valid_openapi_3_1() -> None:
+    document = openapi_document()
+
+    schemathesis.openapi.from_dict(document).validate()  # the official OpenAPI 3.1 meta-schema
+
+    assert document["openapi"] == "3.1.0"
+    for name, component in document["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid(component), f"components/schemas/{name} is not JSON Schema 2020-12"
+    operation_ids = [
+        operation["operationId"]
+        for item in document["paths"].values()
+        for method, operation in item.items()
+        if method in HTTP_METHODS
+    ]
+    assert len(operation_ids) == len(set(operation_ids))
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            declared = {p["name"] for p in operation.get("parameters", ()) if p["in"] == "path"}
+            assert declared == set(re.findall(r"\{(\w+)\}", path)), f"{method.upper()} {path}: path parameters"
+
+
+def test_every_api_route_is_documented_and_every_documented_route_exists(tmp_path: Path, sqlite_url: str) -> None:
+    app = build_app(base_settings(tmp_path, sqlite_url))
+
+    in_app = set(app_operations(app.routes))
+
+    in_document = documented_operations(openapi_document())
+    undocumented, missing = sorted(in_app - in_document), sorted(in_document - in_app)
+    assert (undocumented, missing) == ([], []), f"undocumented routes: {undocumented}; routes missing: {missing}"
+
+
+async def test_live_app_serves_the_document_at_openapi_json(sqlite_server: LiveServer) -> None:
+    async with sqlite_server.client() as client:
+        response = await client.get("/openapi.json")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == openapi_document()
+
+
+async def test_live_app_answers_every_operation_as_documented(start_server: ServerFactory) -> None:
+    server = await start_server()
+
+    # schemathesis speaks blocking HTTP; the server runs on this event loop, so the client gets a thread.
+    reports = await asyncio.to_thread(exercise, server.url)
+
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)

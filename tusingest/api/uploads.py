@@ -1,0 +1,445 @@
+"""POST /api/files/upload and POST /api/files/batch/upload: uploads for services that do not speak tus.
+
+A file part streams into an upload session exactly as a tus PATCH would (staging, fsync, offset
+commit), then the same finaliser and saga make it a file. With ``X-Upload-Session-ID`` a body
+may stop half way and a later request continues the session from its offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tusingest.api.multipart import Field, FileData, FileEnd, FileStart, MultipartError, boundary_of, multipart_events
+from tusingest.api.sessions import error
+from tusingest.config import Settings
+from tusingest.finalise.mime import HEAD_BYTES
+from tusingest.saga.upload import UploadOutcome, UploadSagas, file_json
+from tusingest.sessions import SessionStore, Upload, UploadState
+from tusingest.sessions.locks import Locker, LockTimeout
+from tusingest.sessions.model import new_upload_id, utcnow
+from tusingest.staging import ChunkWriter, DirectoryStaging
+from tusingest.tus.base import UploadHooks
+from tusingest.tus.errors import TusError
+
+log = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.code, "message": self.message, **self.extra}, status_code=self.status)
+
+
+@dataclass(slots=True)
+class FormOptions:
+    metadata: dict[str, str] = field(default_factory=dict)
+    retention_policy: str | None = None
+    description: str | None = None
+    offset: int | None = None
+    total_size: int | None = None
+
+    def take(self, form_field: Field) -> None:
+        name, value = form_field.name, form_field.value
+        if name == "metadata":
+            self.metadata = _metadata_json(value)
+        elif name == "retention_policy":
+            if value not in ("temporary", "permanent"):
+                raise ApiError(400, "invalid_request", "retention_policy must be temporary or permanent")
+            self.retention_policy = value
+        elif name == "description":
+            self.description = value
+        elif name in ("offset", "total_size"):
+            if not value.strip().isdigit():
+                raise ApiError(400, "invalid_request", f"{name} must be a non-negative integer")
+            setattr(self, name, int(value))
+
+
+def _metadata_json(value: str) -> dict[str, str]:
+    if not value.strip():
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise ApiError(400, "invalid_metadata", "metadata must be a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "invalid_metadata", "metadata must be a JSON object")
+    result = {}
+    for key, item in parsed.items():
+        if not METADATA_KEY.match(str(key)):
+            raise ApiError(400, "invalid_metadata", f"metadata key {key!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        result[str(key)] = item if isinstance(item, str) else json.dumps(item)
+    return result
+
+
+def tus_metadata(values: Mapping[str, str | None]) -> str:
+    """The Upload-Metadata form the session store keeps (``key base64,...``)."""
+    return ",".join(
+        f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in values.items() if value is not None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What one file part did to its session."""
+
+    upload: Upload
+    complete: bool
+    refused: ApiError | None = None
+
+
+class FacadeUploads:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SessionStore,
+        staging: DirectoryStaging,
+        locker: Locker,
+        hooks: UploadHooks,
+        sagas: UploadSagas,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.staging = staging
+        self.locker = locker
+        self.hooks = hooks
+        self.sagas = sagas
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/files/upload", self.upload, methods=["POST"]),
+            Route("/api/files/batch/upload", self.batch, methods=["POST"]),
+        ]
+
+    # -- one file, possibly resumable --------------------------------------------------------------
+
+    async def upload(self, request: Request) -> Response:
+        try:
+            return await self._upload(request)
+        except ApiError as problem:
+            return problem.response()
+        except MultipartError as exc:
+            return error(400, "invalid_request", str(exc))
+        except LockTimeout:
+            return error(409, "session_busy", "another request is writing to this upload session; retry shortly")
+
+    async def _upload(self, request: Request) -> Response:
+        session_id = request.headers.get("x-upload-session-id")
+        if session_id is not None and not SESSION_ID.match(session_id):
+            raise ApiError(400, "invalid_session_id", "X-Upload-Session-ID must be 8-64 of A-Z a-z 0-9 _ -")
+        content_range = _content_range(request.headers.get("content-range"))
+        boundary = boundary_of(request.headers.get("content-type"))
+        options = FormOptions()
+        received: Received | None = None
+        events = multipart_events(request.stream(), boundary)
+        try:
+            async for event in events:
+                if isinstance(event, Field):
+                    options.take(event)
+                elif isinstance(event, FileStart):
+                    if received is not None:
+                        raise ApiError(400, "invalid_request", "send one part named file (use /api/files/batch/upload)")
+                    received = await self._receive(event, events, options, session_id, content_range)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening; what arrived is committed (or dropped)
+        finally:
+            await events.aclose()
+        if received is None:
+            raise ApiError(400, "invalid_request", "the form has no file part named file")
+        if received.refused is not None:
+            raise received.refused
+        if not received.complete:
+            return JSONResponse(_progress(received.upload), status_code=202)
+        outcome = await self._finalise(received.upload)
+        return _outcome_response(received.upload, outcome)
+
+    async def _receive(
+        self,
+        start: FileStart,
+        events: AsyncIterator[Any],
+        options: FormOptions,
+        session_id: str | None,
+        content_range: tuple[int, int | None] | None,
+        *,
+        stop_on_refusal: bool = True,
+    ) -> Received:
+        offset = content_range[0] if content_range else options.offset
+        total = content_range[1] if content_range else options.total_size
+        upload = await self._session(start, options, session_id, total)
+        if offset is not None and offset != upload.offset:
+            raise ApiError(
+                409,
+                "offset_mismatch",
+                f"the session is at byte {upload.offset}, the request starts at {offset}",
+                bytes_uploaded=upload.offset,
+            )
+        if upload.state is not UploadState.ACTIVE:
+            raise ApiError(409, "session_not_active", f"the upload session is {upload.state.value}")
+        resumable = session_id is not None
+        try:
+            async with self.locker.lock(upload.id, timeout=self.settings.lock_timeout_seconds):
+                upload = await self.store.get(upload.id) or upload
+                async with await self.staging.open_writer(upload.id, upload.offset) as writer:
+                    try:
+                        refused = await self._write_part(upload, writer, events, stop_on_refusal=stop_on_refusal)
+                    except ClientDisconnect:
+                        if resumable:
+                            await self._commit(upload, writer)  # keep what arrived: the client resumes from there
+                        raise
+                    if refused is not None:
+                        await writer.discard()
+                        return Received(upload, False, refused)
+                    upload = await self._commit(upload, writer)
+        except (ClientDisconnect, ApiError):
+            if not resumable:
+                await self._drop(upload)  # nobody can resume an upload whose id they never got
+            raise
+        if upload.length is None and not resumable:
+            # A one-shot upload: its length is what arrived.
+            upload = await self.store.set_length(upload.id, upload.offset) or upload
+        return Received(upload, upload.length is not None and upload.offset == upload.length)
+
+    async def _session(
+        self, start: FileStart, options: FormOptions, session_id: str | None, total: int | None
+    ) -> Upload:
+        if total is not None and total > self.settings.max_file_size:
+            raise ApiError(
+                413, "file_too_large", f"the file has {total} bytes; the limit is {self.settings.max_file_size}"
+            )
+        if session_id is not None:
+            existing = await self.store.get(session_id)
+            if existing is not None:
+                if total is not None and existing.length is not None and total != existing.length:
+                    raise ApiError(
+                        409, "length_mismatch", f"the session's total size is {existing.length}, not {total}"
+                    )
+                if total is not None and existing.length is None:
+                    existing = await self.store.set_length(existing.id, total) or existing
+                return existing
+        now = utcnow()
+        values: dict[str, str | None] = dict(options.metadata)
+        values["filename"] = options.metadata.get("filename") or start.filename or None
+        values["retention_policy"] = options.retention_policy or options.metadata.get("retention_policy")
+        values["description"] = options.description or options.metadata.get("description")
+        if start.content_type:
+            values.setdefault("filetype", start.content_type)
+        upload = Upload(
+            id=session_id or new_upload_id(),
+            length=total,
+            metadata=tus_metadata(values),
+            created_at=now,
+            updated_at=now,
+            expires_at=now + timedelta(hours=self.settings.upload_session_ttl_hours),
+        )
+        await self.store.create(upload)
+        return upload
+
+    async def _write_part(
+        self, upload: Upload, writer: ChunkWriter, events: AsyncIterator[Any], *, stop_on_refusal: bool
+    ) -> ApiError | None:
+        """Stream the part's bytes into staging. A refused file raises at once when stop_on_refusal
+        (the answer goes out before the rest of the body); else the rest of the part is skipped
+        and the refusal returned, so the other files of a batch go on."""
+        limit = (upload.length if upload.length is not None else self.settings.max_file_size) - upload.offset
+        inspect = self.hooks.head_bytes > 0 and upload.offset == 0
+        head = bytearray()
+        refused: ApiError | None = None
+        async for event in events:
+            if isinstance(event, FileEnd):
+                break
+            if not isinstance(event, FileData) or refused is not None:
+                continue  # the rest of a refused part is read and thrown away
+            if writer.written + len(event.data) > limit:
+                refused = ApiError(413, "file_too_large", f"the file runs past {limit + upload.offset} bytes")
+            elif inspect and len(head) < HEAD_BYTES:
+                head += event.data[: HEAD_BYTES - len(head)]
+                if len(head) >= HEAD_BYTES:
+                    refused = await self._inspect(upload, bytes(head))
+                    inspect = False
+            if refused is not None:
+                if stop_on_refusal:
+                    await writer.discard()
+                    raise refused
+                continue
+            await writer.write(event.data)
+        if refused is None and inspect and head:
+            refused = await self._inspect(upload, bytes(head))
+        return refused
+
+    async def _inspect(self, upload: Upload, head: bytes) -> ApiError | None:
+        try:
+            await self.hooks.inspect_start(upload, head)
+        except TusError as refusal:
+            code = refusal.headers.get("ArtStore-Error", "file_refused")
+            return ApiError(refusal.status, code, refusal.message)
+        return None
+
+    async def _commit(self, upload: Upload, writer: ChunkWriter) -> Upload:
+        new_offset = await writer.sync()
+        if new_offset == upload.offset:
+            return upload
+        now = utcnow()
+        expires = now + timedelta(hours=self.settings.upload_session_ttl_hours)
+        committed = await self.store.commit_offset(upload.id, upload.offset, new_offset, now, expires)
+        if committed is None:
+            raise ApiError(409, "session_changed", "the upload session changed while receiving; retry")
+        return committed
+
+    async def _drop(self, upload: Upload) -> None:
+        """Forget a one-shot upload nobody can resume (a failed one keeps its state and reason)."""
+        with contextlib.suppress(Exception):
+            await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE)
+            await self.staging.remove(upload.id)
+
+    async def _finalise(self, upload: Upload) -> UploadOutcome:
+        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
+        task = await self.sagas.begin(upload)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.settings.finalise_wait_seconds)
+        except TimeoutError:
+            return UploadOutcome("finalizing")
+
+    # -- many files in one request --------------------------------------------------------------
+
+    async def batch(self, request: Request) -> Response:
+        try:
+            return await self._batch(request)
+        except ApiError as problem:
+            return problem.response()
+        except MultipartError as exc:
+            return error(400, "invalid_request", str(exc))
+
+    async def _batch(self, request: Request) -> Response:
+        max_bytes = self.settings.max_batch_size_mb << 20
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes + (1 << 20):
+            raise ApiError(413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB")
+        boundary = boundary_of(request.headers.get("content-type"))
+        options = FormOptions()
+        staged: list[tuple[str, Received]] = []
+        events = multipart_events(request.stream(), boundary)
+        total = 0
+        try:
+            async for event in events:
+                if isinstance(event, Field):
+                    options.take(event)
+                    continue
+                if not isinstance(event, FileStart):
+                    continue
+                if len(staged) >= self.settings.max_batch_files:
+                    raise ApiError(
+                        413, "too_many_files", f"a batch may carry at most {self.settings.max_batch_files} files"
+                    )
+                received = await self._receive(event, events, options, None, None, stop_on_refusal=False)
+                staged.append((event.filename, received))
+                total += received.upload.offset
+                if total > max_bytes:
+                    raise ApiError(
+                        413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB"
+                    )
+        except (ApiError, MultipartError, ClientDisconnect):
+            for _, received in staged:  # a refused batch keeps nothing
+                await self._drop(received.upload)
+            raise
+        finally:
+            await events.aclose()
+        if not staged:
+            raise ApiError(400, "invalid_request", "the form has no file parts")
+
+        limit = asyncio.Semaphore(self.settings.batch_parallelism)
+
+        async def finalise(name: str, received: Received) -> dict[str, Any]:
+            if received.refused is not None:
+                await self._drop(received.upload)
+                return _failed(name, received.refused.code, received.refused.message)
+            async with limit:
+                outcome = await self._finalise(received.upload)
+            if outcome.status == "completed" and outcome.file is not None:
+                info = file_json(outcome.file)
+                return {
+                    "filename": name,
+                    "status": "success",
+                    "file_id": info["file_id"],
+                    "size_bytes": info["size_bytes"],
+                    "storage_element_id": info["storage_element_id"],
+                    "sha256_hash": info["sha256_hash"],
+                }
+            if outcome.status == "finalizing":
+                return _failed(name, "finalizing", f"still being finalised: see session {received.upload.id}")
+            return _failed(name, outcome.error_code or "failed", outcome.error or "the file was not stored")
+
+        results = await asyncio.gather(*(finalise(name, received) for name, received in staged))
+        succeeded = sum(1 for result in results if result["status"] == "success")
+        summary = {"total": len(results), "succeeded": succeeded, "failed": len(results) - succeeded}
+        return JSONResponse({"results": results, "summary": summary}, status_code=207)
+
+
+def _failed(name: str, code: str, message: str) -> dict[str, Any]:
+    return {"filename": name, "status": "failed", "error": {"error": code, "message": message}}
+
+
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    if value is None:
+        return None
+    match = CONTENT_RANGE.match(value.strip())
+    if match is None:
+        raise ApiError(400, "invalid_content_range", "Content-Range must be bytes <start>-<end>/<total>")
+    start, end, total = int(match.group(1)), int(match.group(2)), match.group(3)
+    if end < start or (total != "*" and end >= int(total)):
+        raise ApiError(400, "invalid_content_range", "Content-Range end must be >= start and below the total")
+    return start, None if total == "*" else int(total)
+
+
+def _progress(upload: Upload) -> dict[str, Any]:
+    total = upload.length
+    percent = round(100 * upload.offset / total, 2) if total else 0.0
+    return {
+        "upload_session_id": upload.id,
+        "bytes_uploaded": upload.offset,
+        "bytes_total": total,
+        "percent_complete": percent,
+    }
+
+
+def _outcome_response(upload: Upload, outcome: UploadOutcome) -> JSONResponse:
+    if outcome.status == "completed" and outcome.file is not None:
+        info = file_json(outcome.file)
+        keys = (
+            "file_id",
+            "storage_element_id",
+            "storage_filename",
+            "size_bytes",
+            "md5_hash",
+            "sha256_hash",
+            "uploaded_at",
+            "compression",
+        )
+        return JSONResponse({key: info[key] for key in keys}, status_code=201)
+    if outcome.status == "finalizing":
+        return JSONResponse(_progress(upload) | {"status": "finalizing"}, status_code=202)
+    return JSONResponse(
+        {"error": outcome.error_code or "failed", "message": outcome.error or "the file was not stored"},
+        status_code=outcome.http_status,
+    )

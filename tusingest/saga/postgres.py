@@ -7,7 +7,6 @@ refuses a database that is not at the head revision.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,9 +25,7 @@ from tusingest.saga.records import (
     new_saga_id,
 )
 from tusingest.saga.store import DuplicateFile, DuplicateSaga, SagaNotFound, SagaOwnershipLost
-from tusingest.sessions import migrations
-from tusingest.sessions.postgres import check_revision, describe_database
-from tusingest.sessions.store import StoreError
+from tusingest.sessions.pgpool import PostgresDatabase
 
 _SAGA_COLUMNS = (
     "saga_id, kind, subject_id, state, step, data, attempts, error_code, error, owner, lease_expires_at, "
@@ -111,80 +108,9 @@ def _row_to_message(row: asyncpg.Record) -> OutboxMessage:
     )
 
 
-async def _keep_session(connection: asyncpg.Connection) -> None:
-    """Pool reset hook: the store never changes session state, so skip the default reset's extra round trip."""
-
-
-class PostgresSagaStore:
-    def __init__(
-        self,
-        database_url: str,
-        *,
-        min_size: int = 1,
-        max_size: int = 5,
-        connect_timeout: float = 10.0,
-        command_timeout: float = 30.0,
-        ping_timeout: float = 5.0,
-    ) -> None:
-        if not database_url.startswith(("postgresql://", "postgres://")):
-            # The URL may carry a password: name only its scheme.
-            scheme = database_url.partition(":")[0]
-            raise ValueError(f"PostgreSQL DATABASE_URL must start with postgresql:// or postgres://, not {scheme}:")
-        self.database_url = database_url
-        self.min_size = min_size
-        self.max_size = max_size
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self.ping_timeout = ping_timeout
-        self._pool: asyncpg.Pool | None = None
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise StoreError("the PostgreSQL saga store is not open")
-        return self._pool
-
-    async def open(self) -> None:
-        where = describe_database(self.database_url)
-        try:
-            pool = await asyncpg.create_pool(
-                self.database_url,
-                min_size=self.min_size,
-                max_size=self.max_size,
-                timeout=self.connect_timeout,
-                command_timeout=self.command_timeout,
-                reset=_keep_session,
-                server_settings={"application_name": "tusingest"},
-            )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreError(f"cannot connect to PostgreSQL {where}: {exc}") from exc
-        try:
-            async with pool.acquire() as connection:
-                at = await migrations.read_revision(connection)
-            check_revision(self.database_url, at)
-        except BaseException:
-            pool.terminate()  # nothing was handed out yet, and a cancelled open must not wait on a graceful close
-            raise
-        self._pool = pool
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            async with asyncio.timeout(self.command_timeout):
-                await pool.close()
-        except TimeoutError:
-            # A connection still checked out (a stuck saga step) must not hang shutdown.
-            pool.terminate()
-
-    async def ping(self) -> bool:
-        try:
-            async with asyncio.timeout(self.ping_timeout):
-                await self.pool.fetchval("SELECT 1")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StoreError):
-            return False
-        return True
+class PostgresSagaStore(PostgresDatabase):
+    what = "saga store"
+    default_max_size = 5
 
     # --- plumbing ----------------------------------------------------------------------------------
 

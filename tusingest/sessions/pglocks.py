@@ -31,7 +31,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from tusingest.sessions.locks import LockTimeout, MemoryLocker, ReleaseRequest
-from tusingest.sessions.postgres import describe_database
+from tusingest.sessions.pgpool import describe_database
 from tusingest.sessions.store import StoreError
 
 log = logging.getLogger(__name__)

@@ -146,6 +146,7 @@ def build_parts(settings: Settings) -> Parts:
             webhook_urls=settings.webhook_urls,
             events_stream=settings.file_events_stream if settings.redis_url else None,
             default_username=settings.default_username,
+            concurrency=settings.finalise_concurrency,
         ),
         failpoints=Failpoints(settings.saga_failpoints),
     )

@@ -7,6 +7,7 @@ The variable names are the ArtStore Ingester's (MAX_FILE_SIZE_MB, UPLOAD_SESSION
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -103,6 +104,8 @@ class Settings(BaseSettings):
     compression_min_size_mb: float = Field(1.0, ge=0)
     compression_min_saving: float = Field(0.10, ge=0, lt=1)
     finalise_wait_seconds: float = Field(30.0, ge=0)  # how long the final PATCH waits for the saga
+    # Sagas doing their heavy steps at once, per node: they are CPU-bound (hashing, compression).
+    finalise_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=256)
     default_username: str = "anonymous"
 
     # The upload saga and its outbox.

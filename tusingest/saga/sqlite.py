@@ -217,6 +217,10 @@ def _is_unfinished_saga_conflict(exc: sqlite3.IntegrityError) -> bool:
     return "sagas.kind, sagas.subject_id" in str(exc)
 
 
+# Both stores share the database file; a writer waits this long for the other before giving up.
+BUSY_TIMEOUT_MS = 30_000
+
+
 class SQLiteSagaStore:
     def __init__(self, database_url: str) -> None:
         path = database_url.removeprefix("sqlite:///").removeprefix("sqlite://")
@@ -243,11 +247,12 @@ class SQLiteSagaStore:
             raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         try:
             await db.execute("PRAGMA journal_mode=WAL")
-            # FULL, where the session store settles for NORMAL: a commit lost to a power cut here could forget
-            # an object already put on an element (an orphan recovery never hears of) or a file already
-            # reported to the client. A handful of commits per upload can afford the fsync.
-            await db.execute("PRAGMA synchronous=FULL")
-            await db.execute("PRAGMA busy_timeout=5000")
+            # NORMAL, like the session store: a process crash loses nothing (the WAL is in the page cache);
+            # only a power cut may lose the last commits. FULL fsyncs every commit while holding SQLite's one
+            # write lock, and under upload load those fsyncs took seconds, starving the session store's
+            # offset commits into "database is locked" (benchmarks/load.py --scenario small).
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             await db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             await db.close()
@@ -348,7 +353,7 @@ class SQLiteSagaStore:
             _ts(now),
             _ts(now),
         )
-        async with self._lock:
+        async with self._transaction():
             try:
                 row = await self._fetchone(
                     "INSERT INTO sagas (saga_id, kind, subject_id, state, data, owner, lease_expires_at, "
@@ -423,7 +428,7 @@ class SQLiteSagaStore:
 
     async def renew_lease(self, saga_id: str, *, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
         now = _now(now)
-        async with self._lock:
+        async with self._transaction():
             row = await self._fetchone(
                 "UPDATE sagas SET lease_expires_at = ?, updated_at = ? "
                 f"WHERE saga_id = ? AND owner = ? AND state IN {_UNFINISHED_SQL} RETURNING saga_id",
@@ -443,7 +448,7 @@ class SQLiteSagaStore:
         now = _now(now)
         of_kinds = "" if kinds is None else f" AND kind IN ({','.join('?' * len(kinds))})"
         # One statement, so one write lock: another connection's claim runs before or after it, never between.
-        async with self._lock:
+        async with self._transaction():
             rows = await self._fetchall(
                 "UPDATE sagas SET owner = ?, lease_expires_at = ?, updated_at = ? WHERE saga_id IN ("
                 f"  SELECT saga_id FROM sagas WHERE state IN {_UNFINISHED_SQL}{of_kinds}"
@@ -529,14 +534,14 @@ class SQLiteSagaStore:
         return None if row is None else _row_to_file(row)
 
     async def delete_file(self, file_id: str) -> bool:
-        async with self._lock:
+        async with self._transaction():
             row = await self._fetchone("DELETE FROM files WHERE file_id = ? RETURNING file_id", (file_id,))
         return row is not None
 
     async def update_file_location(
         self, file_id: str, *, storage_element_id: str, storage_key: str
     ) -> FileRecord | None:
-        async with self._lock:
+        async with self._transaction():
             row = await self._fetchone(
                 f"UPDATE files SET storage_element_id = ?, storage_key = ? WHERE file_id = ? RETURNING {_FILE_COLUMNS}",
                 (storage_element_id, storage_key, file_id),
@@ -555,7 +560,7 @@ class SQLiteSagaStore:
         self, *, limit: int, lease_seconds: float, now: datetime | None = None
     ) -> list[OutboxMessage]:
         now = _now(now)
-        async with self._lock:
+        async with self._transaction():
             rows = await self._fetchall(
                 "UPDATE outbox SET next_attempt_at = ? WHERE message_id IN ("
                 "  SELECT message_id FROM outbox WHERE delivered_at IS NULL AND next_attempt_at <= ?"
@@ -567,7 +572,7 @@ class SQLiteSagaStore:
 
     async def mark_delivered(self, message_id: int, *, now: datetime | None = None) -> bool:
         now = _now(now)
-        async with self._lock:
+        async with self._transaction():
             row = await self._fetchone(
                 "UPDATE outbox SET delivered_at = ? WHERE message_id = ? AND delivered_at IS NULL RETURNING message_id",
                 (_ts(now), message_id),
@@ -575,7 +580,7 @@ class SQLiteSagaStore:
         return row is not None
 
     async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
-        async with self._lock:
+        async with self._transaction():
             row = await self._fetchone(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
                 "WHERE message_id = ? AND delivered_at IS NULL RETURNING message_id",

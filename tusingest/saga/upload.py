@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 KIND: Final = "upload"
 SPOOL_NAME = "finalise.spool"
 READ_BLOCK = 1 << 20
+SMALL_FILE = 8 << 20  # below this a saga does not take one of the FINALISE_CONCURRENCY slots
 
 Status = Literal["finalizing", "completed", "failed"]
 
@@ -64,6 +65,7 @@ class SagaSettings:
     webhook_urls: tuple[str, ...] = ()
     events_stream: str | None = None  # None: no Redis, no file events
     default_username: str = "anonymous"
+    concurrency: int = 4  # sagas reading, scanning, compressing and putting at once; the others queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,9 @@ class UploadSagas:
         self.settings = settings
         self.failpoints = failpoints or Failpoints()
         self._running: dict[str, asyncio.Task[UploadOutcome]] = {}
+        # Each running saga holds a read block, hash and compressor state and a put's buffers (two
+        # 16 MiB parts on S3): bounding how many run at once bounds the node's memory.
+        self._slots = asyncio.Semaphore(settings.concurrency)
 
     # -- starting, waiting, recovering ----------------------------------------------------------
 
@@ -246,7 +251,9 @@ class UploadSagas:
     async def _run(self, saga: Saga) -> UploadOutcome:
         lease = asyncio.create_task(self._keep_lease(saga.saga_id))
         try:
-            async with asyncio.timeout(self.settings.timeout):
+            # Small files hold little memory and wait mostly on the database: they skip the queue.
+            small = int(saga.data.get("length") or 0) < SMALL_FILE
+            async with asyncio.timeout(self.settings.timeout), (contextlib.nullcontext() if small else self._slots):
                 return await self._attempts(saga)
         except TimeoutError:
             current = await self.sagas.get_saga(saga.saga_id) or saga

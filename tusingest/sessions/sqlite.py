@@ -6,8 +6,10 @@ offset back (the bytes past it are garbage, invariant 1); it never moves one for
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +36,7 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads (state, expires_at);
 """
 
+_SNAPSHOT_RETRIES = 50
 _COLUMNS = "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at"
 
 
@@ -58,6 +61,24 @@ def _row_to_upload(row: sqlite3.Row | tuple[object, ...]) -> Upload:
     )
 
 
+async def _retry_on_stale_snapshot[T](statement: Callable[[], Awaitable[T]]) -> T:
+    """Run a one-statement write, again when SQLite reports the database locked.
+
+    The saga store writes to the same file from its own connection. A write here that had to wait
+    for the saga store's transaction finds its read snapshot stale once that commits, and SQLite
+    answers SQLITE_BUSY_SNAPSHOT at once instead of waiting (busy_timeout does not apply). Nothing
+    was written, and the statement succeeds on a fresh snapshot.
+    """
+    for attempt in range(_SNAPSHOT_RETRIES):
+        try:
+            return await statement()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == _SNAPSHOT_RETRIES - 1:
+                raise
+            await asyncio.sleep(min(0.05, 0.001 * 2**attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class SQLiteSessionStore:
     def __init__(self, database_url: str) -> None:
         path = database_url.removeprefix("sqlite:///").removeprefix("sqlite://")
@@ -79,7 +100,8 @@ class SQLiteSessionStore:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
+            # The saga store writes to the same file from its own connection: wait for it, do not fail.
+            await self._db.execute("PRAGMA busy_timeout=30000")
             await self._db.executescript(_SCHEMA)
             await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
@@ -98,22 +120,24 @@ class SQLiteSessionStore:
         return True
 
     async def create(self, upload: Upload) -> None:
+        values = (
+            upload.id,
+            upload.length,
+            upload.offset,
+            upload.metadata,
+            upload.state.value,
+            upload.kind.value,
+            json.dumps(list(upload.parts)),
+            _ts(upload.created_at),
+            _ts(upload.updated_at),
+            _ts(upload.expires_at),
+        )
+
+        async def run() -> None:
+            await self.db.execute(f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", values)
+
         try:
-            await self.db.execute(
-                f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    upload.id,
-                    upload.length,
-                    upload.offset,
-                    upload.metadata,
-                    upload.state.value,
-                    upload.kind.value,
-                    json.dumps(list(upload.parts)),
-                    _ts(upload.created_at),
-                    _ts(upload.updated_at),
-                    _ts(upload.expires_at),
-                ),
-            )
+            await _retry_on_stale_snapshot(run)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
 
@@ -131,8 +155,11 @@ class SQLiteSessionStore:
         return {u.id: u for u in map(_row_to_upload, rows)}
 
     async def _update_returning(self, sql: str, params: tuple[object, ...]) -> Upload | None:
-        async with self.db.execute(f"{sql} RETURNING {_COLUMNS}", params) as cursor:
-            row = await cursor.fetchone()
+        async def run() -> sqlite3.Row | None:
+            async with self.db.execute(f"{sql} RETURNING {_COLUMNS}", params) as cursor:
+                return await cursor.fetchone()
+
+        row = await _retry_on_stale_snapshot(run)
         return None if row is None else _row_to_upload(row)
 
     async def commit_offset(

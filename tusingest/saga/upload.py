@@ -253,7 +253,8 @@ class UploadSagas:
         try:
             # Small files hold little memory and wait mostly on the database: they skip the queue.
             small = int(saga.data.get("length") or 0) < SMALL_FILE
-            async with asyncio.timeout(self.settings.timeout), (contextlib.nullcontext() if small else self._slots):
+            slot: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext() if small else self._slots
+            async with asyncio.timeout(self.settings.timeout), slot:
                 return await self._attempts(saga)
         except TimeoutError:
             current = await self.sagas.get_saga(saga.saga_id) or saga

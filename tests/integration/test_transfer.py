@@ -249,6 +249,46 @@ async def test_a_destination_that_cannot_be_written_fails_the_transfer_and_chang
         remove_bucket(moto_server.url, source["bucket"])
 
 
+async def test_a_destination_that_fails_mid_copy_leaves_the_source_intact_and_no_partial_object(
+    start_server: ServerFactory,
+    tmp_path: Path,
+    moto_server: MotoServer,
+    private_moto_server: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two S3 endpoints: the copy streams through the node as a multipart upload of 5 MiB parts.
+    source = s3_element(moto_server, "se-src", "edit", monkeypatch)
+    destination = s3_element(private_moto_server, "se-far", "rw", monkeypatch) | {"priority": 200}
+    try:
+        server = await start_server(
+            service_discovery_fallback_config=element_file(tmp_path, source, destination),
+            chunk_size_mb=5,
+            max_file_size_mb=64,
+            saga_failpoints="transfer_midstream=fail@se-far",
+        )
+        payload = os.urandom(24 * MiB)
+        file_id = await uploaded(server, payload)
+        before = await record_of(server, file_id)
+
+        failed = await transferred(server, file_id, destination_storage_element_id="se-far", delete_source=True)
+        await undone(server, failed["transfer_id"])
+        status = await transfer_status(server, failed["transfer_id"])
+
+        assert status["status"] == "failed", status
+        assert status["bytes_transferred"] < len(payload)
+        assert await record_of(server, file_id) == before
+        assert object_bytes(source, before.storage_key) == payload
+        assert s3_keys(destination) == []
+        client = s3_client(private_moto_server.url)
+        try:
+            uploads = client.list_multipart_uploads(Bucket=destination["bucket"]).get("Uploads", [])
+        finally:
+            client.close()
+        assert uploads == []  # the half-sent multipart upload was aborted
+    finally:
+        remove_bucket(moto_server.url, source["bucket"])
+
+
 async def test_a_copy_that_does_not_match_the_registry_checksum_is_removed_and_the_transfer_fails(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:

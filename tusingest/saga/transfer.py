@@ -315,7 +315,7 @@ class TransferSagas:
 
         async def put(target: Backend) -> ObjectInfo:
             # Opened afresh on every attempt: a stream consumed by a failed attempt cannot be replayed.
-            stream = self._from_source(saga, source, key)
+            stream = self._from_source(saga, source, key, destination_id, info.size)
             try:
                 return await target.put(
                     key,
@@ -330,9 +330,12 @@ class TransferSagas:
 
         await self.pool.call(destination_id, put)
 
-    async def _from_source(self, saga: Saga, source: Backend, key: str) -> AsyncGenerator[bytes, None]:
+    async def _from_source(
+        self, saga: Saga, source: Backend, key: str, destination_id: str, size: int
+    ) -> AsyncGenerator[bytes, None]:
         chunks = aiter(source.get(key))
         sent = 0
+        halfway = False
         recorded = time.monotonic()
         try:
             while True:
@@ -346,6 +349,10 @@ class TransferSagas:
                     raise _SourceFailed(exc) from exc
                 yield chunk
                 sent += len(chunk)
+                if not halfway and sent * 2 >= size:
+                    halfway = True
+                    # Tests break the destination here, with part of the object already sent to it.
+                    await self.failpoints.reach("transfer_midstream", destination_id)
                 if time.monotonic() - recorded >= PROGRESS_INTERVAL:
                     saga = await self._advance(saga, "copying", {"bytes_transferred": sent})
                     recorded = time.monotonic()

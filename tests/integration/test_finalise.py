@@ -403,3 +403,26 @@ async def test_an_upload_larger_than_the_limit_never_gets_to_finalisation(start_
     async with server.client() as client:
         created = await client.post("/files/", headers=TUS | {"Upload-Length": str(2 * MiB)})
     assert created.status_code == 413
+
+
+async def test_an_upload_being_finalised_cannot_be_terminated(start_server: ServerFactory) -> None:
+    server = await start_server(finalise_wait_seconds=0, saga_failpoints="inspected=pause")
+    async with server.client() as client:
+        url, last = await upload(client, os.urandom(5000))
+        deleted = await client.delete(url, headers=TUS)
+        status = (await client.get(f"/api/files/upload/session/{session_id(url)}")).json()
+    assert last.status_code == 204 and last.headers["ArtStore-Upload-Status"] == "finalizing"
+    assert deleted.status_code == 423 and "finalised" in deleted.text and deleted.headers["Retry-After"]
+    assert status["status"] == "finalizing"
+    assert server.parts.staging.directory(session_id(url)).exists()  # the saga still has its bytes
+
+
+async def test_a_finalised_upload_can_be_terminated_and_its_file_stays(start_server: ServerFactory) -> None:
+    server = await start_server()
+    async with server.client() as client:
+        url, last = await upload(client, os.urandom(5000))
+        deleted = await client.delete(url, headers=TUS)
+        gone = await client.head(url, headers=TUS)
+    assert last.headers["ArtStore-Upload-Status"] == "completed"
+    assert deleted.status_code == 204 and gone.status_code == 410
+    assert await server.parts.saga_store.get_file(last.headers["ArtStore-File-Id"]) is not None

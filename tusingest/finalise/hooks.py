@@ -57,6 +57,10 @@ class FinaliserHooks:
             return {}
         return headers_for(outcome)
 
+    async def settled(self, upload: Upload) -> bool:
+        outcome = await self.sagas.outcome(upload.id)
+        return outcome is None or outcome.status != "finalizing"
+
     async def refusal(self, upload: Upload) -> TusError:
         outcome = await self.sagas.outcome(upload.id)
         if outcome is None or outcome.status != "failed":

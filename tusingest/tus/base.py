@@ -15,7 +15,7 @@ from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
 from tusingest.staging import DirectoryStaging
-from tusingest.tus.errors import TusError, UploadGone, UploadNotFound
+from tusingest.tus.errors import TusError, UploadGone, UploadLocked, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
 
 
@@ -40,6 +40,10 @@ class UploadHooks(Protocol):
     async def refusal(self, upload: Upload) -> TusError:
         """The answer to a PATCH on a FAILED upload."""
 
+    async def settled(self, upload: Upload) -> bool:
+        """Whether what runs after completion is done with the upload's staged bytes, so that a
+        termination may free them; False while the finaliser still reads them."""
+
 
 class PlainHooks:
     """No finaliser: a complete upload is simply marked complete."""
@@ -61,6 +65,9 @@ class PlainHooks:
 
     async def refusal(self, upload: Upload) -> TusError:
         return UploadGone("upload failed")
+
+    async def settled(self, upload: Upload) -> bool:
+        return True
 
 
 log = logging.getLogger(__name__)
@@ -130,6 +137,9 @@ class TusContext:
         """
         async with self.locker.lock(upload_id, timeout=self.options.lock_timeout):
             upload = await self.load(upload_id)
+            if upload.state is UploadState.COMPLETE and not await self.hooks.settled(upload):
+                retry = str(max(1, round(self.options.lock_timeout)))
+                raise UploadLocked("the upload is being finalised; retry once that ends", {"Retry-After": retry})
             if await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state) is None:
                 raise UploadGone("upload changed state while being terminated")
             await self.staging.remove(upload.id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import uuid
@@ -26,8 +27,17 @@ from typing import Any, Final, Literal
 from tusingest.elements.backend import Backend, BackendError, ObjectInfo
 from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.finalise.clamd import ClamdScanner, ScannerUnavailable
+from tusingest.finalise.compression import should_compress
+from tusingest.finalise.mime import HEAD_BYTES, detect_mime
 from tusingest.finalise.naming import sidecar_document, sidecar_key, storage_key, stored_name
-from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, Inspection, inspect
+from tusingest.finalise.pipeline import (
+    FileRejected,
+    FinalisePolicy,
+    Inspection,
+    check_mime,
+    declared_checksums,
+    inspect,
+)
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaState
@@ -318,8 +328,12 @@ class UploadSagas:
         step = saga.step
 
         if step in (None, "inspected") and not self._inspection_usable(saga):
-            inspection = await self._inspect(upload, saga)
-            saga = await self._advance(saga, "inspected", _inspection_data(inspection))
+            single_pass = await self._single_pass_head(upload)
+            if single_pass is not None:
+                saga = await self._advance(saga, "inspected", single_pass)
+            else:
+                inspection = await self._inspect(upload, saga)
+                saga = await self._advance(saga, "inspected", _inspection_data(inspection))
             step = "inspected"
         await self.failpoints.reach("inspected")
 
@@ -332,9 +346,11 @@ class UploadSagas:
             element_id = saga.data["element_id"]
             try:
                 if step == "placing":
-                    info = await self._put_object(saga, element_id)
-                    saga = await self._advance(saga, "placed", {"stored_size": info.size})
+                    info, hashes = await self._put_object(saga, element_id)
+                    saga = await self._advance(saga, "placed", {"stored_size": info.size, **hashes})
                     step = "placed"
+                    if hashes:
+                        self._check_single_pass(saga)
                     await self.failpoints.reach("placed", element_id)
                 await self._put_sidecar(saga, element_id)
                 saga = await self._advance(saga, "sidecar_written", {})
@@ -385,15 +401,69 @@ class UploadSagas:
             raise
         return state.element.element_id
 
-    async def _put_object(self, saga: Saga, element_id: str) -> ObjectInfo:
+    async def _single_pass_head(self, upload: Upload) -> dict[str, Any] | None:
+        """With no scanner and nothing to compress, the put itself is the one pass: hashes are taken
+        as the bytes go to the element (checked after it). Decided on the first 64 KiB; None when
+        the file needs the full inspection first (a scan must finish before anything is placed)."""
+        if self.scanner is not None:
+            return None
+        declared_checksums(upload_metadata(upload))  # a malformed declared digest is refused before any put
+        length = upload.length or 0
+        if length > self.policy.max_size:
+            raise FileRejected("file_too_large", f"the file has {length} bytes; the limit is {self.policy.max_size}")
+        head = bytearray()
+        async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
+            head += block
+            break
+        content_type = await asyncio.to_thread(detect_mime, bytes(head))
+        check_mime(content_type, self.policy)
+        if self.policy.compression_enabled and should_compress(
+            content_type, length, min_size=self.policy.compression_min_size
+        ):
+            return None
+        return {"size": length, "content_type": content_type, "compression": None, "single_pass": True}
+
+    def _check_single_pass(self, saga: Saga) -> None:
+        """After a single-pass put: the size read and any client-declared digest must hold."""
+        data = saga.data
+        if int(data["hashed_size"]) != int(data["size"]):
+            raise FileRejected("size_mismatch", f"read {data['hashed_size']} bytes, the upload declares {data['size']}")
+        for algorithm, value in declared_checksums(data.get("metadata", {})).items():
+            if data[algorithm] != value:
+                raise FileRejected(
+                    "checksum_mismatch", f"the file's {algorithm} is {data[algorithm]}, the client declared {value}"
+                )
+
+    async def _put_object(self, saga: Saga, element_id: str) -> tuple[ObjectInfo, dict[str, Any]]:
+        """Put the object; in single-pass mode also return the hashes taken on the way."""
         data = saga.data
         compression = data.get("compression")
         size = int(compression["stored_size"]) if compression else int(data["size"])
+        single_pass = bool(data.get("single_pass"))
+        hashes: dict[str, Any] = {}
+
+        async def hashed(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            md5, sha256, total = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
+
+            def update(block: bytes) -> None:
+                md5.update(block)
+                sha256.update(block)
+
+            async for block in blocks:
+                await asyncio.to_thread(update, block)
+                total += len(block)
+                yield block
+            hashes.update(md5=md5.hexdigest(), sha256=sha256.hexdigest(), hashed_size=total)
 
         def stream() -> AsyncIterator[bytes]:
             if compression:
                 return _read_file(Path(compression["spool"]))
+            if single_pass:
+                hashes.clear()
+                return hashed(self._staged(saga.subject_id))
             return self._staged(saga.subject_id)
+
+        metadata = {"file-id": data["file_id"]} | ({} if single_pass else {"sha256": data["sha256"]})
 
         async def put(backend: Backend) -> ObjectInfo:
             return await backend.put(
@@ -402,7 +472,7 @@ class UploadSagas:
                 length=size,
                 content_type=data["content_type"],
                 content_encoding=compression["algorithm"] if compression else None,
-                metadata={"file-id": data["file_id"], "sha256": data["sha256"]},
+                metadata=metadata,
             )
 
         with self.pool.reserve(element_id, size):
@@ -410,7 +480,7 @@ class UploadSagas:
         if info.size != size:
             raise BackendError(f"element {element_id} stored {info.size} bytes of {size}", transient=False)
         self.pool.state(element_id).placed_bytes += info.size
-        return info
+        return info, hashes
 
     async def _staged(self, upload_id: str) -> AsyncIterator[bytes]:
         upload = await self.sessions.get(upload_id)

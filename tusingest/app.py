@@ -14,7 +14,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -166,9 +166,16 @@ async def _expire_periodically(parts: Parts) -> None:
     while True:
         try:
             await expire_uploads(parts.store, parts.staging, parts.locker)
+            await purge_outbox(parts)
         except Exception:  # a failed sweep must not end the task; the next one retries
             log.exception("upload expiry sweep failed")
         await asyncio.sleep(interval)
+
+
+async def purge_outbox(parts: Parts) -> int:
+    """Forget outbox messages delivered longer than OUTBOX_RETENTION_DAYS ago (undelivered ones stay)."""
+    cutoff = datetime.now(UTC) - timedelta(days=parts.settings.outbox_retention_days)
+    return await parts.saga_store.purge_delivered(delivered_before=cutoff)
 
 
 def build_app(settings: Settings) -> Starlette:

@@ -101,12 +101,13 @@ def migrate() -> None:
 
 @cli.command()
 def cleanup() -> None:
-    """Expire uploads idle for longer than UPLOAD_SESSION_TTL_HOURS and delete their staged bytes."""
+    """Expire uploads idle for longer than UPLOAD_SESSION_TTL_HOURS and delete their staged bytes; purge
+    outbox messages delivered more than OUTBOX_RETENTION_DAYS ago."""
     settings = _settings()
     _configure_logging(settings)
 
     async def run() -> None:
-        from tusingest.app import build_parts
+        from tusingest.app import build_parts, purge_outbox
         from tusingest.sessions.expiry import expire_uploads
 
         parts = build_parts(settings)
@@ -118,9 +119,16 @@ def cleanup() -> None:
                 report = await expire_uploads(parts.store, parts.staging, parts.locker)
             finally:
                 await parts.locker.close()
+            await parts.saga_store.open()
+            try:
+                purged = await purge_outbox(parts)
+            finally:
+                await parts.saga_store.close()
         finally:
             await parts.store.close()
-        typer.echo(f"expired {report.expired} upload(s); {report.skipped_busy} busy")
+        typer.echo(
+            f"expired {report.expired} upload(s); {report.skipped_busy} busy; purged {purged} delivered message(s)"
+        )
 
     asyncio.run(run())
 

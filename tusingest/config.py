@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_retry_max_seconds: float = Field(300.0, gt=0)
     outbox_poll_interval_seconds: float = Field(5.0, gt=0)
+    outbox_retention_days: float = Field(7.0, ge=0)  # delivered messages are kept this long, then purged
     saga_failpoints: str = ""  # testing only: see tusingest/saga/failpoints.py
 
     # The REST facade (/api/files).

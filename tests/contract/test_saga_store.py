@@ -859,6 +859,21 @@ async def test_enqueued_messages_are_handed_out_like_registered_ones(store: Saga
     assert claimed.attempts == 0 and claimed.delivered_at is None
 
 
+async def test_purge_delivered_removes_only_messages_delivered_before_the_cutoff(store: SagaStore) -> None:
+    await store.enqueue([NewOutboxMessage("webhook", f"https://h.example/{n}", {"n": n}) for n in range(3)], now=T0)
+    first, second, third = await store.claim_due_messages(now=at(1), limit=10, lease_seconds=30)
+    await store.mark_delivered(first.message_id, now=at(10))
+    await store.mark_delivered(second.message_id, now=at(20))
+
+    purged = await store.purge_delivered(delivered_before=at(15))
+    due = await store.claim_due_messages(now=at(100), limit=10, lease_seconds=30)
+
+    assert purged == 1
+    assert [m.message_id for m in due] == [third.message_id]  # undelivered messages always stay
+    assert await store.purge_delivered(delivered_before=at(15)) == 0
+    assert await store.purge_delivered(delivered_before=at(25)) == 1
+
+
 async def test_claim_due_messages_leaves_out_messages_not_yet_due(store: SagaStore) -> None:
     await registered(store, await started(store), now=T0)
 

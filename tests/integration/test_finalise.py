@@ -431,3 +431,18 @@ async def test_a_finalised_upload_can_be_terminated_and_its_file_stays(start_ser
     assert last.headers["ArtStore-Upload-Status"] == "completed"
     assert deleted.status_code == 204 and gone.status_code == 410
     assert await server.parts.saga_store.get_file(last.headers["ArtStore-File-Id"]) is not None
+
+
+async def test_the_sweep_purges_outbox_messages_delivered_before_the_retention(start_server: ServerFactory) -> None:
+    from tusingest.app import purge_outbox
+    from tusingest.saga.records import NewOutboxMessage
+
+    server = await start_server(outbox_retention_days=0)
+    store = server.parts.saga_store
+    await store.enqueue([NewOutboxMessage("webhook", "https://h.example/a", {"n": n}) for n in range(2)])
+    delivered, pending = await store.claim_due_messages(limit=10, lease_seconds=0)
+    await store.mark_delivered(delivered.message_id)
+
+    assert await purge_outbox(server.parts) == 1
+    (left,) = await store.claim_due_messages(limit=10, lease_seconds=0)
+    assert left.message_id == pending.message_id

@@ -430,6 +430,12 @@ class PostgresSagaStore(PostgresDatabase):
         )
         return delivered is not None
 
+    async def purge_delivered(self, *, delivered_before: datetime) -> int:
+        status = await self.pool.execute(
+            "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < $1", delivered_before
+        )
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
+
     async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
         rescheduled = await self.pool.fetchval(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3 "

@@ -579,6 +579,13 @@ class SQLiteSagaStore:
             )
         return row is not None
 
+    async def purge_delivered(self, *, delivered_before: datetime) -> int:
+        async with self._transaction():
+            cursor = await self.db.execute(
+                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?", (_ts(delivered_before),)
+            )
+            return cursor.rowcount
+
     async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
         async with self._transaction():
             row = await self._fetchone(

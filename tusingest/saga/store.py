@@ -187,6 +187,9 @@ class SagaStore(Protocol):
     async def mark_delivered(self, message_id: int, *, now: datetime | None = None) -> bool:
         """Record the delivery; False when the message is unknown or was delivered already."""
 
+    async def purge_delivered(self, *, delivered_before: datetime) -> int:
+        """Delete messages delivered before that time; how many went. Undelivered ones always stay."""
+
     async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
         """A delivery failed: count the attempt, keep the error, try again at ``next_attempt_at``.
 

@@ -874,6 +874,25 @@ async def test_purge_delivered_removes_only_messages_delivered_before_the_cutoff
     assert await store.purge_delivered(delivered_before=at(25)) == 1
 
 
+async def test_a_write_cancelled_at_any_point_ends_cancelled_and_leaves_the_store_usable(store: SagaStore) -> None:
+    # Shutdown cancels the sweeper mid-transaction; if the cancellation were turned into another error,
+    # the task would live on and shutdown would hang (seen as a lifespan timeout in CI).
+    outcomes = set()
+    for spins in range(40):
+        task = asyncio.create_task(store.purge_delivered(delivered_before=T0))
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+        else:
+            outcomes.add("finished")
+    assert "cancelled" in outcomes
+    assert await store.purge_delivered(delivered_before=T0) == 0
+
+
 async def test_claim_due_messages_leaves_out_messages_not_yet_due(store: SagaStore) -> None:
     await registered(store, await started(store), now=T0)
 

@@ -6,9 +6,10 @@ It shares the session store's database file but keeps its own connection and cre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -217,6 +218,17 @@ def _is_unfinished_saga_conflict(exc: sqlite3.IntegrityError) -> bool:
     return "sagas.kind, sagas.subject_id" in str(exc)
 
 
+async def _to_the_end(statement: Awaitable[object]) -> None:
+    """Await a statement; if cancelled meanwhile, wait for it to finish anyway, then re-raise."""
+    running = asyncio.ensure_future(statement)
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
+
+
 # Both stores share the database file; a writer waits this long for the other before giving up.
 BUSY_TIMEOUT_MS = 30_000
 
@@ -286,16 +298,23 @@ class SQLiteSagaStore:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         """BEGIN IMMEDIATE: take the write lock up front, so a read-then-write call never meets a newer
-        snapshot half-way (which SQLite answers with SQLITE_BUSY instead of waiting)."""
+        snapshot half-way (which SQLite answers with SQLITE_BUSY instead of waiting).
+
+        BEGIN, COMMIT and ROLLBACK run to their end even when the caller is cancelled meanwhile: a
+        statement already handed to aiosqlite's thread finishes regardless, and only once it has do we
+        know whether a transaction is open. Otherwise a cancelled BEGIN would leave one open for the
+        next caller, and a ROLLBACK after a finished COMMIT would fail and hide the cancellation.
+        """
         async with self._lock:
             db = self.db
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await _to_the_end(db.execute("BEGIN IMMEDIATE"))
                 yield
-                await db.execute("COMMIT")
+                await _to_the_end(db.execute("COMMIT"))
             except BaseException:
                 if db.in_transaction:
-                    await db.execute("ROLLBACK")
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        await _to_the_end(db.execute("ROLLBACK"))
                 raise
 
     async def _saga_row(self, saga_id: str) -> Saga | None:

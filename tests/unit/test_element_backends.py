@@ -116,3 +116,29 @@ async def test_a_malformed_endpoint_is_a_permanent_error(pool: S3ClientPool) -> 
 def test_a_part_size_outside_s3_limits_is_refused(pool: S3ClientPool, part_size: int) -> None:
     with pytest.raises(ValueError, match="part_size"):
         S3Backend("se", bucket="b", access=S3Access(None), clients=pool, part_size=part_size)
+
+
+def test_a_node_with_directory_elements_only_never_imports_aiobotocore(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import asyncio, sys
+from tusingest.config import load_settings
+from tusingest.elements.runtime import StorageElements
+
+async def main() -> None:
+    settings = load_settings(
+        default_element_dir={str(tmp_path / "local")!r}, service_discovery_cache_file={str(tmp_path / "c.json")!r}
+    )
+    storage = StorageElements.from_settings(settings)
+    await storage.open(health_checks=False)
+    assert await storage.pool.probe("local")
+    await storage.close()
+
+asyncio.run(main())
+print("aiobotocore" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from tusingest.config import Settings
 from tusingest.elements.backend import Backend
@@ -16,15 +17,17 @@ from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.discovery import ElementDiscovery
 from tusingest.elements.model import StorageElement
 from tusingest.elements.pool import ElementPool
-from tusingest.elements.s3 import S3ClientPool
 from tusingest.elements.selection import Selector
+
+if TYPE_CHECKING:
+    from tusingest.elements.s3 import S3ClientPool
 
 log = logging.getLogger(__name__)
 
 
 class StorageElements:
     def __init__(
-        self, discovery: ElementDiscovery, pool: ElementPool, s3_clients: S3ClientPool, health_interval: float
+        self, discovery: ElementDiscovery, pool: ElementPool, s3_clients: _S3Clients, health_interval: float
     ) -> None:
         self.discovery = discovery
         self.pool = pool
@@ -34,10 +37,10 @@ class StorageElements:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StorageElements:
-        s3_clients = S3ClientPool.from_settings(settings)
+        s3_clients = _S3Clients(settings)
 
         def backend_for(element: StorageElement) -> Backend:
-            return open_backend(element, settings, s3_clients)
+            return open_backend(element, settings, s3_clients.get)
 
         pool = ElementPool(
             backend_for,
@@ -72,3 +75,24 @@ class StorageElements:
         await self.discovery.close()
         await self.pool.close()
         await self._s3_clients.close()
+
+
+class _S3Clients:
+    """The S3 client pool, made when the first S3 element needs it: importing aiobotocore adds
+    about 0.15 s to start-up (0.56 to 0.42 s for tusingest.app), which a node with directory
+    elements only never pays."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool: S3ClientPool | None = None
+
+    def get(self) -> S3ClientPool:
+        if self._pool is None:
+            from tusingest.elements.s3 import S3ClientPool
+
+            self._pool = S3ClientPool.from_settings(self._settings)
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()

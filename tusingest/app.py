@@ -39,7 +39,7 @@ from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.store import SagaStore
 from tusingest.saga.upload import SagaSettings, UploadSagas
 from tusingest.sessions import SessionStore, open_session_store
-from tusingest.sessions.expiry import expire_uploads
+from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, open_locker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
@@ -166,10 +166,34 @@ async def _expire_periodically(parts: Parts) -> None:
     while True:
         try:
             await expire_uploads(parts.store, parts.staging, parts.locker)
+            await free_partials(parts)
             await purge_outbox(parts)
         except Exception:  # a failed sweep must not end the task; the next one retries
             log.exception("upload expiry sweep failed")
         await asyncio.sleep(interval)
+
+
+async def free_partials(parts: Parts, now: datetime | None = None) -> int:
+    """Free partial uploads no final upload needs any more (the rule is in sessions/expiry.py)."""
+    ttl = timedelta(hours=parts.settings.upload_session_ttl_hours)
+    return await expire_partials(parts.store, parts.staging, parts.locker, parts.tus.ctx.hooks.settled, ttl, now)
+
+
+async def recover_uploads(parts: Parts) -> None:
+    """One recovery round: completions owed since a crash get their saga, then sagas whose node died
+    are taken over. A completion younger than the lock timeout is left to the request that made it."""
+    grace = timedelta(seconds=parts.settings.lock_timeout_seconds)
+    await parts.tus.ctx.finish_pending_completions(before=datetime.now(UTC) - grace)
+    await parts.sagas.recover()
+
+
+async def _recover_periodically(parts: Parts) -> None:
+    while True:
+        try:
+            await recover_uploads(parts)
+        except Exception:  # one failed round must not end recovery
+            log.exception("upload recovery round failed")
+        await asyncio.sleep(parts.settings.saga_recovery_interval_seconds)
 
 
 async def purge_outbox(parts: Parts) -> int:
@@ -199,9 +223,7 @@ def build_app(settings: Settings) -> Starlette:
             stack.push_async_callback(parts.sagas.close)
             await parts.files_api.open()
             stack.push_async_callback(parts.files_api.close)
-            recovery = asyncio.create_task(
-                parts.sagas.run_recovery(settings.saga_recovery_interval_seconds), name="saga-recovery"
-            )
+            recovery = asyncio.create_task(_recover_periodically(parts), name="upload-recovery")
             stack.push_async_callback(_cancel, recovery)
             sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
             stack.push_async_callback(_cancel, sweeper)

@@ -107,27 +107,30 @@ def cleanup() -> None:
     _configure_logging(settings)
 
     async def run() -> None:
-        from tusingest.app import build_parts, purge_outbox
+        from tusingest.app import build_parts, free_partials, purge_outbox
         from tusingest.sessions.expiry import expire_uploads
 
         parts = build_parts(settings)
         await parts.store.open()
         try:
-            # On PostgreSQL the locker sees the serving nodes' locks, so uploads being written are skipped.
-            await parts.locker.open()
-            try:
-                report = await expire_uploads(parts.store, parts.staging, parts.locker)
-            finally:
-                await parts.locker.close()
+            # The saga store tells whether a final upload's saga still reads its partials' bytes.
             await parts.saga_store.open()
             try:
+                # On PostgreSQL the locker sees the serving nodes' locks, so uploads being written are skipped.
+                await parts.locker.open()
+                try:
+                    report = await expire_uploads(parts.store, parts.staging, parts.locker)
+                    partials = await free_partials(parts)
+                finally:
+                    await parts.locker.close()
                 purged = await purge_outbox(parts)
             finally:
                 await parts.saga_store.close()
         finally:
             await parts.store.close()
         typer.echo(
-            f"expired {report.expired} upload(s); {report.skipped_busy} busy; purged {purged} delivered message(s)"
+            f"expired {report.expired} upload(s); {report.skipped_busy} busy; freed {partials} partial upload(s); "
+            f"purged {purged} delivered message(s)"
         )
 
     asyncio.run(run())

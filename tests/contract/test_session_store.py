@@ -6,6 +6,7 @@ The PostgreSQL-only tests at the end cover the schema check in ``open`` and ``tu
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -17,6 +18,7 @@ import pytest
 from tusingest.sessions import migrations
 from tusingest.sessions.model import Upload, UploadKind, UploadState, new_upload_id
 from tusingest.sessions.postgres import PostgresSessionStore
+from tusingest.sessions.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tusingest.sessions.sqlite import SQLiteSessionStore
 from tusingest.sessions.store import DatabaseNotMigrated, SessionStore, StoreError
 
@@ -184,6 +186,103 @@ async def test_concurrent_commits_from_the_same_offset_let_exactly_one_writer_wi
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     assert await store.get(upload.id) == winners[0]
+
+
+# --- completion owed: recorded by the commit that reaches the length -----------------------------------
+
+
+@pytest.mark.parametrize("kind", [UploadKind.SINGLE, UploadKind.FINAL])
+async def test_commit_reaching_the_length_completes_and_records_the_completion_as_owed_in_one_write(
+    store: SessionStore, kind: UploadKind
+) -> None:
+    upload = await stored(store, offset=400, kind=kind)
+
+    committed = await store.commit_offset(upload.id, 400, 1000, T0, None)
+
+    assert committed is not None
+    assert (committed.state, committed.completion_pending) == (UploadState.COMPLETE, True)
+    assert await store.get(upload.id) == committed
+
+
+async def test_commit_short_of_the_length_owes_nothing_and_stays_active(store: SessionStore) -> None:
+    upload = await stored(store)
+
+    committed = await store.commit_offset(upload.id, 0, 999, T0, None)
+
+    assert committed is not None
+    assert (committed.state, committed.completion_pending) == (UploadState.ACTIVE, False)
+
+
+async def test_a_partial_upload_reaching_its_length_is_complete_but_owes_no_completion(store: SessionStore) -> None:
+    upload = await stored(store, kind=UploadKind.PARTIAL)
+
+    committed = await store.commit_offset(upload.id, 0, 1000, T0, None)
+
+    assert committed is not None
+    assert (committed.state, committed.completion_pending) == (UploadState.COMPLETE, False)
+
+
+async def test_a_deferred_upload_commit_owes_nothing_until_its_length_is_set_equal_to_the_offset(
+    store: SessionStore,
+) -> None:
+    upload = await stored(store, length=None)
+    committed = await store.commit_offset(upload.id, 0, 300, T0, None)
+    assert committed is not None
+    assert (committed.state, committed.completion_pending) == (UploadState.ACTIVE, False)
+
+    declared = await store.set_length(upload.id, 300)
+
+    assert declared is not None
+    assert (declared.state, declared.completion_pending) == (UploadState.COMPLETE, True)
+
+
+async def test_an_upload_created_with_all_its_bytes_is_stored_complete_and_owed(store: SessionStore) -> None:
+    upload = make_upload(length=10, offset=10)
+
+    await store.create(upload)
+
+    got = await store.get(upload.id)
+    assert got is not None
+    assert (got.state, got.completion_pending) == (UploadState.COMPLETE, True)
+
+
+async def test_completion_taken_over_clears_the_debt_and_keeps_the_upload_complete(store: SessionStore) -> None:
+    upload = await stored(store)
+    await store.commit_offset(upload.id, 0, 1000, T0, None)
+
+    await store.completion_taken_over(upload.id)
+
+    got = await store.get(upload.id)
+    assert got is not None
+    assert (got.state, got.completion_pending, got.offset) == (UploadState.COMPLETE, False, 1000)
+
+
+async def test_list_completion_pending_returns_owed_uploads_touched_by_then_oldest_first(store: SessionStore) -> None:
+    old, older, recent, paid, active = [await stored(store) for _ in range(5)]
+    for upload, at in ((old, T0 + timedelta(seconds=2)), (older, T0 + timedelta(seconds=1)), (paid, T0)):
+        await store.commit_offset(upload.id, 0, 1000, at, None)
+    await store.commit_offset(recent.id, 0, 1000, T0 + timedelta(minutes=1), None)
+    await store.commit_offset(active.id, 0, 10, T0, None)
+    await store.completion_taken_over(paid.id)
+
+    pending = await store.list_completion_pending(before=T0 + timedelta(seconds=30))
+
+    assert [u.id for u in pending] == [older.id, old.id]
+    assert [u.id for u in await store.list_completion_pending(before=T0 + timedelta(seconds=30), limit=1)] == [older.id]
+
+
+async def test_list_expired_partials_returns_complete_partials_due_by_now_and_nothing_else(
+    store: SessionStore,
+) -> None:
+    due = await stored(store, kind=UploadKind.PARTIAL, state=UploadState.COMPLETE, offset=1000)
+    await stored(store, kind=UploadKind.PARTIAL, state=UploadState.COMPLETE, expires_at=T0 + timedelta(days=2))
+    await stored(store, kind=UploadKind.PARTIAL)  # still receiving: the ordinary expiry's business
+    await stored(store, state=UploadState.COMPLETE)  # a single upload
+    await stored(store, kind=UploadKind.PARTIAL, state=UploadState.EXPIRED)
+
+    expired = await store.list_expired_partials(T0 + timedelta(days=1))
+
+    assert [u.id for u in expired] == [due.id]
 
 
 # --- set_length ------------------------------------------------------------------------------------
@@ -449,3 +548,47 @@ async def test_migrate_started_by_several_nodes_at_once_succeeds_on_every_node(e
 
     assert [node.returncode for node in nodes] == [0, 0, 0], errors
     assert await migrations.current_revision(empty_postgres_url) == migrations.head_revision()
+
+
+# --- SQLite only: files written by an older tusingest are upgraded in place --------------------------
+
+SQLITE_VERSION_1 = """
+CREATE TABLE uploads (
+    id TEXT PRIMARY KEY, upload_length INTEGER, upload_offset INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'single',
+    parts TEXT NOT NULL DEFAULT '[]', created_at TEXT NOT NULL, updated_at TEXT NOT NULL, expires_at TEXT
+);
+INSERT INTO uploads VALUES ('a', 10, 10, '', 'complete', 'single', '[]', '2025-01-01T00:00:00+00:00',
+                            '2025-01-01T00:00:00+00:00', NULL);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_sqlite_file_of_schema_version_1_is_upgraded_and_keeps_its_uploads(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.executescript(SQLITE_VERSION_1)
+    store = SQLiteSessionStore(f"sqlite:///{path}")
+
+    await store.open()
+    try:
+        kept = await store.get("a")
+        upload = await stored(store)
+        committed = await store.commit_offset(upload.id, 0, 1000, T0, None)
+    finally:
+        await store.close()
+
+    assert kept is not None and (kept.offset, kept.completion_pending) == (10, False)
+    assert committed is not None and committed.completion_pending
+    with sqlite3.connect(path) as upgraded:
+        assert upgraded.execute("PRAGMA user_version").fetchone() == (SQLITE_SCHEMA_VERSION,)
+
+
+async def test_sqlite_file_of_a_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    with sqlite3.connect(path) as newer:
+        newer.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION + 1}")
+    store = SQLiteSessionStore(f"sqlite:///{path}")
+
+    with pytest.raises(StoreError, match="schema version"):
+        await store.open()

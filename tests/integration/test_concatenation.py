@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import httpx
@@ -56,9 +55,9 @@ def record_completions(server: LiveServer) -> list[Upload]:
     completed = hooks.completed
     calls: list[Upload] = []
 
-    async def recording(upload: Upload) -> Mapping[str, str]:
+    async def recording(upload: Upload) -> None:
         calls.append(upload)
-        return await completed(upload)
+        await completed(upload)
 
     hooks.completed = recording  # type: ignore[method-assign]
     return calls

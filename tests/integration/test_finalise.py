@@ -4,6 +4,7 @@ with nothing left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from tests.fixtures.clamd import EICAR, Clamd
-from tests.fixtures.rawhttp import open_request, read_response
+from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tests.fixtures.server import OCTETS, TUS, ServerFactory
 from tusingest.saga.records import SagaState
@@ -420,6 +421,33 @@ async def test_an_upload_being_finalised_cannot_be_terminated(start_server: Serv
     assert deleted.status_code == 423 and "finalised" in deleted.text and deleted.headers["Retry-After"]
     assert status["status"] == "finalizing"
     assert server.parts.staging.directory(session_id(url)).exists()  # the saga still has its bytes
+
+
+async def test_head_answers_at_once_while_the_completing_patch_waits_for_its_saga(start_server: ServerFactory) -> None:
+    # The completing PATCH waits up to FINALISE_WAIT_SECONDS for the saga, which is held at a
+    # failpoint: that wait must not hold the upload's lock, or HEAD would wait and get 423.
+    server = await start_server(finalise_wait_seconds=30, saga_failpoints="inspected=pause", lock_timeout_seconds=1)
+    payload = os.urandom(5000)
+    async with server.client() as client:
+        created = await client.post("/files/", headers=TUS | {"Upload-Length": str(len(payload))})
+        url = created.headers["Location"]
+        completing = asyncio.create_task(
+            client.patch(url, headers=TUS | {"Upload-Offset": "0", "Content-Type": OCTETS}, content=payload)
+        )
+
+        async def saga_step() -> str | None:
+            saga = await server.parts.saga_store.latest_saga("upload", session_id(url))
+            return None if saga is None else saga.step
+
+        await eventually(saga_step, lambda step: step == "inspected", timeout=10)
+        head = await client.head(url, headers=TUS)
+        deleted = await client.delete(url, headers=TUS)
+        still_waiting = not completing.done()
+        completing.cancel()
+    assert still_waiting
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == str(len(payload))
+    assert head.headers["ArtStore-Upload-Status"] == "finalizing"
+    assert deleted.status_code == 423 and deleted.headers["Retry-After"]
 
 
 async def test_a_finalised_upload_can_be_terminated_and_its_file_stays(start_server: ServerFactory) -> None:

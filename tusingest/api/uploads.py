@@ -314,12 +314,11 @@ class FacadeUploads:
             await self.staging.remove(upload.id)
 
     async def _finalise(self, upload: Upload) -> UploadOutcome:
-        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
-        task = await self.sagas.begin(upload)
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.settings.finalise_wait_seconds)
-        except TimeoutError:
-            return UploadOutcome("finalizing")
+        # The commit made it COMPLETE and recorded its completion as owed; the saga pays that debt.
+        await self.sagas.begin(upload)
+        await self.store.completion_taken_over(upload.id)
+        outcome = await self.sagas.wait(upload.id, self.settings.finalise_wait_seconds)
+        return outcome or UploadOutcome("finalizing")
 
     # -- many files in one request --------------------------------------------------------------
 

@@ -146,11 +146,16 @@ class UploadSagas:
 
     # -- starting, waiting, recovering ----------------------------------------------------------
 
-    async def begin(self, upload: Upload) -> asyncio.Task[UploadOutcome]:
-        """Start the saga of a complete upload (or join the one already running here)."""
-        running = self._running.get(upload.id)
-        if running is not None:
-            return running
+    async def begin(self, upload: Upload) -> None:
+        """Start the saga of a complete upload, once: never a second saga for one upload.
+
+        Called again after a crash (the upload's completion was still owed), it finds the saga begun
+        then and starts nothing; an unfinished one is resumed by ``recover`` once its lease lapses.
+        """
+        if upload.id in self._running:
+            return
+        if await self.sagas.latest_saga(KIND, upload.id) is not None:
+            return
         metadata = upload_metadata(upload)
         created_at = datetime.now(UTC)
         file_id = str(uuid.uuid4())
@@ -176,11 +181,8 @@ class UploadSagas:
                 KIND, upload.id, data, owner=self.settings.owner, lease_seconds=self.settings.lease_seconds
             )
         except DuplicateSaga:
-            # Another request or node already finalises it: report on that one instead.
-            existing = await self.sagas.latest_saga(KIND, upload.id)
-            assert existing is not None
-            return asyncio.create_task(self.wait_for_other(existing))
-        return self._launch(saga)
+            return  # another request or node began it a moment ago
+        self._launch(saga)
 
     def _launch(self, saga: Saga) -> asyncio.Task[UploadOutcome]:
         task = asyncio.create_task(self._run(saga), name=f"upload-saga-{saga.subject_id}")
@@ -188,12 +190,25 @@ class UploadSagas:
         task.add_done_callback(lambda _: self._running.pop(saga.subject_id, None))
         return task
 
-    async def wait_for_other(self, saga: Saga, poll: float = 0.2) -> UploadOutcome:
+    async def wait(self, upload_id: str, timeout: float, poll: float = 0.2) -> UploadOutcome | None:
+        """The upload's settled outcome, waiting at most ``timeout`` seconds; None while it is still
+        finalizing. A saga running on this node is awaited (shielded: a client that hangs up does not
+        stop it); one running on another node is looked at every ``poll`` seconds."""
+        task = self._running.get(upload_id)
+        if task is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                return None
+        deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            outcome = await self.outcome(saga.subject_id)
+            outcome = await self.outcome(upload_id)
             if outcome is not None and outcome.status != "finalizing":
                 return outcome
-            await asyncio.sleep(poll)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(poll, left))
 
     async def recover(self, limit: int = 20) -> int:
         """Take over sagas whose node died (lease expired) and carry them on here."""
@@ -206,14 +221,6 @@ class UploadSagas:
             log.info("taking over upload saga %s of upload %s at step %s", saga.saga_id, saga.subject_id, saga.step)
             self._launch(saga)
         return len(claimed)
-
-    async def run_recovery(self, interval: float) -> None:
-        while True:
-            try:
-                await self.recover()
-            except Exception:  # one failed round must not end recovery
-                log.exception("saga recovery round failed")
-            await asyncio.sleep(interval)
 
     async def close(self) -> None:
         """Stop running sagas; their leases lapse and recovery (here or elsewhere) resumes them."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # The revisions of migrations/versions, newest last. Kept here so that a serving node checks its
 # database without importing alembic and SQLAlchemy (about 22 MiB resident and 0.7 s at start);
 # tests/unit/test_migrations.py holds these to the scripts.
-KNOWN_REVISIONS = ("0001", "0002")
+KNOWN_REVISIONS = ("0001", "0002", "0003")
 HEAD_REVISION = KNOWN_REVISIONS[-1]
 
 # alembic keeps the running migration in module globals (alembic.context), so one upgrade at a time per

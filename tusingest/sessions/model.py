@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 class UploadState(enum.StrEnum):
     ACTIVE = "active"  # accepting bytes
-    COMPLETE = "complete"  # offset == length; handed to the completion hook
+    COMPLETE = "complete"  # offset == length; owed to, or taken over by, the completion hook
     TERMINATED = "terminated"  # deleted by the client (tus termination)
     EXPIRED = "expired"  # no activity for UPLOAD_SESSION_TTL_HOURS; staged bytes removed
     FAILED = "failed"  # refused or could not be stored; the reason is kept by the completion hooks
@@ -47,6 +47,10 @@ class Upload:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     expires_at: datetime | None = None
+    # Set by the commit that brings a single or final upload to its length, in that same statement;
+    # cleared once the completion hook has durably taken the upload over. While set, completion is
+    # owed: recovery on any node runs it (a crash between the two can never strand the upload).
+    completion_pending: bool = False
 
     @property
     def is_complete(self) -> bool:
@@ -56,6 +60,13 @@ class Upload:
         return self.state is UploadState.EXPIRED or (
             self.state is UploadState.ACTIVE and self.expires_at is not None and self.expires_at <= now
         )
+
+    def as_stored(self) -> Upload:
+        """What a store keeps for this upload: one that holds all its bytes is COMPLETE, and a single
+        or final one owes its completion (``completion_pending``), in the same write as its offset."""
+        if self.state is UploadState.ACTIVE and self.is_complete:
+            return replace(self, state=UploadState.COMPLETE, completion_pending=self.kind is not UploadKind.PARTIAL)
+        return self
 
     def evolve(self, **changes: object) -> Upload:
         return replace(self, **changes)  # type: ignore[arg-type]

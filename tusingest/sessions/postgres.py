@@ -14,7 +14,10 @@ from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.pgpool import PostgresDatabase
 from tusingest.sessions.store import StoreError
 
-_COLUMNS = "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at"
+_COLUMNS = (
+    "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at, "
+    "completion_pending"
+)
 
 
 def _row_to_upload(row: asyncpg.Record) -> Upload:
@@ -29,6 +32,7 @@ def _row_to_upload(row: asyncpg.Record) -> Upload:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
+        completion_pending=row["completion_pending"],
     )
 
 
@@ -37,9 +41,10 @@ class PostgresSessionStore(PostgresDatabase):
     default_max_size = 10
 
     async def create(self, upload: Upload) -> None:
+        upload = upload.as_stored()
         try:
             await self.pool.execute(
-                f"INSERT INTO uploads ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                f"INSERT INTO uploads ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 upload.id,
                 upload.length,
                 upload.offset,
@@ -50,6 +55,7 @@ class PostgresSessionStore(PostgresDatabase):
                 upload.created_at,
                 upload.updated_at,
                 upload.expires_at,
+                upload.completion_pending,
             )
         except asyncpg.UniqueViolationError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
@@ -72,7 +78,10 @@ class PostgresSessionStore(PostgresDatabase):
         self, upload_id: str, expected: int, offset: int, updated_at: datetime, expires_at: datetime | None
     ) -> Upload | None:
         return await self._update_returning(
-            "UPDATE uploads SET upload_offset = $1, updated_at = $2, expires_at = $3 "
+            # Reaching the length completes the upload in this same statement (see SessionStore.commit_offset).
+            "UPDATE uploads SET upload_offset = $1, updated_at = $2, expires_at = $3, "
+            "state = CASE WHEN upload_length = $1 THEN 'complete' ELSE state END, "
+            "completion_pending = completion_pending OR (upload_length IS NOT DISTINCT FROM $1 AND kind <> 'partial') "
             "WHERE id = $4 AND upload_offset = $5 AND state = 'active'",
             offset,
             updated_at,
@@ -83,7 +92,12 @@ class PostgresSessionStore(PostgresDatabase):
 
     async def set_length(self, upload_id: str, length: int) -> Upload | None:
         return await self._update_returning(
-            "UPDATE uploads SET upload_length = $1 WHERE id = $2 AND upload_length IS NULL AND upload_offset <= $1",
+            # A length equal to the offset completes the upload, as a commit reaching it would.
+            "UPDATE uploads SET upload_length = $1, "
+            "state = CASE WHEN upload_offset = $1 AND state = 'active' THEN 'complete' ELSE state END, "
+            "completion_pending = completion_pending "
+            "OR (upload_offset = $1 AND state = 'active' AND kind <> 'partial') "
+            "WHERE id = $2 AND upload_length IS NULL AND upload_offset <= $1",
             length,
             upload_id,
         )
@@ -110,5 +124,26 @@ class PostgresSessionStore(PostgresDatabase):
         # `parts @> ARRAY[...]` rather than `= ANY(parts)`: the containment form can use the GIN index.
         rows = await self.pool.fetch(
             f"SELECT {_COLUMNS} FROM uploads WHERE kind = 'final' AND parts @> ARRAY[$1::text]", partial_id
+        )
+        return [_row_to_upload(r) for r in rows]
+
+    async def list_expired_partials(self, now: datetime, limit: int = 500) -> list[Upload]:
+        rows = await self.pool.fetch(
+            f"SELECT {_COLUMNS} FROM uploads WHERE state = 'complete' AND kind = 'partial' "
+            "AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+            now,
+            limit,
+        )
+        return [_row_to_upload(r) for r in rows]
+
+    async def completion_taken_over(self, upload_id: str) -> None:
+        await self.pool.execute("UPDATE uploads SET completion_pending = false WHERE id = $1", upload_id)
+
+    async def list_completion_pending(self, before: datetime, limit: int = 100) -> list[Upload]:
+        rows = await self.pool.fetch(
+            f"SELECT {_COLUMNS} FROM uploads WHERE completion_pending AND updated_at <= $1 "
+            "ORDER BY updated_at LIMIT $2",
+            before,
+            limit,
         )
         return [_row_to_upload(r) for r in rows]

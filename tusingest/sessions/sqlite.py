@@ -18,7 +18,7 @@ import aiosqlite
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.store import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -31,13 +31,29 @@ CREATE TABLE IF NOT EXISTS uploads (
     parts         TEXT NOT NULL DEFAULT '[]',
     created_at    TEXT NOT NULL,
     updated_at    TEXT NOT NULL,
-    expires_at    TEXT
+    expires_at    TEXT,
+    completion_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads (state, expires_at);
+CREATE INDEX IF NOT EXISTS uploads_completion_pending ON uploads (updated_at) WHERE completion_pending = 1;
 """
 
+# user_version -> the statements that bring a database of that version one step up. A database made by
+# _SCHEMA is at SCHEMA_VERSION already; these serve files written by an older tusingest.
+_UPGRADES: dict[int, str] = {
+    1: "ALTER TABLE uploads ADD COLUMN completion_pending INTEGER NOT NULL DEFAULT 0;",
+}
+
 _SNAPSHOT_RETRIES = 50
-_COLUMNS = "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at"
+_COLUMNS = (
+    "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at, "
+    "completion_pending"
+)
+# The commit that reaches the length completes the upload in the same statement (see SessionStore.commit_offset).
+_COMPLETES = (
+    "state = CASE WHEN upload_length = ? THEN 'complete' ELSE state END, "
+    "completion_pending = CASE WHEN upload_length = ? AND kind <> 'partial' THEN 1 ELSE completion_pending END"
+)
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -46,7 +62,7 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def _row_to_upload(row: sqlite3.Row | tuple[object, ...]) -> Upload:
-    (id_, length, offset, metadata, state, kind, parts, created, updated, expires) = tuple(row)
+    (id_, length, offset, metadata, state, kind, parts, created, updated, expires, pending) = tuple(row)
     return Upload(
         id=str(id_),
         length=None if length is None else int(str(length)),
@@ -58,6 +74,7 @@ def _row_to_upload(row: sqlite3.Row | tuple[object, ...]) -> Upload:
         created_at=datetime.fromisoformat(str(created)),
         updated_at=datetime.fromisoformat(str(updated)),
         expires_at=None if expires is None else datetime.fromisoformat(str(expires)),
+        completion_pending=bool(pending),
     )
 
 
@@ -102,10 +119,27 @@ class SQLiteSessionStore:
             await self._db.execute("PRAGMA synchronous=NORMAL")
             # The saga store writes to the same file from its own connection: wait for it, do not fail.
             await self._db.execute("PRAGMA busy_timeout=30000")
-            await self._db.executescript(_SCHEMA)
-            await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            await self._migrate(self._db)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection) -> None:
+        """Create the schema, or bring a file of an older version up to SCHEMA_VERSION step by step."""
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        async with db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'uploads'") as cursor:
+            exists = await cursor.fetchone() is not None
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the SQLite database is at schema version {version}; this tusingest knows only {SCHEMA_VERSION}"
+            )
+        if exists:
+            for step in range(max(version, 1), SCHEMA_VERSION):
+                await db.executescript(f"BEGIN IMMEDIATE; {_UPGRADES[step]} PRAGMA user_version={step + 1}; COMMIT;")
+        await db.executescript(_SCHEMA)
+        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
         if self._db is not None:
@@ -120,6 +154,7 @@ class SQLiteSessionStore:
         return True
 
     async def create(self, upload: Upload) -> None:
+        upload = upload.as_stored()
         values = (
             upload.id,
             upload.length,
@@ -131,10 +166,11 @@ class SQLiteSessionStore:
             _ts(upload.created_at),
             _ts(upload.updated_at),
             _ts(upload.expires_at),
+            int(upload.completion_pending),
         )
 
         async def run() -> None:
-            await self.db.execute(f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", values)
+            await self.db.execute(f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", values)
 
         try:
             await _retry_on_stale_snapshot(run)
@@ -166,15 +202,20 @@ class SQLiteSessionStore:
         self, upload_id: str, expected: int, offset: int, updated_at: datetime, expires_at: datetime | None
     ) -> Upload | None:
         return await self._update_returning(
-            "UPDATE uploads SET upload_offset = ?, updated_at = ?, expires_at = ? "
+            f"UPDATE uploads SET upload_offset = ?, updated_at = ?, expires_at = ?, {_COMPLETES} "
             "WHERE id = ? AND upload_offset = ? AND state = 'active'",
-            (offset, _ts(updated_at), _ts(expires_at), upload_id, expected),
+            (offset, _ts(updated_at), _ts(expires_at), offset, offset, upload_id, expected),
         )
 
     async def set_length(self, upload_id: str, length: int) -> Upload | None:
         return await self._update_returning(
-            "UPDATE uploads SET upload_length = ? WHERE id = ? AND upload_length IS NULL AND upload_offset <= ?",
-            (length, upload_id, length),
+            # A length equal to the offset completes the upload, as a commit reaching it would.
+            "UPDATE uploads SET upload_length = ?, "
+            "state = CASE WHEN upload_offset = ? AND state = 'active' THEN 'complete' ELSE state END, "
+            "completion_pending = CASE WHEN upload_offset = ? AND state = 'active' AND kind <> 'partial' "
+            "THEN 1 ELSE completion_pending END "
+            "WHERE id = ? AND upload_length IS NULL AND upload_offset <= ?",
+            (length, length, length, upload_id, length),
         )
 
     async def set_state(
@@ -200,6 +241,30 @@ class SQLiteSessionStore:
             f"SELECT {_COLUMNS} FROM uploads WHERE kind = 'final' AND EXISTS "
             "(SELECT 1 FROM json_each(uploads.parts) WHERE json_each.value = ?)",
             (partial_id,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_row_to_upload(r) for r in rows]
+
+    async def list_expired_partials(self, now: datetime, limit: int = 500) -> list[Upload]:
+        async with self.db.execute(
+            f"SELECT {_COLUMNS} FROM uploads WHERE state = 'complete' AND kind = 'partial' "
+            "AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (_ts(now), limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_row_to_upload(r) for r in rows]
+
+    async def completion_taken_over(self, upload_id: str) -> None:
+        async def run() -> None:
+            await self.db.execute("UPDATE uploads SET completion_pending = 0 WHERE id = ?", (upload_id,))
+
+        await _retry_on_stale_snapshot(run)
+
+    async def list_completion_pending(self, before: datetime, limit: int = 100) -> list[Upload]:
+        async with self.db.execute(
+            f"SELECT {_COLUMNS} FROM uploads WHERE completion_pending = 1 AND updated_at <= ? "
+            "ORDER BY updated_at LIMIT ?",
+            (_ts(before), limit),
         ) as cursor:
             rows = await cursor.fetchall()
         return [_row_to_upload(r) for r in rows]

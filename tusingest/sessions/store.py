@@ -44,10 +44,16 @@ class SessionStore(Protocol):
 
         One round trip. Returns the updated upload, or None when the upload is not ACTIVE at
         ``expected`` any more (another writer or a termination won; nothing is changed).
+
+        When ``offset`` reaches the upload's length, the same statement makes it COMPLETE and, for a
+        single or final upload, sets ``completion_pending``: the durable record that its completion
+        is owed, so no crash can leave a complete upload that nobody finalises.
         """
 
     async def set_length(self, upload_id: str, length: int) -> Upload | None:
-        """Fix a deferred length once. None if the upload is gone or its length is already set."""
+        """Fix a deferred length once. None if the upload is gone or its length is already set.
+
+        A length equal to the offset completes the upload in the same statement, as in ``commit_offset``."""
 
     async def set_state(
         self, upload_id: str, state: UploadState, *, only_from: UploadState | None = None
@@ -59,6 +65,15 @@ class SessionStore(Protocol):
 
     async def list_final_uploads_with_part(self, partial_id: str) -> list[Upload]:
         """Final (concatenated) uploads that refer to ``partial_id``."""
+
+    async def list_expired_partials(self, now: datetime, limit: int = 500) -> list[Upload]:
+        """COMPLETE partial uploads whose expires_at has passed (candidates for freeing; see expiry)."""
+
+    async def completion_taken_over(self, upload_id: str) -> None:
+        """The completion hook has durably taken the upload over: clear ``completion_pending``."""
+
+    async def list_completion_pending(self, before: datetime, limit: int = 100) -> list[Upload]:
+        """Uploads whose completion is owed, last touched at or before ``before``, oldest first."""
 
 
 def open_session_store(database_url: str) -> SessionStore:

@@ -30,9 +30,18 @@ class UploadHooks(Protocol):
         """The first bytes of a single upload, as soon as they arrive, before they are committed.
         Raising refuses the upload there and then (a type that will never be accepted)."""
 
-    async def completed(self, upload: Upload) -> Mapping[str, str]:
-        """The upload holds all its bytes (single or final, never partial). Returns headers for
-        the response; raising answers the request with that error."""
+    async def completed(self, upload: Upload) -> None:
+        """The upload holds all its bytes (single or final, never partial): take it over durably.
+
+        Called under the upload's lock, after the commit that recorded its completion as owed
+        (``Upload.completion_pending``, cleared once this returns). After a crash it may be called
+        again for the same upload, and must then start nothing twice. Raising leaves the completion
+        owed; recovery calls again later."""
+
+    async def result(self, upload: Upload) -> Mapping[str, str]:
+        """Headers for the response of the request that completed ``upload``, asked once its lock
+        is released (it may wait a bounded time for what ``completed`` started); raising answers
+        that request with the error."""
 
     async def describe(self, upload: Upload) -> Mapping[str, str]:
         """Extra headers for HEAD and PATCH on an upload that is complete or failed."""
@@ -56,8 +65,10 @@ class PlainHooks:
     async def inspect_start(self, upload: Upload, head: bytes) -> None:
         return None
 
-    async def completed(self, upload: Upload) -> Mapping[str, str]:
-        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
+    async def completed(self, upload: Upload) -> None:
+        return None  # the commit made it COMPLETE; nothing else is owed
+
+    async def result(self, upload: Upload) -> Mapping[str, str]:
         return {}
 
     async def describe(self, upload: Upload) -> Mapping[str, str]:
@@ -137,22 +148,25 @@ class TusContext:
         """
         async with self.locker.lock(upload_id, timeout=self.options.lock_timeout):
             upload = await self.load(upload_id)
-            if upload.state is UploadState.COMPLETE and not await self.hooks.settled(upload):
+            if upload.completion_pending or (
+                upload.state is UploadState.COMPLETE and not await self.hooks.settled(upload)
+            ):
                 retry = str(max(1, round(self.options.lock_timeout)))
                 raise UploadLocked("the upload is being finalised; retry once that ends", {"Retry-After": retry})
             if await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state) is None:
                 raise UploadGone("upload changed state while being terminated")
             await self.staging.remove(upload.id)
 
-    async def complete(self, upload: Upload) -> dict[str, str]:
-        """Run once ``upload`` holds all its bytes; returns extra headers for the response.
+    async def complete(self, upload: Upload) -> None:
+        """Run under the upload's lock once ``upload`` holds all its bytes (its commit made it COMPLETE).
 
-        A partial upload is only marked complete; every final upload waiting for it as its
-        last missing partial (concatenation-unfinished) is completed instead.
+        A single or final upload is handed to the completion hook. A partial upload completes every
+        final upload waiting for it as its last missing partial (concatenation-unfinished) instead.
+        The answer for the client comes from ``result``, asked after the lock is released.
         """
         if upload.kind is not UploadKind.PARTIAL:
-            return dict(await self.hooks.completed(upload))
-        await self.store.set_state(upload.id, UploadState.COMPLETE, only_from=UploadState.ACTIVE)
+            await self.hand_over(upload)
+            return
         for final in await self.store.list_final_uploads_with_part(upload.id):
             if final.state is not UploadState.ACTIVE or final.is_complete:
                 continue
@@ -161,13 +175,28 @@ class TusContext:
             except LockTimeout:
                 # The partial's own request succeeded; a HEAD on the final completes it later.
                 log.warning("final upload %s was busy when its partial %s completed", final.id, upload.id)
-        return {}
+
+    async def hand_over(self, upload: Upload) -> None:
+        """Give a complete upload whose completion is owed to the completion hook, then clear the debt.
+
+        Under the upload's lock. The commit recorded the debt (``completion_pending``) in the same
+        statement as the last byte, so a crash anywhere before the hook has taken the upload over
+        leaves it owed, and ``finish_pending_completions`` on any node pays it.
+        """
+        await self.hooks.completed(upload)
+        await self.store.completion_taken_over(upload.id)
+
+    async def result(self, upload: Upload) -> dict[str, str]:
+        """The completion hook's headers for the request that completed ``upload``; after the lock."""
+        if upload.kind is UploadKind.PARTIAL:
+            return {}
+        return dict(await self.hooks.result(upload))
 
     async def complete_final(self, final_id: str) -> Upload | None:
         """Complete a final upload whose partials all hold their bytes; None if it is not ready.
 
         Runs under the final's lock; the conditional offset commit makes sure only one request
-        ever completes it, so the completion hook runs once. Its headers belong to no response:
+        ever completes it, so the completion hook runs once. Its result belongs to no response:
         the request that got here was about another upload.
         """
         async with self.locker.lock(final_id, timeout=self.options.lock_timeout):
@@ -181,11 +210,28 @@ class TusContext:
             completed = await self.store.commit_offset(final.id, final.offset, final.length, now, self.expires_at(now))
             if completed is None:
                 return None
-            try:
-                await self.hooks.completed(completed)
-            except TusError as refused:
-                log.info("final upload %s was refused on completion: %s", final_id, refused.message)
+            await self.hand_over(completed)
             return await self.store.get(final_id) or completed  # the hook may have moved its state
+
+    async def finish_pending_completions(self, before: datetime, limit: int = 100) -> int:
+        """Pay every completion still owed since ``before``: uploads whose node died (or whose hook
+        failed) between the commit of their last byte and the hook taking them over. Runs on every
+        node; the upload's lock, and the debt re-read under it, make each hand-over happen once."""
+        done = 0
+        for upload in await self.store.list_completion_pending(before, limit):
+            try:
+                async with self.locker.lock(upload.id, timeout=self.options.lock_timeout, ask_holder=False):
+                    current = await self.store.get(upload.id)
+                    if current is None or not current.completion_pending:
+                        continue  # a request or another node paid it meanwhile
+                    log.info("finishing the completion of upload %s, owed since %s", upload.id, upload.updated_at)
+                    await self.hand_over(current)
+                    done += 1
+            except LockTimeout:
+                continue  # someone is working on it; the next round looks again
+            except Exception:  # one upload's failure must not stop the others
+                log.exception("cannot finish the completion of upload %s yet", upload.id)
+        return done
 
 
 def partials_complete(part_ids: Iterable[str], partials: Mapping[str, Upload]) -> bool:

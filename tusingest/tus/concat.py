@@ -107,7 +107,8 @@ async def create_final(ctx: TusContext, request: Request, concat: FinalConcat, m
     extra: dict[str, str] = {}
     if complete:
         async with ctx.locker.lock(final.id):
-            extra = await ctx.complete(final)
+            await ctx.complete(final)
+        extra = await ctx.result(final)
     elif (completed := await ctx.complete_final(final.id)) is not None:
         # The last partial completed while this request looked: it found no final to complete then.
         final = completed

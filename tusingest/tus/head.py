@@ -26,6 +26,10 @@ class HeadHandler:
     async def handle(self, request: Request, upload_id: str) -> Response:
         async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
             upload = await self.ctx.load(upload_id)
+            if upload.completion_pending:
+                # Owed since a crash: a client that sees the full offset sends nothing more, so this
+                # HEAD is its last chance to set the completion going (recovery would, later).
+                await self.ctx.hand_over(upload)
         if upload.kind is UploadKind.FINAL and upload.state is UploadState.ACTIVE and not upload.is_complete:
             # Normally the last partial's PATCH completes the final; this catches a final whose
             # completion was cut short there (a crash, a busy lock) once its partials are done.

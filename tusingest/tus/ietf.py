@@ -183,9 +183,9 @@ class IetfPostHandler:
                 expires_at=self.ctx.expires_at(now),
             )
             await self.ctx.store.create(upload)
-            extra: dict[str, str] = {}
             if upload.is_complete:
-                extra = await self.ctx.complete(upload)
+                await self.ctx.complete(upload)
+        extra = await self.ctx.result(upload) if upload.is_complete else {}
 
         headers = draft_headers() | {
             "Location": self.ctx.location(request, upload_id),
@@ -204,6 +204,8 @@ class IetfHeadHandler:
     async def handle(self, request: Request, upload_id: str) -> Response:
         async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
             upload = await self.ctx.load(upload_id)
+            if upload.completion_pending:
+                await self.ctx.hand_over(upload)  # owed since a crash, as in the tus HEAD
         if upload.kind is UploadKind.FINAL and upload.state is UploadState.ACTIVE and not upload.is_complete:
             upload = await self.ctx.complete_final(upload.id) or upload
         headers = draft_headers() | {
@@ -254,9 +256,9 @@ class IetfPatchHandler:
             upload, end = await self._append(request, upload, room, interrupt)
             if complete and end is BodyEnd.COMPLETE and not upload.is_complete:
                 upload = await self._complete_at_offset(upload)
-            extra: dict[str, str] = {}
             if upload.is_complete:
-                extra = await self.ctx.complete(upload)
+                await self.ctx.complete(upload)
+        extra = await self.ctx.result(upload) if upload.is_complete else {}
         headers = draft_headers() | {
             "Upload-Offset": str(upload.offset),
             "Upload-Complete": sf_boolean(upload.is_complete),

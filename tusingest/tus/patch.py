@@ -54,6 +54,7 @@ class PatchHandler:
                 raise Forbidden("a final upload of a concatenation cannot be patched")
             if upload.state is UploadState.FAILED:
                 raise await self.ctx.hooks.refusal(upload)
+            was_complete = upload.state is UploadState.COMPLETE
             if new_length is not None:
                 upload = await self._declare_length(upload, new_length)
             if offset != upload.offset:
@@ -63,14 +64,18 @@ class PatchHandler:
             room = length - offset
             if content_length is not None and content_length > room:
                 raise TooLarge(f"the body ({content_length} bytes) runs past the upload's length ({room} bytes left)")
-            if upload.state is UploadState.COMPLETE:
-                return self._response(upload, dict(await self.ctx.hooks.describe(upload)))
-
-            upload = await self._append(request, upload, room, interrupt, checksum)
-            extra: dict[str, str] = {}
-            if upload.is_complete:
-                extra = await self.ctx.complete(upload)
-            return self._response(upload, extra)
+            if upload.state is not UploadState.COMPLETE:
+                upload = await self._append(request, upload, room, interrupt, checksum)
+            # Completed by this request, or owed since a crash (a retry pays it now).
+            completing = upload.is_complete and (not was_complete or upload.completion_pending)
+            if completing:
+                await self.ctx.complete(upload)
+        # The lock is free again: a HEAD answers at once while the completion runs.
+        if completing:
+            return self._response(upload, await self.ctx.result(upload))
+        if upload.state is UploadState.COMPLETE:
+            return self._response(upload, dict(await self.ctx.hooks.describe(upload)))
+        return self._response(upload, {})
 
     async def _declare_length(self, upload: Upload, length: int) -> Upload:
         if upload.length is not None:

@@ -71,9 +71,9 @@ class PostHandler:
                 expires_at=self.ctx.expires_at(now),
             )
             await self.ctx.store.create(upload)
-            extra: dict[str, str] = {}
             if upload.is_complete:
-                extra = await self.ctx.complete(upload)
+                await self.ctx.complete(upload)
+        extra = await self.ctx.result(upload) if upload.is_complete else {}
 
         headers = tus_headers() | {"Location": self.ctx.location(request, upload_id)}
         if not upload.is_complete:

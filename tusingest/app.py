@@ -38,11 +38,13 @@ from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.store import SagaStore
 from tusingest.saga.upload import SagaSettings, UploadSagas
+from tusingest.serving import RequestHeadLimit
 from tusingest.sessions import SessionStore, open_session_store
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, open_locker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
+from tusingest.tus.body import BodyPace
 from tusingest.tus.unread_body import UnreadBodyGuard
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,11 @@ def build_parts(settings: Settings) -> Parts:
         ttl=timedelta(hours=settings.upload_session_ttl_hours),
         lock_timeout=settings.lock_timeout_seconds,
         trust_proxy_headers=settings.trust_proxy_headers,
+        body_pace=BodyPace(
+            idle_timeout=settings.body_idle_timeout_seconds,
+            min_rate=int(settings.body_min_rate_kbps * 1024),
+            window=settings.body_min_rate_window_seconds,
+        ),
     )
     elements = StorageElements.from_settings(settings)
     saga_store = open_saga_store(settings.database_url)
@@ -260,13 +267,26 @@ def build_app(settings: Settings) -> Starlette:
         Route("/health/ready", ready),
         Route("/health/elements", elements),
         *SessionStatus(parts.store, parts.sagas).routes(),
-        *FacadeUploads(settings, parts.store, parts.staging, parts.locker, parts.tus.ctx.hooks, parts.sagas).routes(),
+        *FacadeUploads(
+            settings,
+            parts.store,
+            parts.staging,
+            parts.locker,
+            parts.tus.ctx.hooks,
+            parts.sagas,
+            parts.tus.ctx.options.body_pace,
+        ).routes(),
         *parts.files_api.routes(),
         *openapi_routes(),
         *parts.tus.routes(),
     ]
     middleware = [
         Middleware(UnreadBodyGuard),
+        Middleware(
+            RequestHeadLimit,
+            max_bytes=settings.request_head_max_kb << 10,
+            max_headers=settings.request_headers_max,
+        ),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_allowed_origins),

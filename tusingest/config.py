@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     lock_timeout_seconds: float = Field(10.0, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
 
+    # Transport: how large a request head may be and how slowly a request may arrive.
+    # 32 KiB: Upload-Metadata alone may take 16 KiB, plus a bearer token and a proxy's headers.
+    request_head_max_kb: int = Field(32, ge=4, le=1024)
+    request_headers_max: int = Field(100, ge=10, le=10000)
+    request_head_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    body_idle_timeout_seconds: float = Field(60.0, ge=1, le=3600)
+    body_min_rate_kbps: float = Field(1.0, ge=0, le=1 << 20)  # KiB/s; 0: no minimum rate
+    body_min_rate_window_seconds: float = Field(30.0, ge=1, le=3600)
+
     cors_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
     trust_proxy_headers: bool = False
 

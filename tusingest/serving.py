@@ -1,8 +1,11 @@
-"""How tusingest runs on Hypercorn: one Config for the CLI and the tests alike."""
+"""How tusingest runs on Hypercorn: one Config for the CLI and the tests alike, and the bounds
+on a request head (size, field count, time to arrive) that Hypercorn and the app enforce together."""
 
 from __future__ import annotations
 
 from hypercorn.config import Config
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tusingest.config import Settings
 
@@ -28,4 +31,44 @@ def hypercorn_config(settings: Settings, bind: str | None = None) -> Config:
     config.accesslog = None
     config.errorlog = "-"
     config.max_app_queue_size = 8
+    # h11 refuses (431, empty body) a head that is still incomplete past this size: a head
+    # trickled or sent in pieces never grows beyond it. A head that arrives whole within one
+    # read (up to SOCKET_READ_BYTES) passes h11 and is measured by RequestHeadLimit instead.
+    config.h11_max_incomplete_size = settings.request_head_max_kb << 10
+    # Hypercorn's idle timer runs from the connection's start (or the previous response's end)
+    # until a complete request head has arrived: it bounds how long a head may take, and how
+    # long a kept-alive connection waits for the next one. (read_timeout would also cut a
+    # client that quietly waits for its answer, e.g. while its upload is finalised: not used.)
+    config.keep_alive_timeout = settings.request_head_timeout_seconds
     return config
+
+
+class RequestHeadLimit:
+    """ASGI middleware: 431 for a head with more than ``max_headers`` fields or more than
+    ``max_bytes`` in all (request line and fields, as h11 counts them give or take whitespace),
+    before any route sees it. The connection closes after the answer if a body was announced."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_headers: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_headers = max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = self._problem(scope)
+            if problem is not None:
+                await PlainTextResponse(problem + "\n", status_code=431)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _problem(self, scope: Scope) -> str | None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if len(headers) > self.max_headers:
+            return f"request has {len(headers)} header fields; at most {self.max_headers} are allowed"
+        query: bytes = scope.get("query_string", b"")
+        target = len(scope.get("raw_path") or scope["path"].encode()) + (len(query) + 1 if query else 0)
+        size = len(scope["method"]) + target + len(" HTTP/1.1\r\n") + 2
+        size += sum(len(name) + len(value) + 4 for name, value in headers)  # "name: value\r\n"
+        if size > self.max_bytes:
+            return f"request head is {size} bytes; at most {self.max_bytes} are allowed"
+        return None

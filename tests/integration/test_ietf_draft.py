@@ -6,11 +6,16 @@ Every test runs against both session stores (SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
+from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.server import LiveServer, upload_bytes
 from tusingest.sessions import UploadState
+from tusingest.sessions.locks import MemoryLocker
 
 DRAFT = {"Upload-Draft-Interop-Version": "8"}
 PARTIAL = "application/partial-upload"
@@ -112,6 +117,35 @@ async def test_append_at_a_stale_offset_gets_409_mismatching_offset_problem_and_
     assert problem["provided-offset"] == 2
     assert after.headers["Upload-Offset"] == "4"
     assert await staged(server, url, 4) == b"abcd"
+
+
+async def test_an_append_interrupted_before_its_first_byte_gets_409_problem_and_the_one_that_took_over_204(
+    sqlite_server: LiveServer,
+) -> None:
+    server = sqlite_server
+    locker = server.parts.locker
+    assert isinstance(locker, MemoryLocker)
+    headers = DRAFT | {"Upload-Offset": "0", "Upload-Complete": "?0", "Content-Type": PARTIAL, "Content-Length": "5"}
+    async with server.client() as client:
+        url = (await create(client, b"", complete=False)).headers["Location"]
+        upload_id = url.rsplit("/", 1)[1]
+        reader, writer = await open_request(url, "PATCH", headers)  # not a byte of its body follows
+
+        async def held() -> bool:
+            return locker.is_locked(upload_id)
+
+        await eventually(held, bool)
+        second = await append(client, url, 0, b"hello", complete=False)
+        try:
+            async with asyncio.timeout(10):
+                status, answer = await read_response(reader)
+                problem = json.loads(await reader.readexactly(int(answer["content-length"])))
+        finally:
+            writer.close()
+    assert (status, answer["content-type"], answer["upload-offset"]) == (409, "application/problem+json", "0")
+    assert problem["title"] == "upload has been interrupted by another request for this upload resource"
+    assert second.status_code == 204 and second.headers["Upload-Offset"] == "5"
+    assert await staged(server, url, 5) == b"hello"
 
 
 async def test_append_to_a_completed_upload_gets_the_completed_upload_problem(server: LiveServer) -> None:

@@ -4,12 +4,14 @@ out by its own dead request (invariant 3)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import httpx
 
 from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, upload_bytes
+from tusingest.sessions.locks import MemoryLocker
 
 
 async def create(client: httpx.AsyncClient, length: int) -> str:
@@ -139,6 +141,34 @@ async def test_an_upload_spanning_several_chunk_files_reads_back_exactly(start_s
     # The finaliser read the chunk files in order into the stored file.
     assert last.status_code == 204 and last.headers["ArtStore-Upload-Status"] == "completed"
     assert await staged(server, upload_id, len(payload) + 1) == payload + b"!"
+
+
+async def test_a_patch_interrupted_before_its_first_byte_gets_400_and_the_patch_that_took_over_204(
+    sqlite_server: LiveServer,
+) -> None:
+    server = sqlite_server
+    locker = server.parts.locker
+    assert isinstance(locker, MemoryLocker)
+    async with server.client() as client:
+        url = await create(client, 6)
+        upload_id = url.rsplit("/", 1)[1]
+        reader, writer = await open_request(url, "PATCH", patch_headers(0, 6))  # not a byte of its body follows
+
+        async def held() -> bool:
+            return locker.is_locked(upload_id)
+
+        await eventually(held, bool)  # the first PATCH holds the upload, waiting for its body
+        second = await client.patch(url, headers=patch_headers(0, 6), content=b"abcdef")
+        try:
+            async with asyncio.timeout(10):
+                status, headers = await read_response(reader)
+                body = await reader.readexactly(int(headers["content-length"]))
+        finally:
+            writer.close()
+    assert (status, headers["upload-offset"]) == (400, "0")
+    assert body == b"upload has been interrupted by another request for this upload resource\n"
+    assert second.status_code == 204 and second.headers["Upload-Offset"] == "6"
+    assert await staged(server, upload_id, 6) == b"abcdef"
 
 
 async def test_an_upload_held_past_the_lock_timeout_answers_423_with_retry_after(start_server: ServerFactory) -> None:

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import pytest
 
 from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, _server_factory, upload_bytes
 from tusingest.sessions import UploadState
+from tusingest.sessions.pglocks import lock_key
 
 
 @pytest.fixture
@@ -100,6 +102,43 @@ async def test_a_patch_on_one_node_interrupts_a_stalled_patch_on_the_other_and_g
     assert retry.status_code == 409
     assert sent - buffer < offset <= sent
     assert await staged(a, upload_id, offset) == payload[:offset]
+
+
+async def holds_advisory_lock(database_url: str, upload_id: str) -> bool:
+    """Whether some node holds the upload's advisory lock, as PostgreSQL sees it."""
+    key = lock_key(upload_id) & (1 << 64) - 1  # a bigint key is shown as two oids: high and low half
+    connection = await asyncpg.connect(database_url)
+    try:
+        held = await connection.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1",
+            key >> 32,
+            key & 0xFFFFFFFF,
+        )
+    finally:
+        await connection.close()
+    return bool(held)
+
+
+async def test_a_patch_interrupted_on_one_node_before_its_first_byte_gets_400_and_the_other_node_takes_over(
+    start_node: ServerFactory, postgres_url: str
+) -> None:
+    a = await start_node()
+    b = await start_node()
+    payload = os.urandom(64 << 10)
+    async with a.client() as client_a, b.client() as client_b:
+        url = await create(client_a, len(payload))
+        upload_id = url.rsplit("/", 1)[1]
+        async with stalled_patch(a.url + url, payload, 0) as reader:  # to node a: not a byte of its body
+            await eventually(lambda: holds_advisory_lock(postgres_url, upload_id), bool)
+            second = await client_b.patch(url, headers=patch_headers(0, len(payload)), content=payload)
+            async with asyncio.timeout(10):
+                status, headers = await read_response(reader)  # the stalled PATCH's own answer, from node a
+                body = await reader.readexactly(int(headers["content-length"]))
+    assert (status, headers["upload-offset"]) == (400, "0")
+    assert b"interrupted by another request" in body
+    assert second.status_code == 204 and second.headers["Upload-Offset"] == str(len(payload))
+    assert await staged(b, upload_id, len(payload)) == payload
 
 
 # -- random interleavings ------------------------------------------------------------------------
@@ -220,7 +259,7 @@ class Client:
         self.tally.count(f"PATCH {status}")
         if status == 204 and offset is not None:
             upload.observe(int(offset))
-        elif status == 409:
+        elif status in (400, 409):  # 400: interrupted before a byte was taken; ask where it stands
             await self.head(node, upload)
         elif status in (404, 410):
             upload.deleted = True

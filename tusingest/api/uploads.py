@@ -32,6 +32,7 @@ from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import new_upload_id, utcnow
 from tusingest.staging import ChunkWriter, DirectoryStaging
 from tusingest.tus.base import UploadHooks
+from tusingest.tus.body import BodyPace, BodyTooSlow, body_chunks
 from tusingest.tus.errors import TusError
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ class FacadeUploads:
         locker: Locker,
         hooks: UploadHooks,
         sagas: UploadSagas,
+        pace: BodyPace,
     ) -> None:
         self.settings = settings
+        self.pace = pace  # a body slower than this is cut off like a disconnect
         self.store = store
         self.staging = staging
         self.locker = locker
@@ -142,6 +145,8 @@ class FacadeUploads:
             return problem.response()
         except MultipartError as exc:
             return error(400, "invalid_request", str(exc))
+        except BodyTooSlow:
+            return self._too_slow()
         except LockTimeout:
             return error(409, "session_busy", "another request is writing to this upload session; retry shortly")
 
@@ -153,7 +158,7 @@ class FacadeUploads:
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
         received: Received | None = None
-        events = multipart_events(request.stream(), boundary)
+        events = multipart_events(body_chunks(request.receive, self.pace), boundary)
         try:
             async for event in events:
                 if isinstance(event, Field):
@@ -162,6 +167,8 @@ class FacadeUploads:
                     if received is not None:
                         raise ApiError(400, "invalid_request", "send one part named file (use /api/files/batch/upload)")
                     received = await self._receive(event, events, options, session_id, content_range)
+        except BodyTooSlow:
+            raise  # answered by upload(); what arrived is committed (or dropped) like a disconnect
         except ClientDisconnect:
             return Response(status_code=499)  # nobody is listening; what arrived is committed (or dropped)
         finally:
@@ -329,6 +336,12 @@ class FacadeUploads:
             return problem.response()
         except MultipartError as exc:
             return error(400, "invalid_request", str(exc))
+        except BodyTooSlow:
+            return self._too_slow()
+
+    def _too_slow(self) -> Response:
+        message = f"the body arrived too slowly ({self.pace.describe()}); a resumable session keeps what arrived"
+        return error(408, "body_too_slow", message)
 
     async def _batch(self, request: Request) -> Response:
         max_bytes = self.settings.max_batch_size_mb << 20
@@ -338,7 +351,7 @@ class FacadeUploads:
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
         staged: list[tuple[str, Received]] = []
-        events = multipart_events(request.stream(), boundary)
+        events = multipart_events(body_chunks(request.receive, self.pace), boundary)
         total = 0
         try:
             async for event in events:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -15,6 +15,7 @@ from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
 from tusingest.staging import DirectoryStaging
+from tusingest.tus.body import BodyPace
 from tusingest.tus.errors import TusError, UploadGone, UploadLocked, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
 
@@ -92,6 +93,7 @@ class TusOptions:
     ttl: timedelta | None = timedelta(hours=24)  # None: uploads never expire
     lock_timeout: float = 10.0
     trust_proxy_headers: bool = False
+    body_pace: BodyPace = field(default_factory=BodyPace)  # how slowly a body may arrive before it is cut off
 
     def has(self, extension: str) -> bool:
         return extension in self.extensions

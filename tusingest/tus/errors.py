@@ -39,6 +39,20 @@ class UploadGone(TusError):
     status, default_message = 410, "upload is gone"
 
 
+class UploadInterrupted(TusError):
+    """A newer request for the upload took it over before this one committed a byte (as tusd's
+    ERR_UPLOAD_INTERRUPTED): never a 2xx, which would tell the client its bytes were taken."""
+
+    status, default_message = 400, "upload has been interrupted by another request for this upload resource"
+
+
+class BodyTimeout(TusError):
+    """The body arrived too slowly (BODY_IDLE_TIMEOUT_SECONDS, BODY_MIN_RATE_KBPS) and not a
+    byte of it was committed; a body cut off after some bytes answers with the offset reached."""
+
+    status, default_message = 408, "the request body arrived too slowly and was cut off"
+
+
 class VersionNotSupported(TusError):
     status, default_message = 412, "Tus-Resumable version not supported"
 
@@ -95,6 +109,14 @@ class CompletedUpload(UploadProblem):
 class InconsistentUploadLength(UploadProblem):
     status, default_message = 400, "inconsistent length values for upload"
     problem_type = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"
+
+
+class InterruptedUploadAppend(UploadProblem):
+    """The draft's form of UploadInterrupted. 409, like its own mismatching-upload-offset: the
+    request conflicts with another one for the resource, and the draft's answer to a conflict is
+    offset retrieval, which is what this client must do. The draft registers no type for it."""
+
+    status, default_message = 409, "upload has been interrupted by another request for this upload resource"
 
 
 class UploadRefused(TusError):

@@ -20,9 +20,11 @@ from tusingest.tus.base import TusContext
 from tusingest.tus.body import BodyEnd, Interrupt, receive_body
 from tusingest.tus.errors import (
     BadRequest,
+    BodyTimeout,
     CompletedUpload,
     Forbidden,
     InconsistentUploadLength,
+    InterruptedUploadAppend,
     MethodNotAllowed,
     MismatchingUploadOffset,
     TooLarge,
@@ -163,7 +165,7 @@ class IetfPostHandler:
         # Nobody else knows this id yet; the claim only makes the body stoppable at shutdown.
         async with self.ctx.locker.claim_new(upload_id, on_release_request=interrupt.fire):
             async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
-                end = await receive_body(request.receive, writer, room, interrupt)
+                end = await receive_body(request.receive, writer, room, interrupt, self.ctx.options.body_pace)
                 if end is BodyEnd.OVERFLOW:
                     await _drop(self.ctx, writer, upload_id)
                     raise TooLarge(f"the body is longer than the upload may be ({room} bytes)", upload_limit(self.ctx))
@@ -253,7 +255,15 @@ class IetfPatchHandler:
             if content_length is not None and content_length > room:
                 raise TooLarge(f"the body runs past the upload's length ({room} bytes left)", upload_limit(self.ctx))
 
+            started_at = upload.offset
             upload, end = await self._append(request, upload, room, interrupt)
+            if upload.offset == started_at:
+                # Cut off before a byte was committed: a 204 would tell the client its bytes were taken.
+                where = {"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"}
+                if end is BodyEnd.INTERRUPTED:
+                    raise InterruptedUploadAppend(headers=where)
+                if end is BodyEnd.TOO_SLOW:
+                    raise BodyTimeout(headers=where)
             if complete and end is BodyEnd.COMPLETE and not upload.is_complete:
                 upload = await self._complete_at_offset(upload)
             if upload.is_complete:
@@ -295,7 +305,7 @@ class IetfPatchHandler:
         self, request: Request, upload: Upload, room: int, interrupt: Interrupt
     ) -> tuple[Upload, BodyEnd]:
         async with await self.ctx.staging.open_writer(upload.id, upload.offset) as writer:
-            end = await receive_body(request.receive, writer, room, interrupt)
+            end = await receive_body(request.receive, writer, room, interrupt, self.ctx.options.body_pace)
             if end is BodyEnd.OVERFLOW:
                 await writer.discard()
                 raise TooLarge(f"the body runs past the upload's length ({room} bytes left)", upload_limit(self.ctx))

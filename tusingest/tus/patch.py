@@ -2,8 +2,10 @@
 
 The path of every byte: the body goes to staging in large writes, is fsynced once, and only
 then the offset is committed in the store (the commit point). A client that disconnects, a
-newer request that asks for the lock, and a shutting-down server all end the body early; what
-arrived by then is committed (invariant 2). Bytes past an aborted request's start are cut off.
+newer request that asks for the lock, a shutting-down server and a client sending too slowly all
+end the body early; what arrived by then is committed (invariant 2) and answered with the offset
+reached. Ended so before a byte was committed, the request answers 400 (interrupted) or 408 (too
+slow), never a 2xx. Bytes past an aborted request's start are cut off.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tusingest.tus.body import BodyEnd, Interrupt, receive_body
 from tusingest.tus.checksum import BodyChecksum, request_checksum
 from tusingest.tus.errors import (
     BadRequest,
+    BodyTimeout,
     ChecksumMismatch,
     Forbidden,
     OffsetMismatch,
@@ -24,6 +27,7 @@ from tusingest.tus.errors import (
     TusError,
     UnsupportedMediaType,
     UploadGone,
+    UploadInterrupted,
 )
 from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_non_negative
 
@@ -65,7 +69,14 @@ class PatchHandler:
             if content_length is not None and content_length > room:
                 raise TooLarge(f"the body ({content_length} bytes) runs past the upload's length ({room} bytes left)")
             if upload.state is not UploadState.COMPLETE:
-                upload = await self._append(request, upload, room, interrupt, checksum)
+                started_at = upload.offset
+                upload, end = await self._append(request, upload, room, interrupt, checksum)
+                if upload.offset == started_at:
+                    # Cut off before a byte was committed: a 204 would tell the client its bytes were taken.
+                    if end is BodyEnd.INTERRUPTED:
+                        raise UploadInterrupted(headers={"Upload-Offset": str(upload.offset)})
+                    if end is BodyEnd.TOO_SLOW:
+                        raise BodyTimeout(headers={"Upload-Offset": str(upload.offset)})
             # Completed by this request, or owed since a crash (a retry pays it now).
             completing = upload.is_complete and (not was_complete or upload.completion_pending)
             if completing:
@@ -93,13 +104,19 @@ class PatchHandler:
 
     async def _append(
         self, request: Request, upload: Upload, room: int, interrupt: Interrupt, checksum: BodyChecksum | None
-    ) -> Upload:
+    ) -> tuple[Upload, BodyEnd]:
         inspector = await self._start_inspector(upload)
         async with await self.ctx.staging.open_writer(upload.id, upload.offset) as writer:
             on_chunk = checksum.update if checksum is not None else None
             try:
                 end = await receive_body(
-                    request.receive, writer, room, interrupt, on_chunk, inspector.feed if inspector else None
+                    request.receive,
+                    writer,
+                    room,
+                    interrupt,
+                    self.ctx.options.body_pace,
+                    on_chunk,
+                    inspector.feed if inspector else None,
                 )
                 if inspector is not None and end is BodyEnd.COMPLETE and writer.written == room:
                     await inspector.finish()  # the whole upload is shorter than what it wanted to see
@@ -113,14 +130,14 @@ class PatchHandler:
                 # The digest covers the whole body, so a part of it cannot be verified. Keeping
                 # unverified bytes would break the client's request; it resends from the old offset.
                 await writer.discard()
-                return upload
+                return upload, end
             if checksum is not None and not checksum.matches():
                 await writer.discard()
                 raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
             new_offset = await writer.sync()
         if new_offset == upload.offset and end is not BodyEnd.COMPLETE:
-            return upload  # cut off before the first byte: nothing to commit
-        return await self.ctx.commit(upload, new_offset)
+            return upload, end  # cut off before the first byte: nothing to commit
+        return await self.ctx.commit(upload, new_offset), end
 
     async def _start_inspector(self, upload: Upload) -> StartInspector | None:
         wanted = self.ctx.hooks.head_bytes

@@ -116,7 +116,7 @@ class PostHandler:
     ) -> int:
         async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
             on_chunk = checksum.update if checksum is not None else None
-            end = await receive_body(request.receive, writer, room, interrupt, on_chunk)
+            end = await receive_body(request.receive, writer, room, interrupt, self.ctx.options.body_pace, on_chunk)
             if end is BodyEnd.OVERFLOW:
                 await writer.aclose()
                 await self.ctx.staging.remove(upload_id)

@@ -73,9 +73,7 @@ async def test_a_nul_in_an_upload_id_is_404_on_every_tus_method_and_the_session_
 async def test_a_nul_in_a_file_or_transfer_id_is_404_on_the_file_routes(server: LiveServer) -> None:
     async with server.client() as client:
         deleted = await client.delete("/api/files/%00")
-        transfer = await client.post(
-            "/api/files/%00/transfer", json={"destination_storage_element_id": "local"}
-        )
+        transfer = await client.post("/api/files/%00/transfer", json={"destination_storage_element_id": "local"})
         status = await client.get("/api/files/transfer/%00")
     assert (deleted.status_code, deleted.json()["error"]) == (404, "file_not_found")
     assert (transfer.status_code, transfer.json()["error"]) == (404, "file_not_found")
@@ -104,9 +102,7 @@ async def test_a_file_id_that_is_not_a_uuid_is_404_without_asking_the_store(
     lookups = record_calls(sqlite_server.parts.saga_store, "get_file")
     async with sqlite_server.client() as client:
         deleted = await client.delete("/api/files/" + raw_id)
-        transfer = await client.post(
-            f"/api/files/{raw_id}/transfer", json={"destination_storage_element_id": "local"}
-        )
+        transfer = await client.post(f"/api/files/{raw_id}/transfer", json={"destination_storage_element_id": "local"})
     assert (deleted.status_code, transfer.status_code) == (404, 404)
     assert lookups == []
 
@@ -204,6 +200,21 @@ async def test_metadata_json_nested_too_deep_is_400(sqlite_server: LiveServer, m
     assert creates == []
 
 
+async def test_a_json_number_past_the_int_digit_limit_is_400_in_metadata_and_in_a_transfer_body(
+    sqlite_server: LiveServer,
+) -> None:
+    number = "7" * 5000  # json.loads raises ValueError (not JSONDecodeError) past 4,300 digits
+    async with sqlite_server.client() as client:
+        metadata = await post_file(client, b"data", fields={"metadata": '{"n": ' + number + "}"})
+        transfer = await client.post(
+            f"/api/files/{uuid.uuid4()}/transfer",
+            content='{"destination_storage_element_id": "local", "n": ' + number + "}",
+            headers={"Content-Type": "application/json"},
+        )
+    assert (metadata.status_code, metadata.json()["error"]) == (400, "invalid_metadata")
+    assert (transfer.status_code, transfer.json()["error"]) == (400, "invalid_request")
+
+
 async def test_brackets_inside_metadata_strings_are_text_not_nesting(sqlite_server: LiveServer) -> None:
     metadata = json.dumps({"note": "[" * 1000 + "{" * 1000, "depth": {"a": {"b": {"c": [1, [2, [3]]]}}}})
     async with sqlite_server.client() as client:
@@ -298,7 +309,9 @@ async def test_a_truncated_batch_keeps_nothing(sqlite_server: LiveServer) -> Non
 
 async def partial(client: httpx.AsyncClient) -> str:
     response = await client.post(
-        "/files/", headers=TUS | {"Upload-Concat": "partial", "Upload-Length": "1", "Content-Type": OCTETS}, content=b"p"
+        "/files/",
+        headers=TUS | {"Upload-Concat": "partial", "Upload-Length": "1", "Content-Type": OCTETS},
+        content=b"p",
     )
     assert response.status_code == 201, response.text
     return str(response.headers["Location"])

@@ -23,7 +23,7 @@ def loads_bounded(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
         raise JsonRefused(f"the JSON is nested too deep: at most {max_depth} levels of arrays and objects")
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a number past int()'s 4,300 digits
         raise JsonRefused(f"not JSON: {exc}") from None
 
 

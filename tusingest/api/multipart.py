@@ -56,7 +56,10 @@ Event = Field | FileStart | FileData | FileEnd
 def boundary_of(content_type: str | None) -> bytes:
     if not content_type:
         raise MultipartError("Content-Type must be multipart/form-data")
-    kind, options = parse_options_header(content_type)
+    try:
+        kind, options = parse_options_header(content_type)
+    except ValueError:  # it encodes to latin-1: text a header cannot carry fails there
+        raise MultipartError("Content-Type must be multipart/form-data with a boundary") from None
     if kind != b"multipart/form-data" or b"boundary" not in options:
         raise MultipartError("Content-Type must be multipart/form-data with a boundary")
     boundary = options[b"boundary"]

@@ -280,15 +280,21 @@ async def test_a_truncated_resumable_upload_keeps_what_arrived_and_does_not_comp
     assert await sqlite_server.parts.saga_store.count_files() == 1
 
 
-async def test_a_truncated_resumable_upload_with_every_byte_is_not_registered(sqlite_server: LiveServer) -> None:
+async def test_a_truncated_resumable_upload_with_every_byte_is_registered_only_once_resumed(
+    sqlite_server: LiveServer,
+) -> None:
     session_id = "whole-" + secrets.token_hex(8)
     body, content_type = multipart(("file", "cut.bin", b"z" * 1000), fields={"total_size": "1000"})
     headers = {"Content-Type": content_type, "X-Upload-Session-ID": session_id}
     async with sqlite_server.client() as client:
         cut = await client.post("/api/files/upload", content=cut_before_closing_boundary(body), headers=headers)
-    assert (cut.status_code, cut.json()["error"]) == (400, "truncated_body")
-    assert await sqlite_server.parts.saga_store.count_files() == 0
-    assert await sqlite_server.parts.saga_store.latest_saga("upload", session_id) is None
+        files_after_cut = await sqlite_server.parts.saga_store.count_files()
+        saga_after_cut = await sqlite_server.parts.saga_store.latest_saga("upload", session_id)
+        resumed = await post_file(client, b"", fields={"offset": "1000"}, headers={"X-Upload-Session-ID": session_id})
+    assert (cut.status_code, cut.json()["error"], cut.json()["bytes_uploaded"]) == (400, "truncated_body", 1000)
+    assert (files_after_cut, saga_after_cut) == (0, None)
+    assert resumed.status_code == 201, resumed.text
+    assert resumed.json()["size_bytes"] == 1000
 
 
 async def test_a_truncated_batch_keeps_nothing(sqlite_server: LiveServer) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import re
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
@@ -15,17 +15,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tusingest.api.jsonbody import JsonRefused, loads_bounded
 from tusingest.api.sessions import error
+from tusingest.api.uploads import ApiError
 from tusingest.config import Settings
 from tusingest.elements.pool import ElementPool
 from tusingest.saga.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import UNFINISHED_STATES, Saga, SagaKind
-from tusingest.saga.running import Refused, SagaTasks
+from tusingest.saga.running import FileNotFound, Refused, SagaTasks
 from tusingest.saga.store import SagaStore
 from tusingest.saga.transfer import TransferSagas, estimated_seconds, transfer_json
 from tusingest.saga.upload import SagaSettings
+from tusingest.sessions.model import is_upload_id
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ USER_HEADER: Final = "X-ArtStore-User"
 DELETE_WAIT_SECONDS = 10.0  # how long DELETE waits for its saga before answering 503 (it goes on regardless)
 RECOVERY_BATCH = 20
 MAX_BODY_BYTES = 64 << 10  # a transfer request is a few fields
+MAX_BODY_DEPTH = 4  # ... at the top level of one object; a little room for fields it ignores
+# File ids are made by str(uuid.uuid4()); anything else names no file, so no store is asked.
+_FILE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class TransferBody(BaseModel):
@@ -136,6 +142,8 @@ class FilesApi:
 
     async def delete(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
+        if not is_file_id(file_id):
+            return _no_file(file_id)
         actor = request.headers.get(USER_HEADER) or "anonymous"
         try:
             outcome = await self.deletes.delete(file_id, actor=actor, wait=self.delete_wait_seconds)
@@ -149,10 +157,12 @@ class FilesApi:
 
     async def transfer(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
+        if not is_file_id(file_id):
+            return _no_file(file_id)
         try:
-            body = TransferBody.model_validate(json.loads(await _small_body(request)))
-        except ValueError as exc:  # not JSON, too large, or fields that do not validate
-            return error(400, "invalid_request", _describe(exc))
+            body = parse_transfer_body(await _small_body(request))
+        except ApiError as refused:
+            return refused.response()
         verify = (
             self.settings.transfer_verify_checksum_default if body.verify_checksum is None else body.verify_checksum
         )
@@ -176,28 +186,45 @@ class FilesApi:
 
     async def transfer_status(self, request: Request) -> Response:
         transfer_id = request.path_params["transfer_id"]
-        saga = await self.transfers.get(transfer_id)
+        # Transfer ids are saga ids, made like upload ids (saga.records.new_saga_id).
+        saga = await self.transfers.get(transfer_id) if is_upload_id(transfer_id) else None
         if saga is None:
             return error(404, "transfer_not_found", f"no transfer {transfer_id}")
         return JSONResponse(transfer_json(saga))
 
 
+def is_file_id(value: str) -> bool:
+    return _FILE_ID.fullmatch(value) is not None
+
+
+def _no_file(file_id: str) -> JSONResponse:
+    unknown = FileNotFound(file_id)
+    return error(unknown.status, unknown.code, unknown.message)
+
+
+def parse_transfer_body(raw: bytes) -> TransferBody:
+    """The body of POST /api/files/{file_id}/transfer; ApiError 400 for anything else."""
+    try:
+        return TransferBody.model_validate(loads_bounded(raw, max_bytes=MAX_BODY_BYTES, max_depth=MAX_BODY_DEPTH))
+    except JsonRefused as refused:
+        raise ApiError(400, "invalid_request", f"the body is not a transfer request: {refused}") from None
+    except ValidationError as invalid:
+        raise ApiError(400, "invalid_request", _describe(invalid)) from None
+
+
 async def _small_body(request: Request) -> bytes:
+    """The body, but never more than one byte past MAX_BODY_BYTES (loads_bounded refuses that)."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise ValueError(f"the body is larger than {MAX_BODY_BYTES} bytes")
+            break
     return bytes(body)
 
 
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        problems = []
-        for problem in exc.errors():
-            where = ".".join(str(part) for part in problem["loc"]) or "body"
-            problems.append(f"{where}: {problem['msg']}")
-        return "; ".join(problems)
-    if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
-        return f"the body is not JSON: {exc}"
-    return str(exc)
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for problem in exc.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "body"
+        problems.append(f"{where}: {problem['msg']}")
+    return "; ".join(problems)

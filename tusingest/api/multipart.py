@@ -7,17 +7,24 @@ events of each received chunk are handed out after the chunk is parsed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 MAX_FIELD_BYTES = 64 << 10  # a form field (metadata JSON, description) is small; a file is a file part
+# RFC 2046 5.1.1: 1-70 characters of bchars, the last not a space.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 
 class MultipartError(ValueError):
     """The body is not the multipart/form-data it claims to be (or a field is too large)."""
+
+
+class TruncatedBody(MultipartError):
+    """The body ended before its closing boundary: the client stopped sending part way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +56,16 @@ Event = Field | FileStart | FileData | FileEnd
 def boundary_of(content_type: str | None) -> bytes:
     if not content_type:
         raise MultipartError("Content-Type must be multipart/form-data")
-    kind, options = parse_options_header(content_type)
+    try:
+        kind, options = parse_options_header(content_type)
+    except ValueError:  # it encodes to latin-1: text a header cannot carry fails there
+        raise MultipartError("Content-Type must be multipart/form-data with a boundary") from None
     if kind != b"multipart/form-data" or b"boundary" not in options:
         raise MultipartError("Content-Type must be multipart/form-data with a boundary")
-    return options[b"boundary"]
+    boundary = options[b"boundary"]
+    if _BOUNDARY.fullmatch(boundary) is None:
+        raise MultipartError("the multipart boundary must be 1-70 of the characters RFC 2046 allows")
+    return boundary
 
 
 class _Collector:
@@ -113,7 +126,11 @@ class _Collector:
 
 
 async def multipart_events(chunks: AsyncIterable[bytes], boundary: bytes) -> AsyncGenerator[Event]:
-    """The form's parts in order: fields whole, files as start, data pieces and end."""
+    """The form's parts in order: fields whole, files as start, data pieces and end.
+
+    Raises TruncatedBody at the end of a body that stops before its closing boundary, after
+    the events of what did arrive (a file part cut short has no FileEnd).
+    """
     collector = _Collector()
     parser = MultipartParser(
         boundary,
@@ -138,3 +155,5 @@ async def multipart_events(chunks: AsyncIterable[bytes], boundary: bytes) -> Asy
         raise MultipartError(f"malformed multipart body: {exc}") from None
     for event in collector.events:
         yield event
+    if parser.state != MultipartState.END:  # python-multipart's finalize() does not check this
+        raise TruncatedBody("the body ended before the closing boundary of the form")

@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from tusingest.saga.upload import UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
+from tusingest.sessions.model import is_upload_id
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -32,7 +33,7 @@ class SessionStatus:
 
     async def get(self, request: Request) -> JSONResponse:
         session_id = request.path_params["session_id"]
-        upload = await self.store.get(session_id)
+        upload = await self.store.get(session_id) if is_upload_id(session_id) else None
         if upload is None:
             return error(404, "session_not_found", f"no upload session {session_id}")
         return JSONResponse(await self.describe(upload))

@@ -22,24 +22,36 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tusingest.api.multipart import Field, FileData, FileEnd, FileStart, MultipartError, boundary_of, multipart_events
+from tusingest.api.jsonbody import JsonRefused, loads_bounded
+from tusingest.api.multipart import (
+    MAX_FIELD_BYTES,
+    Field,
+    FileData,
+    FileEnd,
+    FileStart,
+    MultipartError,
+    TruncatedBody,
+    boundary_of,
+    multipart_events,
+)
 from tusingest.api.sessions import error
 from tusingest.config import Settings
 from tusingest.finalise.mime import HEAD_BYTES
 from tusingest.saga.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
-from tusingest.sessions.model import new_upload_id, utcnow
+from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow
 from tusingest.staging import ChunkWriter, DirectoryStaging
 from tusingest.tus.base import UploadHooks
 from tusingest.tus.body import BodyPace, BodyTooSlow, body_chunks
 from tusingest.tus.errors import TusError
+from tusingest.tus.headers import non_negative_integer
 
 log = logging.getLogger(__name__)
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+METADATA_DEPTH = 8  # flat key/value pairs; a value may hold a little structure, never a deep one
 
 
 class ApiError(Exception):
@@ -73,18 +85,19 @@ class FormOptions:
         elif name == "description":
             self.description = value
         elif name in ("offset", "total_size"):
-            if not value.strip().isdigit():
-                raise ApiError(400, "invalid_request", f"{name} must be a non-negative integer")
-            setattr(self, name, int(value))
+            number = non_negative_integer(value.strip(" \t\r\n"))
+            if number is None:
+                raise ApiError(400, "invalid_request", f"{name} must be a non-negative integer of at most 19 digits")
+            setattr(self, name, number)
 
 
 def _metadata_json(value: str) -> dict[str, str]:
     if not value.strip():
         return {}
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        raise ApiError(400, "invalid_metadata", "metadata must be a JSON object") from None
+        parsed = loads_bounded(value, max_bytes=MAX_FIELD_BYTES, max_depth=METADATA_DEPTH)
+    except JsonRefused as refused:
+        raise ApiError(400, "invalid_metadata", f"metadata must be a JSON object: {refused}") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "invalid_metadata", "metadata must be a JSON object")
     result = {}
@@ -143,6 +156,8 @@ class FacadeUploads:
             return await self._upload(request)
         except ApiError as problem:
             return problem.response()
+        except TruncatedBody as exc:
+            return error(400, "truncated_body", f"{exc}; nothing was kept")
         except MultipartError as exc:
             return error(400, "invalid_request", str(exc))
         except BodyTooSlow:
@@ -152,8 +167,8 @@ class FacadeUploads:
 
     async def _upload(self, request: Request) -> Response:
         session_id = request.headers.get("x-upload-session-id")
-        if session_id is not None and not SESSION_ID.match(session_id):
-            raise ApiError(400, "invalid_session_id", "X-Upload-Session-ID must be 8-64 of A-Z a-z 0-9 _ -")
+        if session_id is not None and not is_upload_id(session_id):
+            raise ApiError(400, "invalid_session_id", f"X-Upload-Session-ID must be {UPLOAD_ID_RULE}")
         content_range = _content_range(request.headers.get("content-range"))
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
@@ -171,6 +186,14 @@ class FacadeUploads:
             raise  # answered by upload(); what arrived is committed (or dropped) like a disconnect
         except ClientDisconnect:
             return Response(status_code=499)  # nobody is listening; what arrived is committed (or dropped)
+        except MultipartError as exc:
+            # The body broke after its file part: a one-shot upload keeps nothing; a session keeps its
+            # bytes but is not finalised from a body that never ended (the client resumes).
+            if received is not None and session_id is None:
+                await self._drop(received.upload)
+            elif received is not None and isinstance(exc, TruncatedBody):
+                raise _truncated(received.upload) from None
+            raise
         finally:
             await events.aclose()
         if received is None:
@@ -215,11 +238,16 @@ class FacadeUploads:
                         if resumable:
                             await self._commit(upload, writer)  # keep what arrived: the client resumes from there
                         raise
+                    except TruncatedBody as exc:
+                        if not resumable:
+                            raise ApiError(400, "truncated_body", f"{exc}; nothing was kept") from None
+                        # As a disconnect: keep what arrived, never finalise a part that did not end.
+                        raise _truncated(await self._commit(upload, writer)) from None
                     if refused is not None:
                         await writer.discard()
                         return Received(upload, False, refused)
                     upload = await self._commit(upload, writer)
-        except (ClientDisconnect, ApiError):
+        except (ClientDisconnect, ApiError, MultipartError):
             if not resumable:
                 await self._drop(upload)  # nobody can resume an upload whose id they never got
             raise
@@ -334,6 +362,8 @@ class FacadeUploads:
             return await self._batch(request)
         except ApiError as problem:
             return problem.response()
+        except TruncatedBody as exc:
+            return error(400, "truncated_body", f"{exc}; nothing was kept")
         except MultipartError as exc:
             return error(400, "invalid_request", str(exc))
         except BodyTooSlow:
@@ -345,8 +375,8 @@ class FacadeUploads:
 
     async def _batch(self, request: Request) -> Response:
         max_bytes = self.settings.max_batch_size_mb << 20
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes + (1 << 20):
+        declared = non_negative_integer(request.headers.get("content-length") or "")
+        if declared is not None and declared > max_bytes + (1 << 20):
             raise ApiError(413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB")
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
@@ -408,6 +438,16 @@ class FacadeUploads:
         return JSONResponse({"results": results, "summary": summary}, status_code=207)
 
 
+def _truncated(upload: Upload) -> ApiError:
+    return ApiError(
+        400,
+        "truncated_body",
+        f"the body ended before the form's closing boundary; the session holds {upload.offset} bytes: resume there",
+        upload_session_id=upload.id,
+        bytes_uploaded=upload.offset,
+    )
+
+
 def _failed(name: str, code: str, message: str) -> dict[str, Any]:
     return {"filename": name, "status": "failed", "error": {"error": code, "message": message}}
 
@@ -415,13 +455,21 @@ def _failed(name: str, code: str, message: str) -> dict[str, Any]:
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
     if value is None:
         return None
-    match = CONTENT_RANGE.match(value.strip())
+    match = CONTENT_RANGE.fullmatch(value.strip(" \t"))
     if match is None:
         raise ApiError(400, "invalid_content_range", "Content-Range must be bytes <start>-<end>/<total>")
-    start, end, total = int(match.group(1)), int(match.group(2)), match.group(3)
-    if end < start or (total != "*" and end >= int(total)):
+    start, end = _range_number(match[1]), _range_number(match[2])
+    total = None if match[3] == "*" else _range_number(match[3])
+    if end < start or (total is not None and end >= total):
         raise ApiError(400, "invalid_content_range", "Content-Range end must be >= start and below the total")
-    return start, None if total == "*" else int(total)
+    return start, total
+
+
+def _range_number(text: str) -> int:
+    number = non_negative_integer(text)
+    if number is None:
+        raise ApiError(400, "invalid_content_range", "a Content-Range number has at most 19 digits")
+    return number
 
 
 def _progress(upload: Upload) -> dict[str, Any]:

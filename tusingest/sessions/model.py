@@ -7,6 +7,7 @@ staging may hold more, never less, and anything past the offset is garbage.
 from __future__ import annotations
 
 import enum
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -29,6 +30,18 @@ class UploadKind(enum.StrEnum):
 def new_upload_id() -> str:
     """128 random bits as 32 hex characters: unguessable, URL-safe, fixed length."""
     return secrets.token_hex(16)
+
+
+# One namespace holds the ids this server makes (new_upload_id) and the ones facade clients
+# choose (X-Upload-Session-ID), so one rule covers both: the 32 hex characters fit it.
+UPLOAD_ID_RULE = "8-64 of A-Z a-z 0-9 _ -"
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def is_upload_id(value: str) -> bool:
+    """Whether ``value`` can name an upload. Checked where an id enters (path, header, URL), so
+    text no upload can have (a NUL PostgreSQL refuses, non-ASCII, kilobytes) never reaches a store."""
+    return _UPLOAD_ID.fullmatch(value) is not None
 
 
 def utcnow() -> datetime:

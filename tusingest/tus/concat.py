@@ -5,6 +5,10 @@ makes a final upload whose bytes are its partials' staged bytes, in that order (
 appear more than once). The final's length is the sum of the partials' lengths. It completes
 when its partials do: at once when they are complete already, else when the last of them
 completes (``TusContext.complete``).
+
+A partial is named by a path below the tus base path or by an absolute URL of this server: the
+scheme and host the request reached it by (``TusContext.location``), so a final never names,
+nor makes the server look up, an upload it did not hand out itself.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
-from tusingest.sessions.model import new_upload_id, utcnow
+from tusingest.sessions.model import is_upload_id, new_upload_id, utcnow
 from tusingest.tus.base import TusContext, expires_header, partials_complete, tus_headers
 from tusingest.tus.errors import BadRequest, TooLarge
 
@@ -56,9 +60,31 @@ def _upload_id(url: str, base_path: str) -> str:
     if parts is None or parts.scheme not in ("", "http", "https") or parts.query or parts.fragment:
         raise BadRequest(f"invalid Upload-Concat header: {url!r} is not an upload URL")
     upload_id = parts.path.removeprefix(base_path) if parts.path.startswith(base_path) else ""
-    if not upload_id or "/" in upload_id:
+    if not is_upload_id(upload_id):
         raise BadRequest(f"invalid Upload-Concat header: {url!r} is not an upload URL below {base_path}")
     return upload_id
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def same_origin(url: str, location: str) -> bool:
+    """Whether ``url`` (a partial's URL as the client sent it) points at the server whose upload
+    URLs look like ``location``: a path, or the same scheme and host (default ports aside)."""
+    try:
+        named, own = urlsplit(url), urlsplit(location)
+    except ValueError:
+        return False
+    if not named.scheme and not named.netloc:
+        return True
+    scheme = (named.scheme or own.scheme).lower()
+    return scheme == own.scheme.lower() and _host(named.netloc, scheme) == _host(own.netloc, scheme)
+
+
+def _host(netloc: str, scheme: str) -> str:
+    host = netloc.lower()
+    default_port = _DEFAULT_PORTS.get(scheme)
+    return host.removesuffix(default_port) if default_port else host
 
 
 def upload_concat_header(ctx: TusContext, request: Request, upload: Upload) -> dict[str, str]:
@@ -73,6 +99,10 @@ def upload_concat_header(ctx: TusContext, request: Request, upload: Upload) -> d
 
 async def create_final(ctx: TusContext, request: Request, concat: FinalConcat, metadata: str) -> Response:
     """POST with ``Upload-Concat: final;...``: check the partials, then create the final upload."""
+    own = ctx.location(request, "")
+    for url in concat.urls:
+        if not same_origin(url, own):
+            raise BadRequest(f"Upload-Concat: {url} is not an upload of this server")
     partials = await ctx.store.get_many(list(dict.fromkeys(concat.parts)))
     now = utcnow()
     for part_id, url in zip(concat.parts, concat.urls, strict=True):

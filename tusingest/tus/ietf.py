@@ -8,8 +8,6 @@ upload's length at its offset, so ``Upload.is_complete`` and the completion hook
 
 from __future__ import annotations
 
-import re
-
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -31,14 +29,14 @@ from tusingest.tus.errors import (
     UnsupportedMediaType,
     UploadGone,
 )
-from tusingest.tus.headers import parse_non_negative
+from tusingest.tus.headers import non_negative_integer, parse_non_negative
 from tusingest.tus.options import OptionsHandler
 from tusingest.tus.patch import content_type
 
 INTEROP_VERSION = "8"
 PARTIAL_UPLOAD = "application/partial-upload"
 
-_SF_INTEGER = re.compile(r"^[0-9]{1,15}$")  # a non-negative Structured Field Integer (RFC 9651)
+_SF_INTEGER_DIGITS = 15  # a Structured Field Integer has at most 15 digits (RFC 9651)
 
 
 def uses_ietf_draft(request: Request) -> bool:
@@ -59,7 +57,7 @@ def parse_sf_integer(value: str | None) -> int | None:
     if value is None:
         return None
     item = value.split(";", 1)[0].strip()
-    return int(item) if _SF_INTEGER.match(item) else None
+    return non_negative_integer(item, max_digits=_SF_INTEGER_DIGITS)
 
 
 def sf_boolean(value: bool) -> str:

@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
+from tusingest.sessions.model import is_upload_id
 from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
 from tusingest.tus.base import PlainHooks, TusContext, TusOptions, UploadHooks, tus_headers
@@ -23,6 +24,7 @@ from tusingest.tus.errors import (
     ServiceUnavailable,
     TusError,
     UploadLocked,
+    UploadNotFound,
     UploadProblem,
     VersionNotSupported,
 )
@@ -76,6 +78,8 @@ class TusServer:
     async def _dispatch(self, request: Request, upload_id: str | None) -> Response:
         try:
             method = self._method(request)
+            if upload_id is not None and method != "OPTIONS" and not is_upload_id(upload_id):
+                raise UploadNotFound()  # no upload has such an id: the store is not asked
             if uses_ietf_draft(request):  # the IETF resumable-upload draft needs no Tus-Resumable
                 return await self.ietf.handle(request, method, upload_id)
             if method == "OPTIONS":

@@ -1,6 +1,7 @@
 """The Storage Elements of a running node: the list as discovery reports it, the pool that
-places files on them, and the timer that probes their health. Built from the settings by
-``StorageElements.from_settings``; app.py and the CLI open and close it.
+places files on them, and the timers that probe their health and sweep them of what killed
+puts left. Built from the settings by ``StorageElements.from_settings``; app.py and the CLI
+open and close it.
 """
 
 from __future__ import annotations

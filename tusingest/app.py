@@ -172,7 +172,9 @@ async def _expire_periodically(parts: Parts) -> None:
     interval = parts.settings.upload_session_cleanup_interval_hours * 3600
     while True:
         try:
-            await expire_uploads(parts.store, parts.staging, parts.locker)
+            # A staging folder no session knows, untouched for the TTL, belongs to no live creation.
+            grace = timedelta(hours=parts.settings.upload_session_ttl_hours)
+            await expire_uploads(parts.store, parts.staging, parts.locker, staging_grace=grace)
             await free_partials(parts)
             await purge_outbox(parts)
         except Exception:  # a failed sweep must not end the task; the next one retries

@@ -1,6 +1,7 @@
 """The Storage Element backend contract: a directory and an S3 bucket (moto) store, stream, describe,
-copy, list and delete objects the same way; a failed or cancelled put leaves nothing behind; and a
-200 MiB put streams through bounded memory. The S3 specifics (multipart layout, shared clients,
+copy, list and delete objects the same way; a failed or cancelled put leaves nothing behind, and
+what a killed one leaves is removed by discard_incomplete (per key) and sweep_incomplete (by age);
+and a 200 MiB put streams through bounded memory. The S3 specifics (multipart layout, shared clients,
 an unreachable server) follow the shared suite."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.fixtures.killed_put import killed_put
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, s3_client
 from tusingest.config import Settings, load_settings
 from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectNotFound
@@ -349,6 +352,117 @@ async def test_cancelling_a_put_midway_leaves_no_object_and_nothing_behind(
     if isinstance(backend, DirectoryBackend) or sent > PART:
         # The cancellation hit an upload in progress (a temp file, an open multipart upload).
         assert len(in_progress) == 1
+
+
+# --- what a killed put leaves ----------------------------------------------------------------
+
+
+def element_of(backend: Backend) -> tuple[StorageElement, dict[str, str]]:
+    """The element description (and credentials) that opens backend again, in another process."""
+    if isinstance(backend, DirectoryBackend):
+        element = StorageElement.model_validate(
+            {"element_id": backend.element_id, "mode": "edit", "backend": "directory", "path": str(backend.root)}
+        )
+        return element, {}
+    assert isinstance(backend, S3Backend) and backend.access.endpoint_url is not None
+    element = s3_element(backend.element_id, backend.access.endpoint_url, backend.bucket, backend.prefix)
+    return element, moto_environ(element)
+
+
+@pytest.fixture
+def begun(backend: Backend, s3_clients: S3ClientPool) -> Callable[[], Awaitable[list[datetime]]]:
+    """When each leftover was begun, as the store records it (temp file mtime, Initiated)."""
+
+    async def temp_files() -> list[datetime]:
+        assert isinstance(backend, DirectoryBackend)
+        paths = [path for path in backend.root.rglob("*") if is_temp_name(path.name)]
+        return [datetime.fromtimestamp(path.stat().st_mtime, UTC) for path in paths]
+
+    async def multipart_uploads() -> list[datetime]:
+        assert isinstance(backend, S3Backend)
+        client = await s3_clients.client(backend.access)
+        response = await client.list_multipart_uploads(Bucket=backend.bucket)
+        return [upload["Initiated"] for upload in response.get("Uploads", [])]
+
+    return temp_files if isinstance(backend, DirectoryBackend) else multipart_uploads
+
+
+async def test_a_put_killed_midway_leaves_what_discard_incomplete_removes_for_its_key_only(
+    backend: Backend, leftovers: Callable[[], Awaitable[list[str]]]
+) -> None:
+    element, environ = element_of(backend)
+    # The sidecar's key starts with the object's: an S3 prefix listing finds both.
+    await killed_put(element, environ, "a/killed.bin", 6 * MiB)
+    await killed_put(element, environ, "a/killed.bin.attr.json", 6 * MiB)
+    left = await leftovers()
+    assert len(left) == 2
+
+    assert await backend.discard_incomplete("a/killed.bin") == 1
+    assert await leftovers() == [entry for entry in left if "attr.json" in entry]
+    assert await backend.discard_incomplete("a/killed.bin") == 0
+    await backend.put("a/killed.bin", stream(b"put again"))
+    assert await read(backend, "a/killed.bin") == b"put again"
+    assert await backend.discard_incomplete("a/killed.bin.attr.json") == 1
+    assert await leftovers() == []
+
+
+async def test_discard_incomplete_of_a_key_never_put_removes_nothing(backend: Backend) -> None:
+    assert await backend.discard_incomplete("never/put.bin") == 0
+
+
+async def test_sweep_incomplete_removes_what_killed_puts_began_before_the_cutoff_and_nothing_later(
+    backend: Backend,
+    leftovers: Callable[[], Awaitable[list[str]]],
+    begun: Callable[[], Awaitable[list[datetime]]],
+) -> None:
+    element, environ = element_of(backend)
+    await killed_put(element, environ, "a/killed.bin", 6 * MiB)
+    await backend.put("kept.bin", stream(b"a finished object"))
+    [started] = await begun()
+
+    assert await backend.sweep_incomplete(started - timedelta(seconds=1)) == 0
+    assert len(await leftovers()) == 1
+    assert await backend.sweep_incomplete(started + timedelta(seconds=1)) == 1
+    assert await leftovers() == []
+    assert await read(backend, "kept.bin") == b"a finished object"
+
+
+async def test_sweep_incomplete_leaves_a_put_in_progress_that_began_after_the_cutoff(
+    backend: Backend,
+    leftovers: Callable[[], Awaitable[list[str]]],
+    begun: Callable[[], Awaitable[list[datetime]]],
+) -> None:
+    data = os.urandom(6 * MiB + 10)
+    halfway = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def pausing() -> AsyncIterator[bytes]:
+        yield data[: 6 * MiB]
+        halfway.set()
+        await go_on.wait()
+        yield data[6 * MiB :]
+
+    put = asyncio.create_task(backend.put("busy.bin", pausing()))
+    await until_set(halfway, put)
+    [started] = await begun()
+    assert await backend.sweep_incomplete(started - timedelta(seconds=1)) == 0
+    go_on.set()
+    await put
+    assert await read(backend, "busy.bin") == data
+    assert await leftovers() == []
+
+
+async def test_a_name_of_240_bytes_round_trips_and_a_killed_put_of_it_is_discarded(
+    backend: Backend, leftovers: Callable[[], Awaitable[list[str]]]
+) -> None:
+    key = "a/" + "文" * 79 + ".b"  # 240 bytes in UTF-8, within a file system's 255 per name
+    element, environ = element_of(backend)
+    await killed_put(element, environ, key, 6 * MiB)
+    assert len(await leftovers()) == 1
+    assert await backend.discard_incomplete(key) == 1
+    await backend.put(key, stream(b"long name"))
+    assert await read(backend, key) == b"long name"
+    assert await leftovers() == []
 
 
 # --- copy -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 
@@ -63,7 +64,8 @@ class Backend(Protocol):
     ) -> ObjectInfo:
         """Store the stream under key; length may be unknown. Memory stays bounded by the part
         size. Nothing is visible under key unless the whole stream was stored: a failure leaves
-        no object (and, on S3, no multipart upload) behind."""
+        no object (and, on S3, no multipart upload) behind. A process killed midway cannot clean
+        up; discard_incomplete and sweep_incomplete remove what it left."""
         ...
 
     def get(self, key: str) -> AsyncIterator[bytes]:
@@ -89,6 +91,18 @@ class Backend(Protocol):
 
     def list_keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every key under prefix (relative to the element), in no promised order."""
+        ...
+
+    async def discard_incomplete(self, key: str) -> int:
+        """Remove what earlier puts of key left unfinished (a put whose process was killed leaves
+        a temp file, or on S3 an incomplete multipart upload); returns how many were removed.
+        Only for a key no put is writing now: a running put of key would be cut off."""
+        ...
+
+    async def sweep_incomplete(self, older_than: datetime) -> int:
+        """Remove what puts of any key begun before older_than (timezone-aware) left unfinished;
+        returns how many were removed. An older_than further back than the longest a put can run
+        never touches a put in progress."""
         ...
 
     async def probe(self) -> None:

@@ -2,6 +2,9 @@
 
 A put writes a hidden temp file next to the target (``.<name>.<random>.tmp``), fsyncs it and
 renames it over the key, so a reader sees the old object or the whole new one, never a part.
+A put killed midway leaves its temp file; the name says which object it was for, so the next
+put of that key removes it first (``discard_incomplete``), and ``sweep_incomplete`` removes
+the old ones of any key.
 Content type, encoding and metadata live in user xattrs; on a filesystem without xattrs they
 are not stored and head reports None for them (the upload's attr.json stays the authoritative
 record). All file I/O runs in worker threads.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -20,6 +24,7 @@ import re
 import secrets
 import stat
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 
 from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound
@@ -38,6 +43,7 @@ _XATTRS = (XATTR_CONTENT_TYPE, XATTR_CONTENT_ENCODING, XATTR_METADATA)
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 
 _TEMP_NAME = re.compile(r"^\..*\.[0-9a-f]{16}\.tmp$")
+_TEMP_STEM_BYTES = 200  # "." + stem + "." + 16 hex + ".tmp": 222 bytes at most
 _NOT_THERE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # Errors a later attempt may not see: a full disk can be freed, an NFS server can come back.
 _TRANSIENT_ERRNOS = frozenset(
@@ -77,9 +83,33 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_NAME.match(name) is not None
 
 
+def _temp_stem(name: str) -> str:
+    """The part of a temp file's name that says which object it becomes: the object's name, or
+    for a long one its first bytes and a digest of the whole, so the temp name stays within
+    NAME_MAX (255 bytes) and still belongs to exactly one name."""
+    encoded = name.encode(errors="surrogateescape")
+    if len(encoded) <= _TEMP_STEM_BYTES:
+        return name
+    digest = hashlib.blake2b(encoded, digest_size=8).hexdigest()
+    return encoded[: _TEMP_STEM_BYTES - 17].decode(errors="ignore") + "~" + digest
+
+
 def _temp_path(target: Path) -> Path:
-    # Cut the name so the temp name stays within NAME_MAX (255) however long the key's name is.
-    return target.with_name(f".{target.name[:200]}.{secrets.token_hex(8)}.tmp")
+    return target.with_name(f".{_temp_stem(target.name)}.{secrets.token_hex(8)}.tmp")
+
+
+def _temp_names_of(name: str) -> re.Pattern[str]:
+    """Matches the names of every temp file a put of the object called name may have left."""
+    return re.compile(re.escape(f".{_temp_stem(name)}.") + r"[0-9a-f]{16}\.tmp")
+
+
+def _unlink_leftover(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except _NOT_THERE:
+        return False  # removed by its own put, or by another node's sweep
+    log.info("removed %s, left by a put that never finished", path)
+    return True
 
 
 def _close_opened(opening: asyncio.Future[int]) -> None:
@@ -474,6 +504,39 @@ class DirectoryBackend:
                 yield from self._walk(Path(entry.path), key)
             elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
                 yield key
+
+    async def discard_incomplete(self, key: str) -> int:
+        target = self._path(key)
+        leftover = _temp_names_of(target.name)
+
+        def discard() -> int:
+            try:
+                entries = list(os.scandir(target.parent))
+            except _NOT_THERE:
+                return 0
+            found = [e.path for e in entries if leftover.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+            return sum(_unlink_leftover(path) for path in found)
+
+        return await self._run("discard_incomplete", key, discard)
+
+    async def sweep_incomplete(self, older_than: datetime) -> int:
+        cutoff = older_than.timestamp()
+
+        def sweep() -> int:
+            removed = 0
+            # A temp file's mtime moves with every batch written, so a put still running is young.
+            for directory, _, names in os.walk(self.root):
+                for name in filter(is_temp_name, names):
+                    path = os.path.join(directory, name)
+                    try:
+                        status = os.lstat(path)
+                    except _NOT_THERE:
+                        continue
+                    if stat.S_ISREG(status.st_mode) and status.st_mtime < cutoff:
+                        removed += _unlink_leftover(path)
+            return removed
+
+        return await self._run("sweep_incomplete", None, sweep)
 
     async def probe(self) -> None:
         def probe() -> None:

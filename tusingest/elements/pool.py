@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -280,6 +280,47 @@ class ElementPool:
                 continue
             state.placed_bytes += info.size
             return Placement(element_id, key, info)
+
+    # -- what killed puts left ------------------------------------------------------------
+
+    async def discard_incomplete(self, element_id: str, key: str) -> int:
+        """Before key is put again on the element: remove what an earlier put of it left when its
+        process was killed. Best effort: a failure is logged, and the sweep removes it later."""
+        try:
+            removed = await self.call(element_id, lambda backend: backend.discard_incomplete(key))
+        except (BackendError, ElementUnavailable) as exc:
+            log.warning("cannot check %s on %s for what an earlier put left: %s", key, element_id, exc)
+            return 0
+        if removed:
+            log.info("removed %d unfinished put(s) of %s from %s", removed, key, element_id)
+        return removed
+
+    async def sweep_incomplete(self, older_than: datetime) -> dict[str, int]:
+        """Remove, from every element that takes uploads, what puts begun before older_than left
+        unfinished; returns how many per element (elements that could not be swept are left out)."""
+        removed: dict[str, int] = {}
+        for state in self._uploadable:
+            element_id = state.element.element_id
+            try:
+                removed[element_id] = await self.call(element_id, lambda backend: backend.sweep_incomplete(older_than))
+            except (BackendError, ElementUnavailable) as exc:
+                log.warning("cannot sweep %s for unfinished puts: %s", element_id, exc)
+                continue
+            if removed[element_id]:
+                log.info(
+                    "removed %d unfinished put(s) begun before %s from %s", removed[element_id], older_than, element_id
+                )
+        return removed
+
+    async def run_sweeps(self, age: float, interval: float) -> None:
+        """Every interval seconds, from the first moment on, sweep away unfinished puts older than
+        age seconds (longer than any put can run, so none in progress is touched)."""
+        while True:
+            try:
+                await self.sweep_incomplete(datetime.now(UTC) - timedelta(seconds=age))
+            except Exception:  # a failed round must not end the task
+                log.exception("storage element sweep failed")
+            await asyncio.sleep(interval)
 
     # -- health ---------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The Storage Elements of a running node: the list as discovery reports it, the pool that
-places files on them, and the timer that probes their health. Built from the settings by
-``StorageElements.from_settings``; app.py and the CLI open and close it.
+places files on them, and the timers that probe their health and sweep them of what killed
+puts left. Built from the settings by ``StorageElements.from_settings``; app.py and the CLI
+open and close it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,21 @@ log = logging.getLogger(__name__)
 
 class StorageElements:
     def __init__(
-        self, discovery: ElementDiscovery, pool: ElementPool, s3_clients: _S3Clients, health_interval: float
+        self,
+        discovery: ElementDiscovery,
+        pool: ElementPool,
+        s3_clients: _S3Clients,
+        health_interval: float,
+        put_lifetime: float = 3600.0,
     ) -> None:
         self.discovery = discovery
         self.pool = pool
         self._s3_clients = s3_clients
         self._health_interval = health_interval
-        self._health_task: asyncio.Task[None] | None = None
+        # No put runs longer than its saga's timeout, and a taken-over saga waited a lease first:
+        # what a put left that is older than both is garbage, also for other nodes' puts.
+        self._put_lifetime = put_lifetime
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StorageElements:
@@ -56,22 +65,34 @@ class StorageElements:
             datacenter=settings.storage_preferred_datacenter,
         )
         discovery = ElementDiscovery.from_settings(settings, on_change=pool.apply)
-        return cls(discovery, pool, s3_clients, settings.storage_health_check_interval_seconds)
+        return cls(
+            discovery,
+            pool,
+            s3_clients,
+            settings.storage_health_check_interval_seconds,
+            put_lifetime=settings.saga_timeout_seconds + settings.saga_lease_seconds,
+        )
 
     async def open(self, *, health_checks: bool = True) -> None:
+        """Follow discovery; with health_checks (a serving node), also probe the elements and
+        sweep them of unfinished puts, at start and then every put lifetime."""
         await self.discovery.start()
         self.pool.apply(self.discovery.current)
         if health_checks:
-            self._health_task = asyncio.create_task(
-                self.pool.run_health_checks(self._health_interval), name="storage-element-health"
-            )
+            self._tasks = [
+                asyncio.create_task(self.pool.run_health_checks(self._health_interval), name="storage-element-health"),
+                asyncio.create_task(
+                    self.pool.run_sweeps(self._put_lifetime, interval=self._put_lifetime), name="storage-element-sweep"
+                ),
+            ]
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
+                await task
         await self.discovery.close()
         await self.pool.close()
         await self._s3_clients.close()

@@ -3,7 +3,9 @@
 An S3ClientPool keeps one client (one connection pool) per endpoint and identity, and every
 S3Backend on that endpoint borrows it. Uploads larger than one part go up as multipart uploads
 whose next part is read from the source while the previous one is being sent, so memory holds
-a few parts (the one being read, the one being sent) whatever the object's size.
+a few parts (the one being read, the one being sent) whatever the object's size. A put killed
+midway leaves its multipart upload open (invisible, but billed): ``discard_incomplete`` aborts
+those of one key before it is put again, ``sweep_incomplete`` the old ones under the prefix.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import asyncio
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
         CompletedPartTypeDef,
         CreateMultipartUploadOutputTypeDef,
         CreateMultipartUploadRequestTypeDef,
+        MultipartUploadTypeDef,
         PutObjectRequestTypeDef,
     )
 
@@ -615,6 +619,51 @@ class S3Backend:
                 raise s3_error(exc, element_id=self.element_id, operation="list_objects_v2") from exc
             for entry in page.get("Contents", []):
                 yield entry["Key"][len(self.prefix) :]
+
+    async def discard_incomplete(self, key: str) -> int:
+        object_key = self._object_key(key)
+        # The prefix also matches longer keys (key + ".attr.json"): only key's own are aborted.
+        return await self._abort_incomplete(object_key, lambda upload: upload.get("Key") == object_key)
+
+    async def sweep_incomplete(self, older_than: datetime) -> int:
+        def old(upload: MultipartUploadTypeDef) -> bool:
+            initiated = upload.get("Initiated")
+            return initiated is not None and initiated < older_than
+
+        return await self._abort_incomplete(self.prefix, old)
+
+    async def _abort_incomplete(self, prefix: str, chosen: Callable[[MultipartUploadTypeDef], bool]) -> int:
+        """Abort the multipart uploads under prefix that chosen picks; returns how many."""
+        client = await self._client()
+        found: list[MultipartUploadTypeDef] = []
+        pages = aiter(client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix))
+        while True:
+            try:
+                page = await anext(pages)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                raise s3_error(exc, element_id=self.element_id, operation="list_multipart_uploads") from exc
+            found.extend(upload for upload in page.get("Uploads", []) if chosen(upload))
+        aborted = 0
+        for upload in found:
+            object_key, upload_id = upload["Key"], upload["UploadId"]
+            try:
+                await client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    continue  # completed or aborted meanwhile, by its own put or another node's sweep
+                raise s3_error(exc, element_id=self.element_id, operation="abort_multipart_upload") from exc
+            except Exception as exc:
+                raise s3_error(exc, element_id=self.element_id, operation="abort_multipart_upload") from exc
+            log.info(
+                "aborted multipart upload %s of %r (begun %s), left by a put that never finished",
+                upload_id,
+                object_key,
+                upload.get("Initiated"),
+            )
+            aborted += 1
+        return aborted
 
     async def probe(self) -> None:
         client = await self._client()

@@ -2,13 +2,15 @@
 
 SAGA_FAILPOINTS is a comma list of ``<point>=<action>[@<element_id>]``: ``pause`` blocks the saga
 there for good (the test then kills the process), ``fail`` raises a permanent element failure.
-Empty in production; nothing here costs anything when no point is set.
+Most points sit between steps; ``put_midway`` sits inside the object's put, once half its bytes
+have gone to the element. Empty in production; nothing here costs anything when no point is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tusingest.elements.backend import BackendError
@@ -44,3 +46,22 @@ class Failpoints:
         if failpoint.action == "pause":
             await asyncio.Event().wait()
         raise BackendError(f"failpoint {point} on {element_id}", transient=False)
+
+    def midway(
+        self, point: str, chunks: AsyncIterator[bytes], length: int, element_id: str | None = None
+    ) -> AsyncIterator[bytes]:
+        """chunks as they are, reaching point once half of length has passed through."""
+        if point not in self._points:
+            return chunks
+        return self._reach_midway(point, chunks, length, element_id)
+
+    async def _reach_midway(
+        self, point: str, chunks: AsyncIterator[bytes], length: int, element_id: str | None
+    ) -> AsyncIterator[bytes]:
+        passed, reached = 0, False
+        async for chunk in chunks:
+            yield chunk
+            passed += len(chunk)
+            if not reached and passed >= length // 2:
+                reached = True
+                await self.reach(point, element_id)

@@ -290,6 +290,7 @@ class TransferSagas:
             saga, "copying", {"started_at": data["started_at"] or _now(), "bytes_transferred": 0}
         )
         source = self.pool.backend(source_id)
+        await self.pool.discard_incomplete(destination_id, key)  # what a copy cut off by a kill left
         with self.pool.reserve(destination_id, size):
             if source.can_copy_to(self.pool.backend(destination_id)):
                 how = "server_side"

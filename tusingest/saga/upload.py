@@ -475,13 +475,16 @@ class UploadSagas:
         async def put(backend: Backend) -> ObjectInfo:
             return await backend.put(
                 data["key"],
-                stream(),
+                self.failpoints.midway("put_midway", stream(), size, element_id),
                 length=size,
                 content_type=data["content_type"],
                 content_encoding=compression["algorithm"] if compression else None,
                 metadata=metadata,
             )
 
+        # A put of this key cut off by a kill (before a takeover or restart) left its temp file or
+        # multipart upload: remove it before putting again.
+        await self.pool.discard_incomplete(element_id, data["key"])
         with self.pool.reserve(element_id, size):
             info = await self.pool.call(element_id, put)
         if info.size != size:

@@ -23,6 +23,7 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
@@ -333,6 +334,24 @@ class DirectoryStaging:
     async def remove(self, upload_id: str) -> None:
         directory = self.directory(upload_id)
         await self._run(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+    async def last_written(self, upload_id: str) -> datetime | None:
+        """When the upload's folder or a file in it last changed; None when there is no folder."""
+        directory = self.directory(upload_id)
+
+        def _newest() -> float | None:
+            try:
+                newest = directory.stat().st_mtime
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            return newest
+
+        newest = await self._run(_newest)
+        return None if newest is None else datetime.fromtimestamp(newest, UTC)
 
     async def list_upload_ids(self) -> list[str]:
         def _list() -> list[str]:

@@ -47,6 +47,10 @@ OUTCOME_SECONDS = 60.0  # how long a complete upload may take to become a file (
 DELIVERY_SECONDS = 60.0  # how long a client may take to get all its bytes accepted
 PATCH_ANSWER_SECONDS = 40.0  # above FINALISE_WAIT_SECONDS: the completing PATCH waits for its saga
 
+# Answers after which a tus client asks HEAD and tries again: the offset moved under it (409), the
+# upload is busy (423), its request was interrupted before committing anything (400), or a 5xx.
+RETRIED = frozenset({400, 409, 423})
+
 Moment = Literal["mid-body", "body-sent", "in-saga", "after-answer"]
 
 
@@ -71,6 +75,7 @@ class Planned:
     chunks: random.Random  # this upload's chunk sizes
     kill: Kill | None
     path: str = ""  # /files/<id> once created
+    trace: list[str] = field(default_factory=list)  # what its client sent where, for a failure message
 
     @property
     def upload_id(self) -> str:
@@ -213,6 +218,7 @@ class TusClient:
             turn += 1
             if not known:
                 offset_or_none = await self.head(node, upload.path)
+                upload.trace.append(f"HEAD {node.name}/{node.generation} -> {offset_or_none}")
                 if offset_or_none is None:
                     failures += 1
                     await backoff(failures)
@@ -224,11 +230,17 @@ class TusClient:
             kill = upload.kill if upload.kill and upload.kill.due(patches, offset + size == length) else None
             answer, killed = await self.patch(node, upload, offset, upload.payload[offset : offset + size], kill)
             patches += 1
+            got = "no answer" if answer is None else f"{answer.status} {answer.headers.get('upload-offset')}"
+            done = f" {answer.headers.get('artstore-upload-status')}" if answer and offset + size == length else ""
+            cut = f" [{kill.moment} kill{'' if killed else ' missed'}]" if kill else ""
+            upload.trace.append(f"PATCH {node.name} @{offset}+{size} -> {got}{done}{cut}")
             if kill is not None and killed:
                 upload.kill = None  # else it stays armed: the node had already been killed under it
             if answer is not None and answer.status == 204:
                 offset, failures = int(answer.headers["upload-offset"]), 0
                 continue
+            if answer is not None and answer.status not in RETRIED and answer.status < 500:
+                return  # refused for good (the upload failed, say): its session status tells how
             known = False
             failures += 1
             await backoff(failures)
@@ -255,15 +267,16 @@ class TusClient:
         writer: asyncio.StreamWriter | None = None
         answering: asyncio.Future[tuple[int, dict[str, str]]] | None = None
         try:
-            reader, writer = await asyncio.wait_for(open_request(node.url + upload.path, "PATCH", headers), 10)
+            reader, opened = await asyncio.wait_for(open_request(node.url + upload.path, "PATCH", headers), 10)
+            writer = opened
             cut = int(len(body) * kill.fraction) if kill is not None and kill.moment == "mid-body" else len(body)
-            writer.write(body[:cut])
-            await writer.drain()
+            opened.write(body[:cut])
+            await opened.drain()
             if kill is not None and kill.moment in ("mid-body", "body-sent"):
                 killed = await self.cluster.kill(node, generation, why)
             if cut < len(body) and not killed:
-                writer.write(body[cut:])
-                await writer.drain()
+                opened.write(body[cut:])
+                await opened.drain()
             answering = asyncio.ensure_future(asyncio.wait_for(read_response(reader), PATCH_ANSWER_SECONDS))
             if kill is not None and kill.moment == "in-saga":
                 await self.saga_started_or(upload.upload_id, answering)
@@ -285,9 +298,8 @@ class TusClient:
         finish first), bounded: on a stranded upload neither comes and the kill goes ahead."""
 
         async def saga_row() -> bool:
-            return answering.done() or bool(
-                await self.db.fetchval("SELECT count(*) FROM sagas WHERE kind = 'upload' AND subject_id = $1", upload_id)
-            )
+            query = "SELECT count(*) FROM sagas WHERE kind = 'upload' AND subject_id = $1"
+            return answering.done() or bool(await self.db.fetchval(query, upload_id))
 
         await poll(saga_row, bool, timeout=20, every=0.005)
 
@@ -362,8 +374,8 @@ async def test_random_sigkills_of_the_receiving_node_leave_every_upload_register
     where = f"seed {seed} (TUSINGEST_CHAOS_SEED={seed}), logs under {tmp_path}"
     outcomes: dict[int, dict[str, Any]] = {}
     async with database(postgres_url) as db, httpx.AsyncClient(timeout=10) as http:
-        await cluster.start()
         try:
+            await cluster.start()
             client = TusClient(cluster, http, db)
             # Created before the chaos begins: a creation lost with a killed node would leave an
             # upload nobody knows of, which is the client's loss, not the server's.
@@ -384,8 +396,9 @@ async def test_random_sigkills_of_the_receiving_node_leave_every_upload_register
                     outcomes[upload.index] = await client.outcome(upload)
 
             await asyncio.gather(*(work() for _ in range(CLIENTS)))
+            unsettled = "SELECT subject_id, state, step FROM sagas WHERE state IN ('running', 'compensating')"
             unfinished = await poll(
-                lambda: db.fetch("SELECT subject_id, state, step FROM sagas WHERE state IN ('running', 'compensating')"),
+                lambda: db.fetch(unsettled),
                 lambda rows: not rows,
                 timeout=30,
                 every=0.2,
@@ -398,7 +411,10 @@ async def test_random_sigkills_of_the_receiving_node_leave_every_upload_register
             status = outcomes[upload.index]["status"]
             if status != "completed":
                 detail = await evidence(db, upload.upload_id, staging)
-                problems.append(f"upload {upload.upload_id} (#{upload.index}) ended {status!r}: {detail}")
+                problems.append(
+                    f"upload {upload.upload_id} (#{upload.index}) ended {status!r}: {detail}; "
+                    f"its client: {' | '.join(upload.trace)}"
+                )
         files = await db.fetch("SELECT upload_id, sha256, size_bytes, storage_key, content_encoding FROM files")
         sagas = await db.fetch("SELECT subject_id, state FROM sagas WHERE kind = 'upload'")
 

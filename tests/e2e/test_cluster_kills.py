@@ -190,7 +190,7 @@ async def poll[T](probe: Callable[[], Awaitable[T]], until: Callable[[T], bool],
 
 class TusClient:
     """What a tus client does: PATCH from the known offset; after any failure (connection
-    refused or cut, 409, 423, 5xx) ask the next node with HEAD where the upload stands and go
+    refused or cut, 400, 409, 423, 5xx) ask the next node with HEAD where the upload stands and go
     on from there. Its nodes go round-robin, one per request."""
 
     def __init__(self, cluster: Cluster, http: httpx.AsyncClient, db: asyncpg.Pool) -> None:
@@ -218,7 +218,7 @@ class TusClient:
             turn += 1
             if not known:
                 offset_or_none = await self.head(node, upload.path)
-                upload.trace.append(f"HEAD {node.name}/{node.generation} -> {offset_or_none}")
+                upload.trace.append(f"HEAD {node.name} -> {offset_or_none}")
                 if offset_or_none is None:
                     failures += 1
                     await backoff(failures)

@@ -333,6 +333,9 @@ class UploadSagas:
         if upload is None:
             raise _GiveUp("upload_gone", "the upload disappeared before it was finalised")
         step = saga.step
+        # An earlier run (killed, or an attempt that failed) got as far as a put: what that put left
+        # unfinished on the element is removed before the same key is put again.
+        repeated = step in ("placing", "placed")
 
         if step in (None, "inspected") and not self._inspection_usable(saga):
             single_pass = await self._single_pass_head(upload)
@@ -353,13 +356,13 @@ class UploadSagas:
             element_id = saga.data["element_id"]
             try:
                 if step == "placing":
-                    info, hashes = await self._put_object(saga, element_id)
+                    info, hashes = await self._put_object(saga, element_id, repeated=repeated)
                     saga = await self._advance(saga, "placed", {"stored_size": info.size, **hashes})
                     step = "placed"
                     if hashes:
                         self._check_single_pass(saga)
                     await self.failpoints.reach("placed", element_id)
-                await self._put_sidecar(saga, element_id)
+                await self._put_sidecar(saga, element_id, repeated=repeated)
                 saga = await self._advance(saga, "sidecar_written", {})
                 step = "sidecar_written"
             except (BackendError, ElementUnavailable) as exc:
@@ -441,7 +444,7 @@ class UploadSagas:
                     "checksum_mismatch", f"the file's {algorithm} is {data[algorithm]}, the client declared {value}"
                 )
 
-    async def _put_object(self, saga: Saga, element_id: str) -> tuple[ObjectInfo, dict[str, Any]]:
+    async def _put_object(self, saga: Saga, element_id: str, *, repeated: bool) -> tuple[ObjectInfo, dict[str, Any]]:
         """Put the object; in single-pass mode also return the hashes taken on the way."""
         data = saga.data
         compression = data.get("compression")
@@ -482,9 +485,10 @@ class UploadSagas:
                 metadata=metadata,
             )
 
-        # A put of this key cut off by a kill (before a takeover or restart) left its temp file or
-        # multipart upload: remove it before putting again.
-        await self.pool.discard_incomplete(element_id, data["key"])
+        if repeated:
+            # A put of this key cut off by a kill (before a takeover or restart) left its temp file
+            # or multipart upload: remove it before putting again.
+            await self.pool.discard_incomplete(element_id, data["key"])
         with self.pool.reserve(element_id, size):
             info = await self.pool.call(element_id, put)
         if info.size != size:
@@ -499,7 +503,7 @@ class UploadSagas:
         async for block in read_upload(self.sessions, self.staging, upload, READ_BLOCK):
             yield block
 
-    async def _put_sidecar(self, saga: Saga, element_id: str) -> None:
+    async def _put_sidecar(self, saga: Saga, element_id: str, *, repeated: bool) -> None:
         data = saga.data
         document = sidecar_document(
             file_id=data["file_id"],
@@ -523,6 +527,8 @@ class UploadSagas:
                 sidecar_key(data["key"]), _once(document), length=len(document), content_type="application/json"
             )
 
+        if repeated:
+            await self.pool.discard_incomplete(element_id, sidecar_key(data["key"]))
         await self.pool.call(element_id, put)
 
     async def _register(self, saga: Saga) -> Saga:

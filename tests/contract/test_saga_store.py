@@ -1044,7 +1044,8 @@ async def test_open_on_an_unmigrated_database_raises_database_not_migrated_namin
 ) -> None:
     store = PostgresSagaStore(empty_postgres_url)
 
-    with pytest.raises(DatabaseNotMigrated, match=r"\(at nothing, head is 0002\): run `tusingest migrate`"):
+    head = migrations.HEAD_REVISION
+    with pytest.raises(DatabaseNotMigrated, match=rf"\(at nothing, head is {head}\): run `tusingest migrate`"):
         await store.open()
 
     assert await store.ping() is False
@@ -1053,7 +1054,7 @@ async def test_open_on_an_unmigrated_database_raises_database_not_migrated_namin
 async def test_open_on_a_database_still_at_0001_asks_for_migrate(empty_postgres_url: str) -> None:
     await migrations.upgrade_async(empty_postgres_url, "0001")
 
-    with pytest.raises(DatabaseNotMigrated, match=r"\(at 0001, head is 0002\)"):
+    with pytest.raises(DatabaseNotMigrated, match=rf"\(at 0001, head is {migrations.HEAD_REVISION}\)"):
         await PostgresSagaStore(empty_postgres_url).open()
 
 

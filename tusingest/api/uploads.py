@@ -225,7 +225,9 @@ class FacadeUploads:
                 f"the session is at byte {upload.offset}, the request starts at {offset}",
                 bytes_uploaded=upload.offset,
             )
-        if upload.state is not UploadState.ACTIVE:
+        # A COMPLETE session holds every byte (a request cut after its last byte, or a retry after the
+        # answer was lost): an empty part at its end asks for the result, and gets it.
+        if upload.state not in (UploadState.ACTIVE, UploadState.COMPLETE):
             raise ApiError(409, "session_not_active", f"the upload session is {upload.state.value}")
         resumable = session_id is not None
         try:

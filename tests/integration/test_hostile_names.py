@@ -18,6 +18,7 @@ import pytest
 
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket
 from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
+from tusingest.elements.backend import ObjectRefused
 from tusingest.elements.breaker import BreakerState
 from tusingest.finalise.naming import (
     MAX_NAME_COMPONENT_BYTES,
@@ -274,3 +275,38 @@ async def test_an_ietf_draft_creation_still_works_through_the_creation_check(sql
         response = await client.post("/files/", headers=headers, content=os.urandom(1000))
     assert response.status_code == 201
     assert response.headers["ArtStore-Upload-Status"] == "completed"
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_an_object_the_element_refuses_fails_the_upload_with_422_without_failover(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    # A real element cannot be made to refuse a sanitised name here (it would need a file system
+    # with a small NAME_MAX), so the first element's backend refuses names with a marker in them,
+    # as a directory backend does on ENAMETOOLONG: everything else is the real server and saga.
+    first = {"element_id": "se-a", "mode": "rw", "backend": "directory", "path": str(tmp_path / "a"), "priority": 1}
+    second = {"element_id": "se-b", "mode": "rw", "backend": "directory", "path": str(tmp_path / "b"), "priority": 2}
+    path = tmp_path / "two-elements.json"
+    path.write_text(json.dumps({"version": 1, "storage_elements": [first, second]}))
+    server = await start_server(service_discovery_fallback_config=str(path))
+    pool = server.parts.sagas.pool
+    backend = pool.backend("se-a")
+    real_put = backend.put
+
+    async def put(key: str, chunks: Any, **options: Any) -> Any:
+        if "refuse-me" in key:
+            raise ObjectRefused(f"element se-a: put of {key!r} refused: File name too long", key=key)
+        return await real_put(key, chunks, **options)
+
+    backend.put = put  # type: ignore[method-assign]
+    async with server.client() as client:
+        refused, refused_id = await tus_upload(client, PAYLOAD, encode_metadata(filename="refuse-me.txt"))
+        for _ in range(5):  # more than the breaker's threshold
+            await tus_upload(client, PAYLOAD, encode_metadata(filename="refuse-me.txt"))
+        plain, _ = await tus_upload(client, PAYLOAD, encode_metadata(filename="plain.txt"))
+    assert refused.status_code == 422 and refused.headers["ArtStore-Error"] == "object_refused"
+    assert "File name too long" in refused.text
+    assert refused_id is not None and await server.parts.saga_store.file_for_upload(refused_id) is None
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").rglob("*.txt"))  # no failover
+    assert plain.status_code == 204 and plain.headers["ArtStore-Storage-Element-Id"] == "se-a"
+    assert_breaker_closed(server, "se-a")

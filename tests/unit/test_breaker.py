@@ -1,8 +1,18 @@
-"""The per-element circuit breaker: closed → open → half-open → closed, on an injected clock."""
+"""The per-element circuit breaker: closed → open → half-open → closed, on an injected clock; and
+the pool feeding it only with failures of the element, never with a request's own fault."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import cast
+
+import pytest
+
+from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectRefused
 from tusingest.elements.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from tusingest.elements.model import ElementList
+from tusingest.elements.pool import ElementPool
+from tusingest.elements.selection import Selector
 
 
 class Clock:
@@ -86,3 +96,66 @@ def test_successes_while_open_do_not_close_the_breaker_early() -> None:
     breaker.record_success()
     breaker.record_success()
     assert breaker.state is BreakerState.OPEN
+
+
+# --- the pool feeds the breaker only with what the element did ----------------------------------
+
+
+class RefusingBackend:
+    """A backend whose put fails with the given error and counts its calls."""
+
+    def __init__(self, element_id: str, error: BackendError | None) -> None:
+        self.element_id = element_id
+        self.error = error
+        self.puts = 0
+
+    async def put(self, key: str, chunks: AsyncIterable[bytes], **_: object) -> ObjectInfo:
+        self.puts += 1
+        async for _chunk in chunks:
+            pass
+        if self.error is not None:
+            raise self.error
+        return ObjectInfo(key, 1)
+
+
+def pool_of(backends: dict[str, RefusingBackend]) -> ElementPool:
+    pool = ElementPool(
+        lambda element: cast(Backend, backends[element.element_id]),
+        selector=Selector("priority"),
+        breaker_settings=BreakerSettings(failure_threshold=3, timeout=30.0, success_threshold=1),
+        retry_attempts=3,
+        retry_base_delay=0.0,
+    )
+    elements = [
+        {"element_id": element_id, "mode": "rw", "backend": "directory", "path": f"/tmp/{element_id}", "priority": n}
+        for n, element_id in enumerate(backends)
+    ]
+    pool.apply(ElementList.model_validate({"version": 1, "storage_elements": elements}))
+    return pool
+
+
+async def one_byte() -> AsyncIterator[bytes]:
+    yield b"x"
+
+
+async def test_a_refused_object_neither_counts_against_the_element_nor_is_retried_nor_fails_over() -> None:
+    first = RefusingBackend("first", ObjectRefused("name too long", key="k"))
+    second = RefusingBackend("second", None)
+    pool = pool_of({"first": first, "second": second})
+    for _ in range(5):
+        with pytest.raises(ObjectRefused):
+            await pool.put_object("k", one_byte, size=1)
+    breaker = pool.state("first").breaker
+    assert breaker.state is BreakerState.CLOSED and breaker.consecutive_failures == 0
+    assert first.puts == 5  # one attempt each: a refusal is not retried
+    assert second.puts == 0  # and not tried elsewhere
+
+
+async def test_an_element_failure_still_counts_retries_and_fails_over() -> None:
+    first = RefusingBackend("first", BackendError("disk on fire", transient=True))
+    second = RefusingBackend("second", None)
+    pool = pool_of({"first": first, "second": second})
+    placement = await pool.put_object("k", one_byte, size=1)
+    assert placement.element_id == "second"
+    assert first.puts == 3 and second.puts == 1
+    assert pool.state("first").breaker.state is BreakerState.OPEN

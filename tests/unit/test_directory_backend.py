@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tusingest.elements.backend import BackendError, InvalidKey
+from tusingest.elements.backend import BackendError, InvalidKey, ObjectRefused
 from tusingest.elements.directory import DirectoryBackend, directory_error, is_temp_name
 
 
@@ -121,3 +121,30 @@ def test_file_errors_are_transient_only_when_a_later_attempt_may_succeed(code: i
     assert type(error) is BackendError
     assert error.transient is transient
     assert str(error).startswith("element dir-1: put of 'x' failed: ")
+
+
+async def test_a_name_component_over_255_bytes_is_refused_as_the_request_s_fault(backend: DirectoryBackend) -> None:
+    name = "東" * 86  # 258 bytes
+    with pytest.raises(ObjectRefused) as refused:
+        await backend.put(f"2026/11/28/09/{name}", stream(b"x"), length=1)
+    assert refused.value.transient is False and refused.value.key.endswith(name)
+    assert list(backend.root.rglob("*.tmp")) == []  # the temp file went with the failed put
+
+
+async def test_a_name_of_255_bytes_of_multibyte_characters_is_stored(backend: DirectoryBackend) -> None:
+    # The temp file's name is cut in bytes: a 255-byte name does not make it too long.
+    name = "東" * 85  # 255 bytes
+    info = await backend.put(f"a/{name}", stream(b"bytes"), length=5)
+    assert info.size == 5 and (backend.root / "a" / name).read_bytes() == b"bytes"
+
+
+@pytest.mark.parametrize("code", [errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL])
+def test_name_errors_of_a_file_operation_become_object_refused(code: int) -> None:
+    error = directory_error(OSError(code, os.strerror(code), "/root/a/name"), element_id="d", operation="put", key="a")
+    assert isinstance(error, ObjectRefused)
+
+
+def test_a_full_disk_is_still_an_element_failure() -> None:
+    exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/root/a/name")
+    error = directory_error(exc, element_id="d", operation="put", key="a")
+    assert type(error) is BackendError and error.transient is True

@@ -8,11 +8,16 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from tusingest.finalise.naming import (
+    MAX_NAME_COMPONENT_BYTES,
     MAX_SIDECAR_BYTES,
     MAX_STORED_NAME,
+    MAX_STORED_NAME_BYTES,
+    SIDECAR_SUFFIX,
+    cut,
     sanitise_filename,
     sidecar_document,
     sidecar_key,
+    sidecar_worst_case_size,
     storage_key,
     stored_name,
 )
@@ -125,3 +130,107 @@ def sidecar_args() -> dict[str, object]:
         "compression": None,
         "metadata": {},
     }
+
+
+# --- names bounded in bytes, hostile names --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        "東" * 70 + ".txt",
+        "Ж" * 100 + ".pdf",
+        "😀" * 80 + ".png",
+        "a" * 300 + ".txt",
+        "東" * 300 + ".文档文档",  # a multi-byte extension is kept too
+    ],
+)
+@pytest.mark.parametrize("username", ["alice", "ü" * 64, "東" * 64])
+def test_a_stored_name_fits_200_characters_and_its_sidecar_name_fits_255_bytes(original: str, username: str) -> None:
+    name = stored_name(original, username, WHEN, FILE_ID)
+    assert len(name) <= MAX_STORED_NAME
+    assert len(name.encode()) <= MAX_STORED_NAME_BYTES
+    assert len((name + SIDECAR_SUFFIX).encode()) <= MAX_NAME_COMPONENT_BYTES
+    assert name.endswith(f"_20261128T090507_{FILE_ID}.{original.rpartition('.')[2]}")
+    assert name.startswith(original[0])
+    assert len(sidecar_key(storage_key(name, WHEN)).encode()) <= 1024
+
+
+def test_when_both_are_long_the_username_keeps_half_the_room_and_the_stem_the_rest() -> None:
+    name = stored_name("東" * 200 + ".txt", "ж" * 64, WHEN, FILE_ID)
+    stem, user = name.split("_")[:2]
+    room = MAX_STORED_NAME_BYTES - len(f"___20261128T090507{FILE_ID}.txt")  # 187 bytes
+    assert user == "ж" * (room // 2 // 2)  # 2-byte characters within half the room
+    assert stem == "東" * ((room - len(user.encode())) // 3)
+    assert len(name.encode()) > MAX_STORED_NAME_BYTES - 3  # less than one character is wasted
+
+
+def test_a_short_stem_leaves_its_room_to_a_long_username() -> None:
+    name = stored_name("a.txt", "u" * 300, WHEN, FILE_ID)
+    assert name.startswith("a_uuu") and len(name) == MAX_STORED_NAME
+
+
+@pytest.mark.parametrize(
+    ("text", "chars", "size", "expected"),
+    [
+        ("東京都", 10, 7, "東京"),  # 7 bytes would split the third character: it goes whole
+        ("東京都", 10, 9, "東京都"),
+        ("東京都", 2, 100, "東京"),
+        ("😀x", 5, 3, ""),
+        ("abc", 0, 10, ""),
+    ],
+)
+def test_cutting_ends_on_a_character_boundary(text: str, chars: int, size: int, expected: str) -> None:
+    assert cut(text, chars, size) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("CON", "_CON"),
+        ("nul.txt", "_nul.txt"),
+        ("Com1.tar.gz", "_Com1.tar.gz"),
+        ("LPT9", "_LPT9"),
+        ("console.txt", "console.txt"),  # only the device names themselves are reserved
+        ("..", "file"),
+        ("../x", "x"),
+        ("...", "file"),
+        ("line\r\nbreak.txt", "linebreak.txt"),
+        ("c1\x85control\x9f.txt", "c1control.txt"),
+        ("trailing dots...", "trailing dots"),
+        (".pdf", "pdf"),
+        ("a\ud800b.txt", "ab.txt"),  # a lone surrogate cannot be encoded: removed
+    ],
+)
+def test_reserved_and_relative_names_are_made_safe(raw: str, clean: str) -> None:
+    assert sanitise_filename(raw) == clean
+
+
+def test_the_original_filename_stays_as_sent_in_attr_json() -> None:
+    original = 'line\r\n"quoted"\\../CON\x01.txt'
+    assert sidecar(original_filename=original)["original_filename"] == original
+
+
+def test_the_worst_case_sidecar_bounds_every_real_one() -> None:
+    metadata = {"filename": "Отчёт.pdf", "username": "ü" * 64, "user_id": "i" * 128, "note": "\x01" * 100}
+    worst = sidecar_worst_case_size(
+        original_filename="Отчёт.pdf", username="ü" * 64, user_id="i" * 128, metadata=metadata
+    )
+    name = stored_name("Отчёт.pdf", "ü" * 64, WHEN, FILE_ID)
+    real = sidecar_document(
+        **{  # type: ignore[arg-type]
+            **sidecar_args(),
+            "original_filename": "Отчёт.pdf",
+            "storage_filename": name,
+            "storage_path": storage_key(name, WHEN),
+            "file_size": 5 << 30,
+            "content_type": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+            "created_at": WHEN.replace(microsecond=123456),
+            "created_by_id": "i" * 128,
+            "created_by_username": "ü" * 64,
+            "compression": {"algorithm": "brotli", "original_size": 5 << 30, "stored_size": 1 << 30},
+            "metadata": metadata,
+        }
+    )
+    assert len(real) <= worst <= MAX_SIDECAR_BYTES
+    assert json.loads(real)["metadata"] == metadata  # nothing was trimmed

@@ -18,7 +18,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from tusingest.elements.backend import BackendError, ObjectNotFound
+from tusingest.elements.backend import BackendError, ObjectNotFound, ObjectRefused
 from tusingest.elements.s3 import s3_error
 
 
@@ -61,6 +61,18 @@ def test_other_client_errors_are_permanent(status: int, code: str) -> None:
     error = s3_error(client_error(status, code), element_id="se-1", operation="put_object", key="k")
     assert type(error) is BackendError
     assert error.transient is False
+
+
+@pytest.mark.parametrize("code", ["KeyTooLongError", "InvalidArgument", "InvalidObjectName", "MetadataTooLarge"])
+def test_a_key_or_object_s3_refuses_is_the_request_s_fault(code: str) -> None:
+    error = s3_error(client_error(400, code), element_id="se-1", operation="put_object", key="a/b")
+    assert isinstance(error, ObjectRefused)
+    assert error.key == "a/b" and error.transient is False and code in str(error)
+
+
+def test_an_invalid_argument_without_a_key_is_an_element_failure() -> None:
+    error = s3_error(client_error(400, "InvalidArgument"), element_id="se-1", operation="head_bucket")
+    assert type(error) is BackendError
 
 
 @pytest.mark.parametrize("code", ["NoSuchKey", "404", "NotFound"])

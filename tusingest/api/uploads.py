@@ -282,6 +282,7 @@ class FacadeUploads:
         values["description"] = options.description or options.metadata.get("description")
         if start.content_type:
             values.setdefault("filetype", start.content_type)
+        await self._check_creation(values)
         upload = Upload(
             id=session_id or new_upload_id(),
             length=total,
@@ -292,6 +293,22 @@ class FacadeUploads:
         )
         await self.store.create(upload)
         return upload
+
+    async def _check_creation(self, values: Mapping[str, str | None]) -> None:
+        """The same creation check as tus creation (UploadHooks.check_creation), as a JSON 400."""
+        encoded: dict[str, bytes | None] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            try:
+                encoded[key] = value.encode()
+            except UnicodeEncodeError:
+                # JSON can spell a lone surrogate ("\ud800"); UTF-8 cannot carry it.
+                raise ApiError(400, "invalid_metadata", f"the value of {key!r} is not valid Unicode text") from None
+        try:
+            await self.hooks.check_creation(encoded)
+        except TusError as refusal:
+            raise ApiError(400, "invalid_metadata", refusal.message) from None
 
     async def _write_part(
         self, upload: Upload, writer: ChunkWriter, events: AsyncIterator[Any], *, stop_on_refusal: bool

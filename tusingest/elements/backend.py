@@ -3,7 +3,9 @@
 Keys are relative object names (``2026/11/28/12/name_alice_20261128T120000_<id>.txt``); an S3
 backend puts them under its bucket and prefix, a directory backend under its root. Every method
 is safe to repeat: a second ``delete`` of the same key is not an error, a second ``put`` replaces.
-Failures are values with a ``transient`` flag so callers know whether a retry can help.
+Failures are values with a ``transient`` flag so callers know whether a retry can help, and
+``ObjectRefused`` marks the ones that are the request's own fault (a name or an object the element
+can never take), which say nothing about the element's health.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ class BackendError(Exception):
     def __init__(self, message: str, *, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class ObjectRefused(BackendError):
+    """The element refused this object for what it is, not for what the element is going through:
+    a name component too long for its file system, a name it cannot represent, a key S3 rejects
+    (KeyTooLongError, InvalidArgument, ...). Never transient; never counts against the element's
+    breaker; another element would most likely refuse it too, so the file fails instead."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message, transient=False)
+        self.key = key
 
 
 class ObjectNotFound(BackendError):

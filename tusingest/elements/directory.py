@@ -27,7 +27,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Ma
 from datetime import datetime
 from pathlib import Path
 
-from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound
+from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound, ObjectRefused
 from tusingest.elements.keys import check_key, check_prefix
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,23 @@ def directory_error(exc: BaseException, *, element_id: str, operation: str, key:
     if isinstance(exc, BackendError):
         return exc
     where = f"element {element_id}: {operation}" + (f" of {key!r}" if key is not None else "")
+    if isinstance(exc, OSError) and key is not None and _refuses_name(exc):
+        return ObjectRefused(f"{where} refused: {exc.strerror or exc} ({exc.filename})", key=key)
     if isinstance(exc, OSError):
         transient = exc.errno in _TRANSIENT_ERRNOS
         return BackendError(f"{where} failed: {exc.strerror or exc} ({exc.filename})", transient=transient)
     return BackendError(f"{where} failed unexpectedly: {type(exc).__name__}: {exc}", transient=False)
+
+
+def _refuses_name(exc: OSError) -> bool:
+    """Whether the file system refused the name itself: too long a component (ENAMETOOLONG, also
+    on file systems with a NAME_MAX below 255), bytes it cannot represent (EILSEQ on utf8only
+    ZFS, APFS), or a path argument it calls invalid (EINVAL from a call on a named path). An
+    element-wide problem (a full disk, a dead mount) has other errnos, and the health probe,
+    which writes names of its own, still sees it."""
+    if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ):
+        return True
+    return exc.errno == errno.EINVAL and exc.filename is not None
 
 
 def is_temp_name(name: str) -> bool:

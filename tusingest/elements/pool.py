@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound
+from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound, ObjectRefused
 from tusingest.elements.breaker import BreakerSettings, CircuitBreaker
 from tusingest.elements.model import ElementList, StorageElement
 from tusingest.elements.selection import ElementState, Retention, Selector
@@ -82,12 +82,14 @@ class ElementStatus:
 
 
 def _counts_against_element(exc: BaseException) -> bool:
-    # A missing object or a bad key is an answer, not a sign that the element is failing.
-    return isinstance(exc, BackendError) and not isinstance(exc, ObjectNotFound | InvalidKey)
+    # A missing object, a bad key or a refused object is an answer about the request, not a sign
+    # that the element is failing: it must never open the breaker (one user's file name would
+    # otherwise take the element away from everyone).
+    return isinstance(exc, BackendError) and not isinstance(exc, ObjectNotFound | InvalidKey | ObjectRefused)
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, BackendError) and exc.transient
+    return isinstance(exc, BackendError) and exc.transient and not isinstance(exc, ObjectRefused)
 
 
 class ElementPool:
@@ -254,7 +256,8 @@ class ElementPool:
         """Choose an element and put the object there; when that element fails, choose another.
 
         open_stream is called once per attempt. Raises NoElementAvailable when every candidate
-        failed or none has room; a non-element failure (the source stream raising) propagates.
+        failed or none has room; a non-element failure (the source stream raising) propagates,
+        and so does ObjectRefused or InvalidKey: the request's own fault, no reason to fail over.
         """
         tried = set(exclude)
         while True:
@@ -274,6 +277,8 @@ class ElementPool:
             try:
                 with self.reserve(element_id, size):
                     info = await self.call(element_id, put)
+            except (ObjectRefused, InvalidKey):
+                raise
             except (BackendError, ElementUnavailable) as exc:
                 log.warning("placing %s on %s failed, choosing another element: %s", key, element_id, exc)
                 tried.add(element_id)

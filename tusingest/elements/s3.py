@@ -33,7 +33,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound
+from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound, ObjectRefused
 from tusingest.elements.keys import check_key, check_prefix
 
 if TYPE_CHECKING:
@@ -59,6 +59,16 @@ COPY_CONCURRENCY = 4
 READ_CHUNK_SIZE = 1 << 20
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+# 400-class answers about the object itself (its key, its metadata), not about the element.
+_REFUSED_OBJECT_CODES = frozenset(
+    {
+        "KeyTooLongError",
+        "InvalidArgument",
+        "InvalidObjectName",
+        "XMinioInvalidObjectName",  # MinIO
+        "MetadataTooLarge",
+    }
+)
 _TRANSIENT_CODES = frozenset(
     {
         "SlowDown",
@@ -85,8 +95,9 @@ _TRANSIENT_CONNECTION_ERRORS = (
 def s3_error(exc: BaseException, *, element_id: str, operation: str, key: str | None = None) -> BackendError:
     """The BackendError for an exception raised by an S3 call: ObjectNotFound for a missing key
     (only when the operation is about a key), transient for 5xx, throttling and connection
-    failures, permanent for the other 4xx (missing bucket, denied access, bad keys) and for
-    anything else."""
+    failures, ObjectRefused for a 4xx about the object itself (a key too long, an invalid
+    argument or object name, too much metadata), permanent for the other 4xx (missing bucket,
+    denied access) and for anything else."""
     if isinstance(exc, BackendError):
         return exc
     where = f"element {element_id}: S3 {operation}" + (f" of {key!r}" if key is not None else "")
@@ -100,6 +111,8 @@ def s3_error(exc: BaseException, *, element_id: str, operation: str, key: str | 
         detail = " ".join(
             part for part in (code, f"(HTTP {status})" if status else "", error.get("Message", "")) if part
         )
+        if key is not None and code in _REFUSED_OBJECT_CODES and not transient:
+            return ObjectRefused(f"{where} refused: {detail}", key=key)
         return BackendError(f"{where} failed: {detail}", transient=transient)
     if isinstance(exc, _PERMANENT_CONNECTION_ERRORS):
         return BackendError(f"{where} failed: TLS: {exc}", transient=False)

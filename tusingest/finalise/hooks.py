@@ -8,10 +8,11 @@ import logging
 from collections.abc import Mapping
 
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime
+from tusingest.finalise.naming import MAX_SIDECAR_BYTES, MAX_USER_ID, MAX_USERNAME, sidecar_worst_case_size
 from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, check_mime
 from tusingest.saga.upload import UploadOutcome, UploadSagas
 from tusingest.sessions import SessionStore, Upload
-from tusingest.tus.errors import TusError, UploadRefused
+from tusingest.tus.errors import BadRequest, TusError, UploadRefused
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,9 @@ SHA256_HEADER = "ArtStore-Sha256"
 STATUS_HEADER = "ArtStore-Upload-Status"
 ERROR_HEADER = "ArtStore-Error"
 EXPOSED_HEADERS = (FILE_ID_HEADER, ELEMENT_HEADER, SHA256_HEADER, STATUS_HEADER, ERROR_HEADER)
+INVALID_METADATA = "invalid_metadata"
+# Stands in for ``<upload id>.bin``, the name the saga gives a file sent without a filename.
+_UNNAMED = "u" * 64 + ".bin"
 
 
 class FinaliserHooks:
@@ -70,6 +74,51 @@ class FinaliserHooks:
         if outcome is None or outcome.status != "failed":
             return UploadRefused(422, "the upload failed")
         return UploadRefused(outcome.http_status, outcome.error or "the upload failed", headers_for(outcome))
+
+    async def check_creation(self, metadata: Mapping[str, bytes | None]) -> None:
+        """Refuse (400) at creation what the saga could not store, so it never fails for it later.
+
+        - A value is text when it is valid UTF-8; any other value (this includes encoded lone
+          surrogates, which UTF-8 cannot carry) is binary and stays out of the text metadata,
+          the file's row and attr.json (``saga.upload.upload_metadata``): kept, never refused.
+        - A text value containing NUL is refused: PostgreSQL cannot keep ``\\u0000`` in text or
+          jsonb, and no name or description needs it.
+        - ``username`` at most 64 and ``user_id`` at most 128 characters.
+        - attr.json must fit 4 KiB with the server's fields at their largest
+          (``naming.sidecar_worst_case_size``). Refusing is chosen over trimming: a client that
+          sends metadata expects it in the file's attr.json whole, or to be told at once which
+          value is too large, not to find it silently cut after the upload.
+        """
+        text: dict[str, str] = {}
+        for key, value in metadata.items():
+            if value is None:
+                text[key] = ""
+                continue
+            try:
+                decoded = value.decode()
+            except UnicodeDecodeError:
+                continue  # binary: left out of the text metadata
+            if "\0" in decoded:
+                raise _invalid(f"the Upload-Metadata value of {key!r} contains a NUL character")
+            text[key] = decoded
+        username = text.get("username") or self.sagas.settings.default_username
+        user_id = text.get("user_id")
+        if len(username) > MAX_USERNAME:
+            raise _invalid(f"username has {len(username)} characters; at most {MAX_USERNAME} are allowed")
+        if user_id is not None and len(user_id) > MAX_USER_ID:
+            raise _invalid(f"user_id has {len(user_id)} characters; at most {MAX_USER_ID} are allowed")
+        filename = text.get("filename") or text.get("name") or _UNNAMED
+        size = sidecar_worst_case_size(original_filename=filename, username=username, user_id=user_id, metadata=text)
+        if size > MAX_SIDECAR_BYTES:
+            largest = max(text, key=lambda key: len(text[key].encode()) + len(key))
+            raise _invalid(
+                f"the metadata would make attr.json {size} bytes long; it may have at most {MAX_SIDECAR_BYTES}"
+                f" (the largest value is {largest!r}, {len(text[largest].encode())} bytes)"
+            )
+
+
+def _invalid(message: str) -> BadRequest:
+    return BadRequest(message, {ERROR_HEADER: INVALID_METADATA})
 
 
 def headers_for(outcome: UploadOutcome) -> dict[str, str]:

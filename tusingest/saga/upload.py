@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from tusingest.elements.backend import Backend, BackendError, ObjectInfo
+from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectRefused
 from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.finalise.clamd import ClamdScanner, ScannerUnavailable
 from tusingest.finalise.compression import should_compress
@@ -365,6 +365,10 @@ class UploadSagas:
                 await self._put_sidecar(saga, element_id, repeated=repeated)
                 saga = await self._advance(saga, "sidecar_written", {})
                 step = "sidecar_written"
+            except (ObjectRefused, InvalidKey) as exc:
+                # The file's own fault (its name, its sidecar): another element would refuse it
+                # too, and this one is not failing. The upload fails; compensation removes the object.
+                raise FileRejected("object_refused", f"the storage element refused the file: {exc}") from exc
             except (BackendError, ElementUnavailable) as exc:
                 log.warning("upload saga %s: element %s failed (%s); trying another", saga.saga_id, element_id, exc)
                 await self._remove_from(element_id, saga.data["key"])

@@ -54,6 +54,10 @@ class UploadHooks(Protocol):
         """Whether what runs after completion is done with the upload's staged bytes, so that a
         termination may free them; False while the finaliser still reads them."""
 
+    async def check_creation(self, metadata: Mapping[str, bytes | None]) -> None:
+        """The decoded Upload-Metadata of an upload about to be created, before anything is
+        staged or stored. Raising a TusError (400) refuses the creation."""
+
 
 class PlainHooks:
     """No finaliser: a complete upload is simply marked complete."""
@@ -80,6 +84,9 @@ class PlainHooks:
 
     async def settled(self, upload: Upload) -> bool:
         return True
+
+    async def check_creation(self, metadata: Mapping[str, bytes | None]) -> None:
+        return None  # the metadata is kept as the header was sent; nothing derives names from it
 
 
 log = logging.getLogger(__name__)

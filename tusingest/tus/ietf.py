@@ -157,6 +157,7 @@ class IetfPostHandler:
         if length is not None and length > options.max_size:
             raise TooLarge(f"the upload is larger than max-size ({options.max_size})", headers=upload_limit(self.ctx))
         room = length if length is not None else options.max_size
+        await self.ctx.hooks.check_creation({})  # the draft carries no metadata; the hooks still decide
 
         upload_id = new_upload_id()
         interrupt = Interrupt()

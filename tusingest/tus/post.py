@@ -39,7 +39,8 @@ class PostHandler:
             kind = concat
         length = self._length(request)
         metadata = (request.headers.get("upload-metadata") or "").strip()
-        parse_metadata(metadata)  # validation only: the header is kept as sent and echoed byte-exact
+        # The header is kept as sent and echoed byte-exact; parsed here to validate and to check.
+        await self.ctx.hooks.check_creation(parse_metadata(metadata))
 
         content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
         with_body = content_type(request) == OFFSET_OCTET_STREAM
@@ -90,7 +91,7 @@ class PostHandler:
         if content_length or "transfer-encoding" in request.headers:
             raise BadRequest("a final upload takes no body: its bytes are those of its partial uploads")
         metadata = (request.headers.get("upload-metadata") or "").strip()
-        parse_metadata(metadata)
+        await self.ctx.hooks.check_creation(parse_metadata(metadata))
         return await create_final(self.ctx, request, concat, metadata)
 
     def _length(self, request: Request) -> int | None:

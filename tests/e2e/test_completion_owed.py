@@ -115,6 +115,26 @@ async def open_store(database_url: str) -> SessionStore:
     return store
 
 
+async def strand_at_failpoint(
+    tmp_path: Path, env: dict[str, str], port: int, store: SessionStore, payload: bytes
+) -> str:
+    """Upload ``payload`` whole to a node that pauses at the failpoint ``completed`` (its last byte
+    committed, no saga yet), and SIGKILL it there; returns the upload's URL."""
+    async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "completed=pause"}, port) as node:
+        url = await create(port, len(payload))
+        upload_id = url.rsplit("/", 1)[1]
+        writer = await send_whole_body(url, payload)
+
+        async def pending() -> bool:
+            upload = await store.get(upload_id)
+            return upload is not None and upload.completion_pending
+
+        await eventually(pending, bool, timeout=30)  # committed; the node now pauses before the saga
+        await kill(node)
+        writer.close()
+    return url
+
+
 async def test_a_node_killed_between_the_last_commit_and_the_saga_row_has_the_upload_finished_by_recovery(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -123,18 +143,8 @@ async def test_a_node_killed_between_the_last_commit_and_the_saga_row_has_the_up
     port = free_port()
     store = await open_store(database_url)
     try:
-        async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "completed=pause"}, port) as first:
-            url = await create(port, len(payload))
-            upload_id = url.rsplit("/", 1)[1]
-            writer = await send_whole_body(url, payload)
-
-            async def pending() -> bool:
-                upload = await store.get(upload_id)
-                return upload is not None and upload.completion_pending
-
-            await eventually(pending, bool, timeout=30)  # committed; the node now pauses before the saga
-            await kill(first)
-            writer.close()
+        url = await strand_at_failpoint(tmp_path, env, port, store, payload)
+        upload_id = url.rsplit("/", 1)[1]
         await owed_without_saga(store, database_url, upload_id)
 
         async with serving(tmp_path, env, port):
@@ -159,18 +169,8 @@ async def test_the_clients_head_or_empty_patch_on_an_owed_upload_starts_its_fina
     port = free_port()
     store = await open_store(sqlite_url)
     try:
-        async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "completed=pause"}, port) as first:
-            url = await create(port, len(payload))
-            upload_id = url.rsplit("/", 1)[1]
-            writer = await send_whole_body(url, payload)
-
-            async def pending() -> bool:
-                upload = await store.get(upload_id)
-                return upload is not None and upload.completion_pending
-
-            await eventually(pending, bool, timeout=30)
-            await kill(first)
-            writer.close()
+        url = await strand_at_failpoint(tmp_path, env, port, store, payload)
+        upload_id = url.rsplit("/", 1)[1]
         await owed_without_saga(store, sqlite_url, upload_id)
 
         async with serving(tmp_path, env, port):

@@ -28,16 +28,16 @@ from tusingest.sessions import SessionStore, Upload, UploadState, open_session_s
 
 
 def node_env(tmp_path: Path, database_url: str, **values: str) -> dict[str, str]:
-    return clean_env(
-        DATABASE_URL=database_url,
-        STAGING_DIR=str(tmp_path / "staging"),
-        DEFAULT_ELEMENT_DIR=str(tmp_path / "elements"),
-        SERVICE_DISCOVERY_CACHE_FILE=str(tmp_path / "storage_elements.json"),
-        SAGA_LEASE_SECONDS="2",
-        FINALISE_WAIT_SECONDS="30",
-        LOCK_TIMEOUT_SECONDS="1",
-        **values,
-    )
+    defaults = {
+        "DATABASE_URL": database_url,
+        "STAGING_DIR": str(tmp_path / "staging"),
+        "DEFAULT_ELEMENT_DIR": str(tmp_path / "elements"),
+        "SERVICE_DISCOVERY_CACHE_FILE": str(tmp_path / "storage_elements.json"),
+        "SAGA_LEASE_SECONDS": "2",
+        "FINALISE_WAIT_SECONDS": "30",
+        "LOCK_TIMEOUT_SECONDS": "1",  # also recovery's grace for a completion owed: short here
+    }
+    return clean_env(**(defaults | values))
 
 
 async def create(port: int, length: int) -> str:
@@ -163,8 +163,9 @@ async def test_a_node_killed_between_the_last_commit_and_the_saga_row_has_the_up
 async def test_the_clients_head_or_empty_patch_on_an_owed_upload_starts_its_finalisation_and_tells_the_status(
     tmp_path: Path, sqlite_url: str, ask: str
 ) -> None:
-    # Recovery is made too slow to matter, so the client's own request is what pays the debt.
-    env = node_env(tmp_path, sqlite_url, SAGA_RECOVERY_INTERVAL_SECONDS="3600")
+    # Recovery leaves a debt younger than the lock timeout to the request that made it, and runs again
+    # only after its interval: both made too long to matter, so the client's own request pays the debt.
+    env = node_env(tmp_path, sqlite_url, SAGA_RECOVERY_INTERVAL_SECONDS="3600", LOCK_TIMEOUT_SECONDS="600")
     payload = os.urandom(300_000)
     port = free_port()
     store = await open_store(sqlite_url)

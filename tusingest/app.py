@@ -37,7 +37,7 @@ from tusingest.saga import open_saga_store
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.store import SagaStore
-from tusingest.saga.upload import SagaSettings, UploadSagas
+from tusingest.finalise.upload import SagaSettings, UploadSagas
 from tusingest.serving import RequestHeadLimit
 from tusingest.sessions import SessionStore, open_session_store
 from tusingest.sessions.expiry import expire_partials, expire_uploads

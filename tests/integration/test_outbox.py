@@ -27,7 +27,7 @@ from tests.fixtures.redis import RedisServer, free_port
 from tusingest.saga import FileRecord, NewOutboxMessage, OutboxMessage, SagaStore, open_saga_store
 from tusingest.saga.outbox import MAX_CONCURRENT_DELIVERIES, DeliveryReport, OutboxRelay, full_jitter
 from tusingest.sessions.model import new_upload_id
-from tusingest.webhooks import (
+from tusingest.saga.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     FILE_CREATED,

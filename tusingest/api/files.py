@@ -20,14 +20,14 @@ from tusingest.api.sessions import error
 from tusingest.api.uploads import ApiError
 from tusingest.config import Settings
 from tusingest.elements.pool import ElementPool
-from tusingest.saga.delete import AUDIT_STREAM, DeleteSagas
+from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import UNFINISHED_STATES, Saga, SagaKind
-from tusingest.saga.running import FileNotFound, Refused, SagaTasks
+from tusingest.finalise.refusals import FileNotFound, Refused, SagaTasks
 from tusingest.saga.store import SagaStore
-from tusingest.saga.transfer import TransferSagas, estimated_seconds, transfer_json
-from tusingest.saga.upload import SagaSettings
+from tusingest.finalise.transfer import TransferSagas, estimated_seconds, transfer_json
+from tusingest.finalise.upload import SagaSettings
 from tusingest.sessions.model import is_upload_id
 
 log = logging.getLogger(__name__)

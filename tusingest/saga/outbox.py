@@ -26,7 +26,7 @@ from redis.typing import EncodableT, FieldT
 
 from tusingest.saga.records import OutboxMessage
 from tusingest.saga.store import SagaStore
-from tusingest.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, USER_AGENT, sign, webhook_body
+from tusingest.saga.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, USER_AGENT, sign, webhook_body
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from tusingest.finalise.compression import open_decompressor
 from tusingest.finalise.naming import sidecar_document, sidecar_key
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.records import FileRecord, Saga, SagaState
-from tusingest.saga.running import (
+from tusingest.finalise.refusals import (
     DeleteInProgress,
     FileNotFound,
     Refused,
@@ -32,7 +32,7 @@ from tusingest.saga.running import (
     TransferInProgress,
 )
 from tusingest.saga.store import DuplicateSaga, SagaOwnershipLost, SagaStore
-from tusingest.saga.upload import SagaSettings
+from tusingest.finalise.upload import SagaSettings
 from tusingest.sessions.store import StoreError
 
 log = logging.getLogger(__name__)

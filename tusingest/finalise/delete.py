@@ -18,7 +18,7 @@ from tusingest.finalise.naming import sidecar_key
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaState
-from tusingest.saga.running import (
+from tusingest.finalise.refusals import (
     DeleteInProgress,
     FileNotFound,
     Refused,
@@ -27,9 +27,9 @@ from tusingest.saga.running import (
     TransferInProgress,
 )
 from tusingest.saga.store import DuplicateSaga, SagaStore
-from tusingest.saga.upload import SagaSettings
+from tusingest.finalise.upload import SagaSettings
 from tusingest.sessions.store import StoreError
-from tusingest.webhooks import FILE_DELETED, file_event_message
+from tusingest.saga.webhooks import FILE_DELETED, file_event_message
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("tusingest.audit")

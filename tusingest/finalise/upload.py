@@ -46,7 +46,7 @@ from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.content import read_upload
 from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
-from tusingest.webhooks import (
+from tusingest.saga.webhooks import (
     FILE_CREATED,
     UPLOAD_COMPLETED,
     UPLOAD_FAILED,

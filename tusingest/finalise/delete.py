@@ -265,13 +265,7 @@ class DeleteSagas:
 
     async def _advance(self, saga: Saga, step: str, data: DeleteSagaData) -> Saga:
         # Nothing of the delete's data changes on the way; the step is what is recorded.
-        saga = await self.store.advance(
-            saga.saga_id,
-            owner=self.settings.owner,
-            step=step,
-            data_update={},
-            lease_seconds=self.settings.lease_seconds,
-        )
+        saga = await self.runner.advance(saga, step)
         await self.failpoints.reach(f"delete_{step}", data.element_id)
         return saga
 

@@ -32,7 +32,7 @@ from tusingest.finalise.refusals import (
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.records import FileRecord, Saga, SagaData, SagaState
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings
-from tusingest.saga.store import DuplicateSaga, SagaOwnershipLost, SagaStore
+from tusingest.saga.store import DuplicateSaga, SagaStore
 from tusingest.sessions.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class TransferSagas:
             saga = await self._advance(saga, "verified", data)
             await self.failpoints.reach("transfer_verified", destination_id)
         if reached < STEPS.index("switched"):
-            await self._fence(saga)  # a renewed lease keeps any other node off the saga while the row moves
+            await self.runner.fence(saga)  # a renewed lease keeps any other node off the saga while the row moves
             moved = await self.store.update_file_location(
                 data.file_id, storage_element_id=destination_id, storage_key=key
             )
@@ -438,7 +438,7 @@ class TransferSagas:
             saga = await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.RUNNING)
             await self._forward(await self._advance(saga, COMMIT_STEP, data))
             return
-        await self._fence(saga)
+        await self.runner.fence(saga)
         try:
             await self.pool.call(destination_id, lambda backend: backend.delete(sidecar_key(key)))
             await self.pool.call(destination_id, lambda backend: backend.delete(key))
@@ -456,20 +456,8 @@ class TransferSagas:
             error=saga.error,
         )
 
-    async def _fence(self, saga: Saga) -> None:
-        if not await self.store.renew_lease(
-            saga.saga_id, owner=self.settings.owner, lease_seconds=self.settings.lease_seconds
-        ):
-            raise SagaOwnershipLost(saga.saga_id, self.settings.owner, None)
-
     async def _advance(self, saga: Saga, step: str, data: TransferSagaData) -> Saga:
-        return await self.store.advance(
-            saga.saga_id,
-            owner=self.settings.owner,
-            step=step,
-            data_update=data.to_data(),
-            lease_seconds=self.settings.lease_seconds,
-        )
+        return await self.runner.advance(saga, step, data)
 
 
 def transfer_json(saga: Saga, now: datetime | None = None) -> dict[str, Any]:

@@ -657,13 +657,7 @@ class UploadSagas:
             await self.staging.remove(upload_id)
 
     async def _advance(self, saga: Saga, step: str, data: UploadSagaData) -> Saga:
-        return await self.sagas.advance(
-            saga.saga_id,
-            owner=self.settings.owner,
-            step=step,
-            data_update=data.to_data(),
-            lease_seconds=self.settings.lease_seconds,
-        )
+        return await self.runner.advance(saga, step, data)
 
 
 def _failure_code(exc: BaseException) -> str:

@@ -158,6 +158,25 @@ class SagaRunner[R]:
             if self._subjects.get(saga.subject_id) == saga.saga_id:
                 del self._subjects[saga.subject_id]
 
+    # -- what the steps record ---------------------------------------------------------------
+
+    async def advance(self, saga: Saga, step: str, data: SagaData | None = None) -> Saga:
+        """Record ``step`` as done, with the saga's data as it is now (None: unchanged); renews the lease. Fenced."""
+        return await self.store.advance(
+            saga.saga_id,
+            owner=self.settings.owner,
+            step=step,
+            data_update={} if data is None else data.to_data(),
+            lease_seconds=self.settings.lease_seconds,
+        )
+
+    async def fence(self, saga: Saga) -> None:
+        """Renew the lease now, or raise SagaOwnershipLost: keeps any other node off the saga for one step."""
+        if not await self.store.renew_lease(
+            saga.saga_id, owner=self.settings.owner, lease_seconds=self.settings.lease_seconds
+        ):
+            raise SagaOwnershipLost(saga.saga_id, self.settings.owner, None)
+
     # -- recovery and closing ---------------------------------------------------------------
 
     async def recover(self, limit: int = RECOVERY_BATCH) -> int:

@@ -32,12 +32,15 @@ from tusingest.config import Settings
 from tusingest.elements.runtime import StorageElements
 from tusingest.finalise import hooks as finaliser
 from tusingest.finalise.clamd import ClamdScanner
+from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
+from tusingest.finalise.transfer import TransferSagas
+from tusingest.finalise.upload import UploadSagas
 from tusingest.saga import open_saga_store
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
+from tusingest.saga.runner import SagaSettings, cancel_and_wait
 from tusingest.saga.store import SagaStore
-from tusingest.saga.upload import SagaSettings, UploadSagas
 from tusingest.serving import RequestHeadLimit
 from tusingest.sessions import SessionStore, open_session_store
 from tusingest.sessions.expiry import expire_partials, expire_uploads
@@ -83,6 +86,8 @@ class Parts:
     saga_store: SagaStore
     relay: OutboxRelay
     sagas: UploadSagas
+    deletes: DeleteSagas
+    transfers: TransferSagas
     files_api: FilesApi
 
 
@@ -135,7 +140,19 @@ def build_parts(settings: Settings) -> Parts:
         if settings.virus_scan_enabled
         else None
     )
-    owner = node_id()
+    saga_settings = SagaSettings(
+        owner=node_id(),
+        lease_seconds=settings.saga_lease_seconds,
+        retry_attempts=settings.saga_retry_max_attempts,
+        retry_base_delay=settings.saga_retry_base_delay_seconds,
+        timeout=settings.saga_timeout_seconds,
+        webhook_urls=settings.webhook_urls,
+        events_stream=settings.file_events_stream if settings.redis_url else None,
+        audit_stream=AUDIT_STREAM if settings.redis_url else None,
+        default_username=settings.default_username,
+        concurrency=settings.finalise_concurrency,
+    )
+    failpoints = Failpoints(settings.saga_failpoints)
     sagas = UploadSagas(
         sessions=store,
         staging=staging,
@@ -144,23 +161,19 @@ def build_parts(settings: Settings) -> Parts:
         relay=relay,
         scanner=scanner,
         policy=policy,
-        settings=SagaSettings(
-            owner=owner,
-            lease_seconds=settings.saga_lease_seconds,
-            retry_attempts=settings.saga_retry_max_attempts,
-            retry_base_delay=settings.saga_retry_base_delay_seconds,
-            timeout=settings.saga_timeout_seconds,
-            webhook_urls=settings.webhook_urls,
-            events_stream=settings.file_events_stream if settings.redis_url else None,
-            default_username=settings.default_username,
-            concurrency=settings.finalise_concurrency,
-        ),
-        failpoints=Failpoints(settings.saga_failpoints),
+        settings=saga_settings,
+        failpoints=failpoints,
     )
+    deletes = DeleteSagas(
+        store=saga_store, pool=elements.pool, relay=relay, settings=saga_settings, failpoints=failpoints
+    )
+    transfers = TransferSagas(store=saga_store, pool=elements.pool, settings=saga_settings, failpoints=failpoints)
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
     tus = TusServer(options, store, staging, locker, hooks)
-    files_api = FilesApi(settings, saga_store, elements.pool, relay, owner)
-    return Parts(settings, store, staging, locker, tus, elements, saga_store, relay, sagas, files_api)
+    files_api = FilesApi(deletes, transfers, verify_checksum_default=settings.transfer_verify_checksum_default)
+    return Parts(
+        settings, store, staging, locker, tus, elements, saga_store, relay, sagas, deletes, transfers, files_api
+    )
 
 
 def node_id() -> str:
@@ -189,19 +202,24 @@ async def free_partials(parts: Parts, now: datetime | None = None) -> int:
 
 
 async def recover_uploads(parts: Parts) -> None:
-    """One recovery round: completions owed since a crash get their saga, then sagas whose node died
-    are taken over. A completion younger than the lock timeout is left to the request that made it."""
+    """One recovery round: completions owed since a crash get their saga, then sagas of every kind whose
+    node died are taken over. A completion younger than the lock timeout is left to the request that made it.
+    A part that fails is logged and the rest of the round still runs; the next round tries it again."""
     grace = timedelta(seconds=parts.settings.lock_timeout_seconds)
-    await parts.tus.ctx.finish_pending_completions(before=datetime.now(UTC) - grace)
-    await parts.sagas.recover()
+    try:
+        await parts.tus.ctx.finish_pending_completions(before=datetime.now(UTC) - grace)
+    except Exception:
+        log.exception("finishing owed upload completions failed")
+    for runner in (parts.sagas, parts.deletes, parts.transfers):
+        try:
+            await runner.recover()
+        except Exception:
+            log.exception("recovery of %s sagas failed", runner.kind)
 
 
 async def _recover_periodically(parts: Parts) -> None:
     while True:
-        try:
-            await recover_uploads(parts)
-        except Exception:  # one failed round must not end recovery
-            log.exception("upload recovery round failed")
+        await recover_uploads(parts)
         await asyncio.sleep(parts.settings.saga_recovery_interval_seconds)
 
 
@@ -229,13 +247,12 @@ def build_app(settings: Settings) -> Starlette:
             stack.push_async_callback(parts.saga_store.close)
             await parts.relay.start()
             stack.push_async_callback(parts.relay.close)
-            stack.push_async_callback(parts.sagas.close)
-            await parts.files_api.open()
-            stack.push_async_callback(parts.files_api.close)
-            recovery = asyncio.create_task(_recover_periodically(parts), name="upload-recovery")
-            stack.push_async_callback(_cancel, recovery)
+            for runner in (parts.sagas, parts.deletes, parts.transfers):
+                stack.push_async_callback(runner.close)
+            recovery = asyncio.create_task(_recover_periodically(parts), name="saga-recovery")
+            stack.push_async_callback(cancel_and_wait, recovery)
             sweeper = asyncio.create_task(_expire_periodically(parts), name="upload-expiry")
-            stack.push_async_callback(_cancel, sweeper)
+            stack.push_async_callback(cancel_and_wait, sweeper)
             yield
 
     async def live(request: Request) -> JSONResponse:
@@ -301,12 +318,6 @@ def build_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.parts = parts
     return app
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def _writable(path: Path) -> bool:

@@ -24,7 +24,7 @@ from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remov
 from tests.fixtures.server import OCTETS, TUS, ServerFactory
 from tests.integration.test_outbox import WebhookReceiver
 from tusingest.saga import SagaState, open_saga_store
-from tusingest.webhooks import SIGNATURE_HEADER, UPLOAD_COMPLETED, verify
+from tusingest.saga.webhooks import SIGNATURE_HEADER, UPLOAD_COMPLETED, verify
 
 
 @pytest.fixture

@@ -26,8 +26,7 @@ from redis.asyncio import Redis
 from tests.fixtures.redis import RedisServer, free_port
 from tusingest.saga import FileRecord, NewOutboxMessage, OutboxMessage, SagaStore, open_saga_store
 from tusingest.saga.outbox import MAX_CONCURRENT_DELIVERIES, DeliveryReport, OutboxRelay, full_jitter
-from tusingest.sessions.model import new_upload_id
-from tusingest.webhooks import (
+from tusingest.saga.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     FILE_CREATED,
@@ -38,6 +37,7 @@ from tusingest.webhooks import (
     webhook_event,
     webhook_messages,
 )
+from tusingest.sessions.model import new_upload_id
 
 # Unclosed HTTP sessions, Redis connections or transports would show up as these warnings; they fail the test.
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")

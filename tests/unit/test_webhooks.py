@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from tusingest.saga.records import NewOutboxMessage
-from tusingest.webhooks import (
+from tusingest.saga.webhooks import (
     FILE_CREATED,
     FILE_DELETED,
     SIGNATURE_HEADER,

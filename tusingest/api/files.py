@@ -1,11 +1,12 @@
 """DELETE /api/files/{file_id}, POST /api/files/{file_id}/transfer and GET /api/files/transfer/{transfer_id}:
 files are deleted and moved between Storage Elements through durable sagas that survive a restart.
+
+Only HTTP lives here: parsing, refusals as JSON, answers. The sagas (and their recovery) are built and run by
+app.py and handed in.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
 from typing import Final
@@ -18,24 +19,15 @@ from starlette.routing import Route
 from tusingest.api.jsonbody import JsonRefused, loads_bounded
 from tusingest.api.sessions import error
 from tusingest.api.uploads import ApiError
-from tusingest.config import Settings
-from tusingest.elements.pool import ElementPool
-from tusingest.saga.delete import AUDIT_STREAM, DeleteSagas
-from tusingest.saga.failpoints import Failpoints
-from tusingest.saga.outbox import OutboxRelay
-from tusingest.saga.records import UNFINISHED_STATES, Saga, SagaKind
-from tusingest.saga.running import FileNotFound, Refused, SagaTasks
-from tusingest.saga.store import SagaStore
-from tusingest.saga.transfer import TransferSagas, estimated_seconds, transfer_json
-from tusingest.saga.upload import SagaSettings
+from tusingest.finalise.delete import DeleteSagas
+from tusingest.finalise.refusals import FileNotFound, Refused
+from tusingest.finalise.transfer import TransferSagaData, TransferSagas, estimated_seconds, transfer_json
 from tusingest.sessions.model import is_upload_id
 
 log = logging.getLogger(__name__)
 
-KINDS: Final[tuple[SagaKind, ...]] = ("delete", "transfer")
 USER_HEADER: Final = "X-ArtStore-User"
 DELETE_WAIT_SECONDS = 10.0  # how long DELETE waits for its saga before answering 503 (it goes on regardless)
-RECOVERY_BATCH = 20
 MAX_BODY_BYTES = 64 << 10  # a transfer request is a few fields
 MAX_BODY_DEPTH = 4  # ... at the top level of one object; a little room for fields it ignores
 # File ids are made by str(uuid.uuid4()); anything else names no file, so no store is asked.
@@ -51,37 +43,11 @@ class TransferBody(BaseModel):
 
 
 class FilesApi:
-    def __init__(self, settings: Settings, sagas: SagaStore, pool: ElementPool, relay: OutboxRelay, owner: str) -> None:
-        self.settings = settings
-        self.sagas = sagas
-        self.pool = pool
-        self.relay = relay
-        self.owner = owner
+    def __init__(self, deletes: DeleteSagas, transfers: TransferSagas, *, verify_checksum_default: bool) -> None:
+        self.deletes = deletes
+        self.transfers = transfers
+        self.verify_checksum_default = verify_checksum_default  # TRANSFER_VERIFY_CHECKSUM_DEFAULT
         self.delete_wait_seconds = DELETE_WAIT_SECONDS
-        saga_settings = SagaSettings(
-            owner=owner,
-            lease_seconds=settings.saga_lease_seconds,
-            retry_attempts=settings.saga_retry_max_attempts,
-            retry_base_delay=settings.saga_retry_base_delay_seconds,
-            timeout=settings.saga_timeout_seconds,
-            webhook_urls=settings.webhook_urls,
-            events_stream=settings.file_events_stream if settings.redis_url else None,
-        )
-        failpoints = Failpoints(settings.saga_failpoints)
-        self.tasks = SagaTasks(sagas, owner=owner, lease_seconds=settings.saga_lease_seconds)
-        self.deletes = DeleteSagas(
-            store=sagas,
-            pool=pool,
-            relay=relay,
-            tasks=self.tasks,
-            settings=saga_settings,
-            audit_stream=AUDIT_STREAM if settings.redis_url else None,
-            failpoints=failpoints,
-        )
-        self.transfers = TransferSagas(
-            store=sagas, pool=pool, tasks=self.tasks, settings=saga_settings, failpoints=failpoints
-        )
-        self._recovery: asyncio.Task[None] | None = None
 
     def routes(self) -> list[Route]:
         return [
@@ -89,54 +55,6 @@ class FilesApi:
             Route("/api/files/{file_id}/transfer", self.transfer, methods=["POST"]),
             Route("/api/files/{file_id}", self.delete, methods=["DELETE"]),
         ]
-
-    async def open(self) -> None:
-        """Start recovery of unfinished delete and transfer sagas."""
-        try:
-            await self.recover()
-        except Exception:  # the periodic round retries; a failed first round must not stop the node
-            log.exception("recovery of delete and transfer sagas failed")
-        self._recovery = asyncio.create_task(self._recover_periodically(), name="file-saga-recovery")
-
-    async def close(self) -> None:
-        """Stop running sagas; their leases lapse and recovery resumes them."""
-        if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
-        await self.tasks.close()
-
-    # -- recovery ----------------------------------------------------------------------------
-
-    async def recover(self) -> int:
-        """Take over delete and transfer sagas whose node died, and run every one this node owns but no task
-        runs (an earlier run here gave up for a while, or another saga runner claimed it for this node)."""
-        await self.sagas.claim_stale(
-            self.owner, lease_seconds=self.settings.saga_lease_seconds, limit=RECOVERY_BATCH, kinds=KINDS
-        )
-        resumed = 0
-        for saga in await self.sagas.list_sagas(list(UNFINISHED_STATES)):
-            if saga.kind in KINDS and saga.owner == self.owner and self.tasks.get(saga.saga_id) is None:
-                log.info(
-                    "carrying on %s saga %s of file %s at step %s", saga.kind, saga.saga_id, saga.subject_id, saga.step
-                )
-                self._resume(saga)
-                resumed += 1
-        return resumed
-
-    def _resume(self, saga: Saga) -> None:
-        if saga.kind == "delete":
-            self.deletes.resume(saga)
-        else:
-            self.transfers.resume(saga)
-
-    async def _recover_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.saga_recovery_interval_seconds)
-            try:
-                await self.recover()
-            except Exception:  # one failed round must not end recovery
-                log.exception("recovery of delete and transfer sagas failed")
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -163,9 +81,7 @@ class FilesApi:
             body = parse_transfer_body(await _small_body(request))
         except ApiError as refused:
             return refused.response()
-        verify = (
-            self.settings.transfer_verify_checksum_default if body.verify_checksum is None else body.verify_checksum
-        )
+        verify = self.verify_checksum_default if body.verify_checksum is None else body.verify_checksum
         try:
             saga = await self.transfers.start(
                 file_id,
@@ -179,7 +95,7 @@ class FilesApi:
             {
                 "transfer_id": saga.saga_id,
                 "status": "queued",
-                "estimated_time_seconds": estimated_seconds(int(saga.data["bytes_total"])),
+                "estimated_time_seconds": estimated_seconds(TransferSagaData.from_data(saga.data).bytes_total),
             },
             status_code=202,
         )

@@ -170,7 +170,7 @@ class BatchResult(_Body):
 
 
 class FileInfo(_Body):
-    """A stored file as clients see it (tusingest.saga.upload.file_json)."""
+    """A stored file as clients see it (tusingest.finalise.upload.file_json)."""
 
     file_id: UUID
     storage_element_id: str

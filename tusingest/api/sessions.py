@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tusingest.saga.upload import UploadSagas, file_json
+from tusingest.finalise.upload import UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.model import is_upload_id
 

@@ -37,7 +37,7 @@ from tusingest.api.multipart import (
 from tusingest.api.sessions import error
 from tusingest.config import Settings
 from tusingest.finalise.mime import HEAD_BYTES
-from tusingest.saga.upload import UploadOutcome, UploadSagas, file_json
+from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow

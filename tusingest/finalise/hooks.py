@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime
 from tusingest.finalise.naming import MAX_SIDECAR_BYTES, MAX_USER_ID, MAX_USERNAME, sidecar_worst_case_size
 from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, check_mime
-from tusingest.saga.upload import UploadOutcome, UploadSagas
+from tusingest.finalise.upload import UploadOutcome, UploadSagas
 from tusingest.sessions import SessionStore, Upload
 from tusingest.tus.errors import BadRequest, TusError, UploadRefused
 
@@ -80,7 +80,7 @@ class FinaliserHooks:
 
         - A value is text when it is valid UTF-8; any other value (this includes encoded lone
           surrogates, which UTF-8 cannot carry) is binary and stays out of the text metadata,
-          the file's row and attr.json (``saga.upload.upload_metadata``): kept, never refused.
+          the file's row and attr.json (``finalise.upload.upload_metadata``): kept, never refused.
         - A text value containing NUL is refused: PostgreSQL cannot keep ``\\u0000`` in text or
           jsonb, and no name or description needs it.
         - ``username`` at most 64 and ``user_id`` at most 128 characters.

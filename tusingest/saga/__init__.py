@@ -1,4 +1,5 @@
-"""The durable saga log, files registry and transactional outbox behind the upload, delete and transfer sagas."""
+"""The durable saga log, files registry and transactional outbox, and the one saga runner (saga.runner) that the
+upload, delete and transfer sagas (in finalise/) run on."""
 
 from tusingest.saga.records import FileRecord, NewOutboxMessage, OutboxMessage, Saga, SagaState
 from tusingest.saga.store import (

@@ -25,8 +25,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from tusingest.saga.records import OutboxMessage
+from tusingest.saga.runner import cancel_and_wait
 from tusingest.saga.store import SagaStore
-from tusingest.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, USER_AGENT, sign, webhook_body
+from tusingest.saga.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, USER_AGENT, sign, webhook_body
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,7 @@ class OutboxRelay:
     async def close(self) -> None:
         """Stop the loop and close the clients. Messages in flight stay claimed; they are sent again after the lease."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._http is not None:
             await self._http.close()

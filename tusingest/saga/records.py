@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict
 
 SagaKind = Literal["upload", "delete", "transfer"]
 OutboxKind = Literal["redis_stream", "webhook"]
@@ -34,6 +37,23 @@ UNFINISHED_STATES = frozenset({SagaState.RUNNING, SagaState.COMPENSATING})
 def new_saga_id() -> str:
     """128 random bits as 32 hex characters, like upload ids."""
     return secrets.token_hex(16)
+
+
+class SagaData(BaseModel):
+    """A saga's working memory, typed: each saga kind subclasses it with its fields.
+
+    The one place that turns it into the saga log's JSON and back. Rows written by an earlier version keep
+    reading: keys this version does not know are ignored, keys it misses take their defaults.
+    """
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Self:
+        return cls.model_validate(dict(data))
+
+    def to_data(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,38 +1,38 @@
 """The transfer saga: a registered file moves (or is copied) from its Storage Element to another one, and the
-registry follows it only once the copy is complete and verified.
+registry follows it only once the copy is complete and verified. Its steps run on ``saga.runner.SagaRunner``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
-import random
 import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import brotli
+from pydantic import Field
 
 from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound
 from tusingest.elements.pool import ElementPool, ElementUnavailable
 from tusingest.finalise.compression import open_decompressor
 from tusingest.finalise.naming import sidecar_document, sidecar_key
-from tusingest.saga.failpoints import Failpoints
-from tusingest.saga.records import FileRecord, Saga, SagaState
-from tusingest.saga.running import (
+from tusingest.finalise.refusals import (
     DeleteInProgress,
     FileNotFound,
     Refused,
-    SagaTasks,
     StorageElementUnknown,
     TransferInProgress,
 )
-from tusingest.saga.store import DuplicateSaga, SagaOwnershipLost, SagaStore
-from tusingest.saga.upload import SagaSettings
+from tusingest.saga.failpoints import Failpoints
+from tusingest.saga.records import FileRecord, Saga, SagaData, SagaState
+from tusingest.saga.runner import Failure, SagaRunner, SagaSettings
+from tusingest.saga.store import DuplicateSaga, SagaStore
 from tusingest.sessions.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,26 @@ class _SourceFailed(Exception):
 _TRANSIENT = (BackendError, ElementUnavailable, _SourceFailed, StoreError, OSError)
 
 
+class TransferSagaData(SagaData):
+    """The transfer saga's working memory: what moves where, what the copy must match, and its progress."""
+
+    file_id: str = ""
+    source_element_id: str = ""
+    destination_element_id: str = ""
+    key: str = ""
+    delete_source: bool = False
+    verify_checksum: bool = False
+    bytes_total: int = 0  # stored size: what is copied
+    bytes_transferred: int = 0
+    size: int = 0  # original size: what the verified copy decompresses to
+    sha256: str = ""
+    content_encoding: str | None = None
+    started_at: str | None = None  # ISO 8601, UTC
+    completed_at: str | None = None
+    # "server_side" or "streamed", once copied; kept under "copy", which is a BaseModel method's name
+    copied_by: str | None = Field(default=None, alias="copy")
+
+
 def estimated_seconds(size: int) -> int:
     return max(1, math.ceil(size / ASSUMED_RATE))
 
@@ -119,22 +139,23 @@ class TransferSagas:
     Before the commit a failure deletes the copy and leaves the source alone; after it the saga only goes forward.
     """
 
+    kind: Final = KIND
+
     def __init__(
         self,
         *,
         store: SagaStore,
         pool: ElementPool,
-        tasks: SagaTasks,
         settings: SagaSettings,
         failpoints: Failpoints | None = None,
         max_concurrent: int = MAX_CONCURRENT,
     ) -> None:
         self.store = store
         self.pool = pool
-        self.tasks = tasks
         self.settings = settings
         self.failpoints = failpoints or Failpoints()
         self._slots = asyncio.Semaphore(max_concurrent)
+        self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
     async def start(self, file_id: str, *, destination_id: str, delete_source: bool, verify_checksum: bool) -> Saga:
         """Check the request, record the saga and start it here; the saga id is the transfer id.
@@ -165,34 +186,30 @@ class TransferSagas:
             raise StorageElementUnknown(file_id, source_id) from None
         if delete_source and not source.mode.allows_delete:
             raise SourceNotDeletable(source_id, source.mode.value)
-        data = {
-            "file_id": file_id,
-            "source_element_id": source_id,
-            "destination_element_id": destination_id,
-            "key": record.storage_key,
-            "delete_source": delete_source,
-            "verify_checksum": verify_checksum,
-            "bytes_total": record.stored_size_bytes,
-            "bytes_transferred": 0,
-            "size": record.size_bytes,
-            "sha256": record.sha256,
-            "content_encoding": record.content_encoding,
-            "started_at": None,
-            "completed_at": None,
-        }
+        data = TransferSagaData(
+            file_id=file_id,
+            source_element_id=source_id,
+            destination_element_id=destination_id,
+            key=record.storage_key,
+            delete_source=delete_source,
+            verify_checksum=verify_checksum,
+            bytes_total=record.stored_size_bytes,
+            size=record.size_bytes,
+            sha256=record.sha256,
+            content_encoding=record.content_encoding,
+        )
         try:
-            saga = await self.store.create_saga(
-                KIND, file_id, data, owner=self.settings.owner, lease_seconds=self.settings.lease_seconds
-            )
+            saga, _ = await self.runner.start(file_id, data)
         except DuplicateSaga:
             running = await self.store.latest_saga(KIND, file_id)
             raise TransferInProgress(file_id, running.saga_id if running else "?") from None
-        self.resume(saga)
         return saga
 
-    def resume(self, saga: Saga) -> asyncio.Task[None]:
-        """Run the saga here from its last step (or join the task that already does)."""
-        return self.tasks.launch(saga, self._run)
+    async def recover(self) -> int:
+        return await self.runner.recover()
+
+    async def close(self) -> None:
+        await self.runner.close()
 
     async def get(self, transfer_id: str) -> Saga | None:
         saga = await self.store.get_saga(transfer_id)
@@ -200,95 +217,81 @@ class TransferSagas:
 
     # -- the saga ----------------------------------------------------------------------------
 
-    async def _run(self, saga: Saga) -> None:
-        async with self._slots:
-            current = await self.store.get_saga(saga.saga_id)
-            if current is None or current.state.is_finished:
-                return
-            try:
-                async with asyncio.timeout(self.settings.timeout):
-                    await self._attempts(current)
-            except TimeoutError:
-                current = await self._latest(current)
-                if _committed(current) or current.state is not SagaState.RUNNING:
-                    log.warning(
-                        "transfer %s ran out of time at step %s; recovery carries it on", saga.saga_id, current.step
-                    )
-                    return
-                await self._fail(
-                    current, "transfer_timeout", f"the transfer took longer than {self.settings.timeout:g}s"
-                )
+    def admission(self, saga: Saga) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._slots  # a queued transfer waits here; its time limit starts once it copies
 
-    async def _attempts(self, saga: Saga) -> None:
-        failures = 0
-        while True:
-            saga = await self._latest(saga)
-            if saga.state is SagaState.COMPENSATING:
-                await self._compensate(saga)
-                return
-            try:
-                await self._forward(saga)
-                return
-            except (_Failed, *_TRANSIENT) as exc:
-                failures += 1
-                saga = await self._latest(saga)
-                if saga.state.is_finished:
-                    return
-                if not _committed(saga) and (not _transient(exc) or failures >= self.settings.retry_attempts):
-                    code, message = _failure(exc, failures)
-                    await self._fail(saga, code, message)
-                    return
-                if failures >= self.settings.retry_attempts:
-                    # Past the commit nothing is undone: rest until the next recovery round starts another run.
-                    log.warning("transfer %s: %s; leaving the rest to recovery", saga.saga_id, exc)
-                    return
-                if not isinstance(exc, StoreError):
-                    saga = await self.store.bump_attempts(saga.saga_id, owner=self.settings.owner)
-                delay = random.uniform(0, self.settings.retry_base_delay * 2 ** (failures - 1))
-                log.warning("transfer %s: %s; retrying in %.1fs", saga.saga_id, exc, delay)
-                await asyncio.sleep(delay)
+    def failure(self, saga: Saga, exc: Exception) -> Failure | None:
+        if not isinstance(exc, (_Failed, *_TRANSIENT)):
+            return None
+        # Past the commit nothing is undone: every failure is tried again, then left to recovery.
+        return Failure.TRANSIENT if _committed(saga) or _transient(exc) else Failure.PERMANENT
+
+    async def failing(self, saga: Saga, exc: Exception) -> None:
+        return None
+
+    async def failed(self, saga: Saga, exc: Exception, attempts: int) -> None:
+        if _committed(saga):
+            log.warning("transfer %s: %s; leaving the rest to recovery", saga.saga_id, exc)
+            return
+        code, message = _failure(exc, attempts)
+        await self._fail(saga, code, message)
+
+    async def timed_out(self, saga: Saga) -> None:
+        if _committed(saga) or saga.state is not SagaState.RUNNING:
+            log.warning("transfer %s ran out of time at step %s; recovery carries it on", saga.saga_id, saga.step)
+            return
+        await self._fail(saga, "transfer_timeout", f"the transfer took longer than {self.settings.timeout:g}s")
+
+    async def current(self, saga: Saga) -> None:
+        return None
+
+    async def forward(self, saga: Saga) -> None:
+        if saga.state is SagaState.COMPENSATING:
+            await self._compensate(saga)
+        else:
+            await self._forward(saga)
 
     async def _forward(self, saga: Saga) -> None:
-        data = saga.data
-        source_id, destination_id, key = data["source_element_id"], data["destination_element_id"], data["key"]
+        data = TransferSagaData.from_data(saga.data)
+        source_id, destination_id, key = data.source_element_id, data.destination_element_id, data.key
         reached = STEPS.index(saga.step) if saga.step in STEPS else -1
 
         if reached < STEPS.index("copied"):
-            saga = await self._copy(saga)
+            saga = await self._copy(saga, data)
             await self.failpoints.reach("transfer_copied", destination_id)
         if reached < STEPS.index("sidecar_copied"):
-            await self._copy_sidecar(saga)
-            saga = await self._advance(saga, "sidecar_copied", {})
+            await self._copy_sidecar(data)
+            saga = await self._advance(saga, "sidecar_copied", data)
             await self.failpoints.reach("transfer_sidecar_copied", destination_id)
         if reached < STEPS.index("verified"):
-            if data["verify_checksum"]:
-                await self._verify(saga)
-            saga = await self._advance(saga, "verified", {})
+            if data.verify_checksum:
+                await self._verify(data)
+            saga = await self._advance(saga, "verified", data)
             await self.failpoints.reach("transfer_verified", destination_id)
         if reached < STEPS.index("switched"):
-            await self._fence(saga)  # a renewed lease keeps any other node off the saga while the row moves
+            await self.runner.fence(saga)  # a renewed lease keeps any other node off the saga while the row moves
             moved = await self.store.update_file_location(
-                data["file_id"], storage_element_id=destination_id, storage_key=key
+                data.file_id, storage_element_id=destination_id, storage_key=key
             )
             if moved is None:
-                raise _Failed("file_not_found", f"file {data['file_id']} was deleted during the transfer")
-            saga = await self._advance(saga, "switched", {})
+                raise _Failed("file_not_found", f"file {data.file_id} was deleted during the transfer")
+            saga = await self._advance(saga, "switched", data)
             await self.failpoints.reach("transfer_switched", destination_id)
-        if reached < STEPS.index("source_deleted") and data["delete_source"]:
+        if reached < STEPS.index("source_deleted") and data.delete_source:
             await self.pool.call(source_id, lambda backend: backend.delete(key))
             await self.pool.call(source_id, lambda backend: backend.delete(sidecar_key(key)))
-            saga = await self._advance(saga, "source_deleted", {})
-        saga = await self._advance(saga, saga.step or COMMIT_STEP, {"completed_at": _now()})
+            saga = await self._advance(saga, "source_deleted", data)
+        data.completed_at = _now()
+        saga = await self._advance(saga, saga.step or COMMIT_STEP, data)
         await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
-        log.info("transfer %s: file %s is on %s now", saga.saga_id, data["file_id"], destination_id)
+        log.info("transfer %s: file %s is on %s now", saga.saga_id, data.file_id, destination_id)
 
-    async def _copy(self, saga: Saga) -> Saga:
-        data = saga.data
-        source_id, destination_id, key = data["source_element_id"], data["destination_element_id"], data["key"]
-        size = int(data["bytes_total"])
-        saga = await self._advance(
-            saga, "copying", {"started_at": data["started_at"] or _now(), "bytes_transferred": 0}
-        )
+    async def _copy(self, saga: Saga, data: TransferSagaData) -> Saga:
+        source_id, destination_id, key = data.source_element_id, data.destination_element_id, data.key
+        size = data.bytes_total
+        data.started_at = data.started_at or _now()
+        data.bytes_transferred = 0
+        saga = await self._advance(saga, "copying", data)
         source = self.pool.backend(source_id)
         await self.pool.discard_incomplete(destination_id, key)  # what a copy cut off by a kill left
         with self.pool.reserve(destination_id, size):
@@ -300,23 +303,24 @@ class TransferSagas:
                     raise _Failed("source_object_missing", f"{key} is not on element {source_id}") from None
             else:
                 how = "streamed"
-                await self._stream_copy(saga, source, destination_id, key)
+                await self._stream_copy(saga, data, source)
             copied = await self.pool.call(destination_id, lambda target: target.head(key))
         if copied is None or copied.size != size:
             found = "nothing" if copied is None else f"{copied.size} bytes"
             raise _Failed("size_mismatch", f"element {destination_id} holds {found} of {size} after the copy")
         self.pool.state(destination_id).placed_bytes += size
-        return await self._advance(saga, "copied", {"bytes_transferred": size, "copy": how})
+        data.bytes_transferred, data.copied_by = size, how
+        return await self._advance(saga, "copied", data)
 
-    async def _stream_copy(self, saga: Saga, source: Backend, destination_id: str, key: str) -> None:
-        source_id = saga.data["source_element_id"]
+    async def _stream_copy(self, saga: Saga, data: TransferSagaData, source: Backend) -> None:
+        source_id, destination_id, key = data.source_element_id, data.destination_element_id, data.key
         info = await self.pool.call(source_id, lambda backend: backend.head(key))
         if info is None:
             raise _Failed("source_object_missing", f"{key} is not on element {source_id}")
 
         async def put(target: Backend) -> ObjectInfo:
             # Opened afresh on every attempt: a stream consumed by a failed attempt cannot be replayed.
-            stream = self._from_source(saga, source, key, destination_id, info.size)
+            stream = self._from_source(saga, data, source, info.size)
             try:
                 return await target.put(
                     key,
@@ -332,9 +336,10 @@ class TransferSagas:
         await self.pool.call(destination_id, put)
 
     async def _from_source(
-        self, saga: Saga, source: Backend, key: str, destination_id: str, size: int
+        self, saga: Saga, data: TransferSagaData, source: Backend, size: int
     ) -> AsyncGenerator[bytes, None]:
-        chunks = aiter(source.get(key))
+        destination_id = data.destination_element_id
+        chunks = aiter(source.get(data.key))
         sent = 0
         halfway = False
         recorded = time.monotonic()
@@ -355,35 +360,34 @@ class TransferSagas:
                     # Tests break the destination here, with part of the object already sent to it.
                     await self.failpoints.reach("transfer_midstream", destination_id)
                 if time.monotonic() - recorded >= PROGRESS_INTERVAL:
-                    saga = await self._advance(saga, "copying", {"bytes_transferred": sent})
+                    data.bytes_transferred = sent
+                    saga = await self._advance(saga, "copying", data)
                     recorded = time.monotonic()
         finally:
             await _close(chunks)
 
-    async def _copy_sidecar(self, saga: Saga) -> None:
-        data = saga.data
-        name = sidecar_key(data["key"])
+    async def _copy_sidecar(self, data: TransferSagaData) -> None:
+        name = sidecar_key(data.key)
 
         async def read(backend: Backend) -> bytes:
             return b"".join([chunk async for chunk in backend.get(name)])
 
         try:
-            document = await self.pool.call(data["source_element_id"], read)
+            document = await self.pool.call(data.source_element_id, read)
         except ObjectNotFound:
             # The source lost its sidecar: write the registry's account of the file instead.
-            record = await self.store.get_file(data["file_id"])
+            record = await self.store.get_file(data.file_id)
             if record is None:
-                raise _Failed("file_not_found", f"file {data['file_id']} was deleted during the transfer") from None
+                raise _Failed("file_not_found", f"file {data.file_id} was deleted during the transfer") from None
             document = _sidecar_of(record)
 
         async def put(backend: Backend) -> ObjectInfo:
             return await backend.put(name, _once(document), length=len(document), content_type="application/json")
 
-        await self.pool.call(data["destination_element_id"], put)
+        await self.pool.call(data.destination_element_id, put)
 
-    async def _verify(self, saga: Saga) -> None:
-        data = saga.data
-        destination_id, key, encoding = data["destination_element_id"], data["key"], data["content_encoding"]
+    async def _verify(self, data: TransferSagaData) -> None:
+        destination_id, key, encoding = data.destination_element_id, data.key, data.content_encoding
 
         async def digest(backend: Backend) -> tuple[str, int]:
             # The registry's sha256 is of the original bytes: a compressed object is hashed as it decompresses.
@@ -410,11 +414,11 @@ class TransferSagas:
             raise _Failed("size_mismatch", f"the copy of {key} disappeared from element {destination_id}") from None
         except (ValueError, zlib.error, brotli.error) as exc:
             raise _Failed("checksum_mismatch", f"the copy on {destination_id} does not decompress: {exc}") from exc
-        if sha256 != data["sha256"] or size != int(data["size"]):
+        if sha256 != data.sha256 or size != data.size:
             raise _Failed(
                 "checksum_mismatch",
                 f"the copy on {destination_id} has SHA-256 {sha256} ({size} bytes); "
-                f"the registry has {data['sha256']} ({data['size']} bytes)",
+                f"the registry has {data.sha256} ({data.size} bytes)",
             )
 
     async def _fail(self, saga: Saga, code: str, message: str) -> None:
@@ -426,16 +430,15 @@ class TransferSagas:
         await self._compensate(saga)
 
     async def _compensate(self, saga: Saga) -> None:
-        data = saga.data
-        destination_id, key = data["destination_element_id"], data["key"]
-        record = await self.store.get_file(data["file_id"])
+        data = TransferSagaData.from_data(saga.data)
+        destination_id, key = data.destination_element_id, data.key
+        record = await self.store.get_file(data.file_id)
         if record is not None and (record.storage_element_id, record.storage_key) == (destination_id, key):
             # The row moved before the node recording it died: the transfer is committed after all.
             saga = await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.RUNNING)
-            await self._advance(saga, COMMIT_STEP, {})
-            await self._attempts(saga)
+            await self._forward(await self._advance(saga, COMMIT_STEP, data))
             return
-        await self._fence(saga)
+        await self.runner.fence(saga)
         try:
             await self.pool.call(destination_id, lambda backend: backend.delete(sidecar_key(key)))
             await self.pool.call(destination_id, lambda backend: backend.delete(key))
@@ -443,7 +446,8 @@ class TransferSagas:
             # Stays compensating: recovery tries again once the element answers.
             log.warning("transfer %s: cannot remove the copy from %s yet: %s", saga.saga_id, destination_id, exc)
             return
-        saga = await self._advance(saga, saga.step or "created", {"completed_at": _now()})
+        data.completed_at = _now()
+        saga = await self._advance(saga, saga.step or "created", data)
         await self.store.set_state(
             saga.saga_id,
             owner=self.settings.owner,
@@ -452,54 +456,39 @@ class TransferSagas:
             error=saga.error,
         )
 
-    async def _fence(self, saga: Saga) -> None:
-        if not await self.store.renew_lease(
-            saga.saga_id, owner=self.settings.owner, lease_seconds=self.settings.lease_seconds
-        ):
-            raise SagaOwnershipLost(saga.saga_id, self.settings.owner, None)
-
-    async def _latest(self, saga: Saga) -> Saga:
-        return await self.store.get_saga(saga.saga_id) or saga
-
-    async def _advance(self, saga: Saga, step: str, update: Mapping[str, Any]) -> Saga:
-        return await self.store.advance(
-            saga.saga_id,
-            owner=self.settings.owner,
-            step=step,
-            data_update=dict(update),
-            lease_seconds=self.settings.lease_seconds,
-        )
+    async def _advance(self, saga: Saga, step: str, data: TransferSagaData) -> Saga:
+        return await self.runner.advance(saga, step, data)
 
 
 def transfer_json(saga: Saga, now: datetime | None = None) -> dict[str, Any]:
     """The transfer as GET /api/files/transfer/{id} shows it."""
-    data = saga.data
-    status = _status(saga)
-    finished_at = data.get("completed_at") or (_iso(saga.updated_at) if saga.state.is_finished else None)
-    transferred = int(data.get("bytes_transferred") or 0)
+    data = TransferSagaData.from_data(saga.data)
+    status = _status(saga, data)
+    finished_at = data.completed_at or (_iso(saga.updated_at) if saga.state.is_finished else None)
+    transferred = data.bytes_transferred
     return {
         "transfer_id": saga.saga_id,
         "file_id": saga.subject_id,
         "status": status,
         "bytes_transferred": transferred,
-        "bytes_total": int(data["bytes_total"]),
-        "transfer_rate_mbps": _rate_mbps(transferred, data.get("started_at"), finished_at, now),
-        "started_at": data.get("started_at"),
+        "bytes_total": data.bytes_total,
+        "transfer_rate_mbps": _rate_mbps(transferred, data.started_at, finished_at, now),
+        "started_at": data.started_at,
         "completed_at": finished_at,
         "error": {"error": saga.error_code, "message": saga.error} if status == "failed" else None,
-        "source_storage_element_id": data["source_element_id"],
-        "destination_storage_element_id": data["destination_element_id"],
+        "source_storage_element_id": data.source_element_id,
+        "destination_storage_element_id": data.destination_element_id,
     }
 
 
-def _status(saga: Saga) -> TransferStatus:
+def _status(saga: Saga, data: TransferSagaData) -> TransferStatus:
     if saga.state is SagaState.COMPLETED:
         return "completed"
     if saga.state is not SagaState.RUNNING:
         return "failed"  # compensating counts: the copy is being removed, the transfer will not happen
     if saga.step is None:
         return "queued"
-    if saga.step in ("copied", "sidecar_copied") and saga.data.get("verify_checksum"):
+    if saga.step in ("copied", "sidecar_copied") and data.verify_checksum:
         return "verifying"
     return "in_progress"
 

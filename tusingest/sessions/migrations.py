@@ -9,6 +9,7 @@ so an installed tusingest migrates its own database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -132,7 +133,9 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     with _upgrade_lock:
         config = alembic_config(database_url)
         if database_url.startswith("sqlite:"):
-            _adopt_hand_made_sqlite(config, sqlite_path(database_url))
+            path = sqlite_path(database_url)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _adopt_hand_made_sqlite(config, path)
         command.upgrade(config, revision)
 
 
@@ -144,7 +147,7 @@ def _adopt_hand_made_sqlite(config: Config, path: str) -> None:
     """
     from alembic import command
 
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         if read_sqlite_revision(db) is not None:
             return
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

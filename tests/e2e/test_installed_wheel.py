@@ -64,7 +64,7 @@ def run(bin_dir: Path, *args: str, database_url: str, cwd: Path) -> subprocess.C
 
 
 def test_the_installed_package_carries_its_migrations_away_from_the_checkout(installed: Path, tmp_path: Path) -> None:
-    code = "import tusingest; from tusingest.sessions import migrations; print(tusingest.__file__, migrations.scripts_dir())"
+    code = "import tusingest.sessions.migrations as m, tusingest; print(tusingest.__file__, m.scripts_dir())"
 
     done = run(installed, str(installed / "python"), "-c", code, database_url="sqlite:///unused", cwd=tmp_path)
 

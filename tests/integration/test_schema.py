@@ -119,8 +119,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error      TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE delivered_at IS NULL;
-INSERT INTO sagas (saga_id, kind, subject_id, state, created_at, updated_at)
-    VALUES ('s1', 'upload', 'kept', 'completed', '2025-01-01T00:00:00.000000+00:00', '2025-01-01T00:00:00.000000+00:00');
+INSERT INTO sagas (saga_id, kind, subject_id, state, created_at, updated_at) VALUES
+    ('s1', 'upload', 'kept', 'completed', '2025-01-01T00:00:00.000000+00:00', '2025-01-01T00:00:00.000000+00:00');
 """
 OLD_FILES = {
     "v1": OLD_UPLOADS_V1,

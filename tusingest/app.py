@@ -40,11 +40,13 @@ from tusingest.saga import open_saga_store
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.runner import SagaSettings, cancel_and_wait
+from tusingest.saga.sqlite import SQLiteSagaStore
 from tusingest.saga.store import SagaStore
 from tusingest.serving import RequestHeadLimit
 from tusingest.sessions import SessionStore, open_session_store
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, open_locker
+from tusingest.sessions.sqlite import SQLiteSessionStore
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.body import BodyPace
@@ -115,7 +117,11 @@ def build_parts(settings: Settings) -> Parts:
         ),
     )
     elements = StorageElements.from_settings(settings)
-    saga_store = open_saga_store(settings.database_url)
+    if isinstance(store, SQLiteSessionStore):
+        # One connection for both stores on one SQLite file: one writer, so no "database is locked".
+        saga_store: SagaStore = SQLiteSagaStore(store.database)
+    else:
+        saga_store = open_saga_store(settings.database_url)
     relay = OutboxRelay(
         saga_store,
         redis_url=settings.redis_url,

@@ -88,14 +88,18 @@ async def _serve(settings: Settings) -> None:
 
 @cli.command()
 def migrate() -> None:
-    """Create or upgrade the PostgreSQL schema (alembic upgrade head)."""
-    settings = _settings()
-    if settings.database_url.startswith("sqlite:"):
-        typer.echo("SQLite needs no migration: its schema is created when the service starts.")
-        return
-    from tusingest.sessions.migrations import upgrade
+    """Create or upgrade the database schema (alembic upgrade head), PostgreSQL or SQLite.
 
-    upgrade(settings.database_url)
+    `tusingest serve` upgrades an SQLite file by itself; PostgreSQL nodes refuse to start until this ran.
+    """
+    settings = _settings()
+    from tusingest.sessions.migrations import MigrationsNotFound, upgrade
+
+    try:
+        upgrade(settings.database_url)
+    except MigrationsNotFound as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
     typer.echo("database is at the latest schema revision")
 
 

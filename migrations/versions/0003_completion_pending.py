@@ -20,16 +20,26 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("uploads", sa.Column("completion_pending", sa.Boolean(), nullable=False, server_default="false"))
+    if op.get_context().dialect.name == "sqlite":
+        # SQLite has no boolean: 0 and 1, and the partial index must name the stores' own test to be used.
+        column = sa.Column("completion_pending", sa.Integer(), nullable=False, server_default="0")
+        pending = sa.text("completion_pending = 1")
+    else:
+        column = sa.Column("completion_pending", sa.Boolean(), nullable=False, server_default="false")
+        pending = sa.text("completion_pending")
+    op.add_column("uploads", column)
     # Recovery's question, "which completions are owed, oldest first", touches only the few pending rows.
     op.create_index(
         "uploads_completion_pending",
         "uploads",
         ["updated_at"],
-        postgresql_where=sa.text("completion_pending"),
+        postgresql_where=pending,
+        sqlite_where=pending,
     )
 
 
 def downgrade() -> None:
     op.drop_index("uploads_completion_pending", table_name="uploads")
-    op.drop_column("uploads", "completion_pending")
+    # Batch mode: SQLite rebuilds the table where it cannot drop a column in place; PostgreSQL just drops it.
+    with op.batch_alter_table("uploads") as batch:
+        batch.drop_column("completion_pending")

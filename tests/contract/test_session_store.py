@@ -6,6 +6,7 @@ The PostgreSQL-only tests at the end cover the schema check in ``open`` and ``tu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +19,6 @@ import pytest
 from tusingest.sessions import migrations
 from tusingest.sessions.model import Upload, UploadKind, UploadState, new_upload_id
 from tusingest.sessions.postgres import PostgresSessionStore
-from tusingest.sessions.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tusingest.sessions.sqlite import SQLiteSessionStore
 from tusingest.sessions.store import DatabaseNotMigrated, SessionStore, StoreError
 
@@ -580,15 +580,19 @@ async def test_sqlite_file_of_schema_version_1_is_upgraded_and_keeps_its_uploads
 
     assert kept is not None and (kept.offset, kept.completion_pending) == (10, False)
     assert committed is not None and committed.completion_pending
-    with sqlite3.connect(path) as upgraded:
-        assert upgraded.execute("PRAGMA user_version").fetchone() == (SQLITE_SCHEMA_VERSION,)
+    # The version lives in alembic_version now (the same scripts build SQLite and PostgreSQL), not in
+    # PRAGMA user_version, which only the stores' old hand-written DDL kept.
+    with contextlib.closing(sqlite3.connect(path)) as upgraded:
+        assert migrations.read_sqlite_revision(upgraded) == migrations.head_revision()
 
 
 async def test_sqlite_file_of_a_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
-    with sqlite3.connect(path) as newer:
-        newer.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION + 1}")
+    # A newer tusingest records its revision in alembic_version (formerly: a higher PRAGMA user_version).
+    with contextlib.closing(sqlite3.connect(path)) as newer, newer:
+        newer.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        newer.execute("INSERT INTO alembic_version VALUES ('9999')")
     store = SQLiteSessionStore(f"sqlite:///{path}")
 
-    with pytest.raises(StoreError, match="schema version"):
+    with pytest.raises(StoreError, match="schema revision 9999"):
         await store.open()

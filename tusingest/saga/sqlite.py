@@ -1,18 +1,16 @@
 """SagaStore on SQLite: the saga log, files registry and outbox of the embedded single-process setup.
 
-It shares the session store's database file but keeps its own connection and creates its own tables.
+Its tables live in the session store's file, built by the same alembic scripts; app.py hands both stores
+one SQLiteDatabase, so one connection serves both.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import aiosqlite
@@ -28,66 +26,8 @@ from tusingest.saga.records import (
     new_saga_id,
 )
 from tusingest.saga.store import DuplicateFile, DuplicateSaga, SagaNotFound, SagaOwnershipLost
+from tusingest.sessions.sqlitedb import SQLiteDatabase
 from tusingest.sessions.store import StoreError
-
-# Mirrors migrations/versions/0002_sagas_files_outbox.py; JSON is kept as TEXT, times as UTC ISO strings.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sagas (
-    saga_id          TEXT PRIMARY KEY,
-    kind             TEXT NOT NULL,
-    subject_id       TEXT NOT NULL,
-    state            TEXT NOT NULL
-                     CHECK (state IN ('running', 'compensating', 'completed', 'compensated', 'failed')),
-    step             TEXT,
-    data             TEXT NOT NULL DEFAULT '{}',
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    error_code       TEXT,
-    error            TEXT,
-    owner            TEXT,
-    lease_expires_at TEXT,
-    created_at       TEXT NOT NULL,
-    updated_at       TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS sagas_one_unfinished ON sagas (kind, subject_id)
-    WHERE state IN ('running', 'compensating');
-CREATE INDEX IF NOT EXISTS sagas_by_subject ON sagas (kind, subject_id, created_at);
-CREATE INDEX IF NOT EXISTS sagas_by_lease ON sagas (state, lease_expires_at);
-
-CREATE TABLE IF NOT EXISTS files (
-    file_id             TEXT PRIMARY KEY,
-    upload_id           TEXT,
-    original_filename   TEXT NOT NULL,
-    storage_filename    TEXT NOT NULL,
-    storage_element_id  TEXT NOT NULL,
-    storage_key         TEXT NOT NULL,
-    size_bytes          INTEGER NOT NULL,
-    stored_size_bytes   INTEGER NOT NULL,
-    content_type        TEXT NOT NULL,
-    content_encoding    TEXT,
-    md5                 TEXT NOT NULL,
-    sha256              TEXT NOT NULL,
-    created_by_id       TEXT,
-    created_by_username TEXT NOT NULL,
-    retention_policy    TEXT,
-    description         TEXT,
-    metadata            TEXT NOT NULL DEFAULT '{}',
-    uploaded_at         TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS files_by_upload ON files (upload_id);
-
-CREATE TABLE IF NOT EXISTS outbox (
-    message_id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind            TEXT NOT NULL,
-    destination     TEXT NOT NULL,
-    payload         TEXT NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at TEXT NOT NULL,
-    created_at      TEXT NOT NULL,
-    delivered_at    TEXT,
-    last_error      TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE delivered_at IS NULL;
-"""
 
 _SAGA_COLUMNS = (
     "saga_id, kind, subject_id, state, step, data, attempts, error_code, error, owner, lease_expires_at, "
@@ -218,68 +158,38 @@ def _is_unfinished_saga_conflict(exc: sqlite3.IntegrityError) -> bool:
     return "sagas.kind, sagas.subject_id" in str(exc)
 
 
-async def _to_the_end(statement: Awaitable[object]) -> None:
-    """Await a statement; if cancelled meanwhile, wait for it to finish anyway, then re-raise."""
-    running = asyncio.ensure_future(statement)
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await running
-        raise
-
-
-# Both stores share the database file; a writer waits this long for the other before giving up.
-BUSY_TIMEOUT_MS = 30_000
-
-
 class SQLiteSagaStore:
-    def __init__(self, database_url: str) -> None:
-        path = database_url.removeprefix("sqlite:///").removeprefix("sqlite://")
-        if not path:
-            raise ValueError("sqlite DATABASE_URL needs a file path, e.g. sqlite:///./data/tusingest.db")
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
-        # One connection serves every coroutine of this store: a statement issued while another coroutine's
-        # BEGIN IMMEDIATE is open would silently join (and roll back with) that transaction.
-        self._lock = asyncio.Lock()
+    """The saga log, files registry and outbox of an SQLite file; on ``database``, the session store's
+    connection when app.py shares one (see sessions/sqlitedb.py)."""
+
+    def __init__(self, database: str | SQLiteDatabase) -> None:
+        self.database = SQLiteDatabase(database) if isinstance(database, str) else database
+        self._open = False
+        # The database's lock, held by every statement: one issued while another coroutine's BEGIN IMMEDIATE
+        # is open would silently join (and roll back with) that transaction.
+        self._lock = self.database.lock
 
     @property
     def db(self) -> aiosqlite.Connection:
-        if self._db is None:
+        db = self.database.connection
+        if not self._open or db is None:
             raise StoreError("the SQLite saga store is not open")
-        return self._db
+        return db
 
     async def open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
-        try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL, like the session store: a process crash loses nothing (the WAL is in the page cache);
-            # only a power cut may lose the last commits. FULL fsyncs every commit while holding SQLite's one
-            # write lock, and under upload load those fsyncs took seconds, starving the session store's
-            # offset commits into "database is locked" (benchmarks/load.py --scenario small).
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            await db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            await db.close()
-            raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
-        self._db = db
+        if not self._open:
+            await self.database.open()
+            self._open = True
 
     async def close(self) -> None:
-        async with self._lock:
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+        if self._open:
+            self._open = False
+            await self.database.close()
 
     async def ping(self) -> bool:
         try:
-            await self.db.execute("SELECT 1")
+            async with self._lock:
+                await self.db.execute("SELECT 1")
         except (sqlite3.Error, StoreError):
             return False
         return True
@@ -295,27 +205,9 @@ class SQLiteSagaStore:
         async with self.db.execute(sql, tuple(params)) as cursor:
             return list(await cursor.fetchall())
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        """BEGIN IMMEDIATE: take the write lock up front, so a read-then-write call never meets a newer
-        snapshot half-way (which SQLite answers with SQLITE_BUSY instead of waiting).
-
-        BEGIN, COMMIT and ROLLBACK run to their end even when the caller is cancelled meanwhile: a
-        statement already handed to aiosqlite's thread finishes regardless, and only once it has do we
-        know whether a transaction is open. Otherwise a cancelled BEGIN would leave one open for the
-        next caller, and a ROLLBACK after a finished COMMIT would fail and hide the cancellation.
-        """
-        async with self._lock:
-            db = self.db
-            try:
-                await _to_the_end(db.execute("BEGIN IMMEDIATE"))
-                yield
-                await _to_the_end(db.execute("COMMIT"))
-            except BaseException:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.OperationalError):
-                        await _to_the_end(db.execute("ROLLBACK"))
-                raise
+    def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        """A write transaction under the database's lock (BEGIN IMMEDIATE; see SQLiteDatabase.transaction)."""
+        return self.database.transaction(lambda: self.db)
 
     async def _saga_row(self, saga_id: str) -> Saga | None:
         row = await self._fetchone(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?", (saga_id,))

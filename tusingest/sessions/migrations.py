@@ -1,10 +1,16 @@
-"""The PostgreSQL schema's version: which alembic revision the code needs, which one a database is at,
-and the upgrade that `tusingest migrate` runs.
+"""The schema's version: which alembic revision the code needs, which one a database is at, and the
+upgrade that `tusingest migrate` runs (and the SQLite stores, when they open a file that is behind).
+
+One set of alembic scripts builds both PostgreSQL and SQLite. They live in migrations/ at the top of the
+source tree, and the wheel carries them as tusingest/_migrations (pyproject.toml maps one to the other),
+so an installed tusingest migrates its own database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,28 +30,43 @@ if TYPE_CHECKING:
 KNOWN_REVISIONS = ("0001", "0002", "0003")
 HEAD_REVISION = KNOWN_REVISIONS[-1]
 
+# The SQLite files tusingest made before alembic built them too (the stores' own DDL, PRAGMA user_version 1
+# or 2) match these revisions; upgrade() stamps them once and migrates them from there.
+_HAND_MADE_UPLOADS = "0001"  # the uploads table
+_HAND_MADE_SAGAS = "0002"  # plus sagas, files and outbox
+_HAND_MADE_PENDING = "0003"  # plus uploads.completion_pending
+
 # alembic keeps the running migration in module globals (alembic.context), so one upgrade at a time per
 # process; other processes wait on the advisory lock taken in env.py.
 _upgrade_lock = threading.Lock()
 
-# migrations/ sits beside the package in the source tree (see DESIGN.md), not inside it.
+# In a source checkout migrations/ sits beside the package (see DESIGN.md); an installed wheel has it inside.
 REPO_ROOT = Path(tusingest.__file__).resolve().parents[1]
+PACKAGED_SCRIPTS = Path(tusingest.__file__).resolve().parent / "_migrations"
 
 
 class MigrationsNotFound(StoreError):
-    """alembic.ini or migrations/ is missing: tusingest runs from an install without its migrations."""
+    """The alembic scripts are missing: tusingest runs from an install that did not ship them."""
+
+
+def scripts_dir() -> Path:
+    """The alembic script directory: the wheel's copy, else the source checkout's migrations/."""
+    for scripts in (PACKAGED_SCRIPTS, REPO_ROOT / "migrations"):
+        if (scripts / "env.py").is_file():
+            return scripts
+    raise MigrationsNotFound(
+        f"cannot find the database migrations: expected {PACKAGED_SCRIPTS}/env.py (installed) "
+        f"or {REPO_ROOT}/migrations/env.py (source checkout)"
+    )
 
 
 def alembic_config(database_url: str | None = None) -> Config:
+    """alembic's configuration, built here: alembic.ini serves the `alembic` command in a checkout only."""
     from alembic.config import Config
 
-    ini = REPO_ROOT / "alembic.ini"
-    scripts = REPO_ROOT / "migrations"
-    if not ini.is_file() or not (scripts / "env.py").is_file():
-        raise MigrationsNotFound(
-            f"cannot find the database migrations: expected {ini} and {scripts}/env.py next to the tusingest package"
-        )
-    config = Config(str(ini))
+    config = Config()
+    config.set_main_option("script_location", str(scripts_dir()))
+    config.set_main_option("path_separator", "os")
     config.attributes["skip_logging_config"] = True
     if database_url is not None:
         config.attributes["database_url"] = database_url
@@ -86,15 +107,58 @@ async def current_revision(database_url: str) -> str | None:
         await connection.close()
 
 
+def sqlite_path(database_url: str) -> str:
+    """The file of a ``sqlite:///path`` URL (``sqlite:////abs/path`` for an absolute one)."""
+    path = database_url.removeprefix("sqlite:///").removeprefix("sqlite://")
+    if not path or path == ":memory:":
+        raise ValueError("sqlite DATABASE_URL needs a file path, e.g. sqlite:///./data/tusingest.db")
+    return path
+
+
+def read_sqlite_revision(db: sqlite3.Connection) -> str | None:
+    """The revision recorded in an SQLite file's ``alembic_version``; None when alembic never ran on it."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone() is None:
+        return None
+    row = db.execute("SELECT version_num FROM alembic_version LIMIT 1").fetchone()
+    return None if row is None else str(row[0])
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Migrate the database to ``revision``; a no-op when it is there already.
+    """Migrate the database (PostgreSQL, or an SQLite file) to ``revision``; a no-op when it is there already.
 
     Synchronous: env.py runs its own event loop, so call this outside one (or use ``upgrade_async``).
     """
     from alembic import command
 
     with _upgrade_lock:
-        command.upgrade(alembic_config(database_url), revision)
+        config = alembic_config(database_url)
+        if database_url.startswith("sqlite:"):
+            path = sqlite_path(database_url)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _adopt_hand_made_sqlite(config, path)
+        command.upgrade(config, revision)
+
+
+def _adopt_hand_made_sqlite(config: Config, path: str) -> None:
+    """Stamp an SQLite file built by the stores' own DDL with the revision its tables match.
+
+    Such a file has an uploads table and no alembic_version. Its saga tables (made by the saga store's
+    first open) and uploads.completion_pending (user_version 2) may each be there or not.
+    """
+    from alembic import command
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        if read_sqlite_revision(db) is not None:
+            return
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "uploads" not in tables:
+            return  # a new file: the upgrade builds it from nothing
+        columns = {row[1] for row in db.execute("PRAGMA table_info(uploads)")}
+    command.stamp(config, _HAND_MADE_SAGAS if "sagas" in tables else _HAND_MADE_UPLOADS)
+    if "completion_pending" in columns:
+        # The column came after the saga tables in the scripts but may precede them in a file.
+        command.upgrade(config, _HAND_MADE_SAGAS)
+        command.stamp(config, _HAND_MADE_PENDING)
 
 
 async def upgrade_async(database_url: str, revision: str = "head") -> None:

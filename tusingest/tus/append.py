@@ -124,6 +124,11 @@ class AppendRules:
         where it ended, say). ``new``: the upload's row is not written yet, so change it in memory."""
         return upload
 
+    def hand_on(self) -> bool:
+        """Whether this request hands a complete upload on. False leaves the completion owed (the
+        store recorded it with the last byte) to the next request or to recovery."""
+        return True
+
 
 @dataclass(frozen=True, slots=True)
 class Appended:
@@ -156,7 +161,7 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
                 raise refusal
             upload = await rules.settle(ctx, upload, end, new=False)
         # Completed by this request, or owed since a crash (a retry pays it now).
-        completing = upload.is_complete and (not was_complete or upload.completion_pending)
+        completing = upload.is_complete and (not was_complete or upload.completion_pending) and rules.hand_on()
         if completing:
             await ctx.complete(upload)
     return Appended(upload, end, completing)
@@ -197,9 +202,10 @@ async def create(
             raise
         await ctx.store.create(upload)
         upload = upload.as_stored()
-        if upload.is_complete:
+        completing = upload.is_complete and rules.hand_on()
+        if completing:
             await ctx.complete(upload)
-    return Appended(upload, end, upload.is_complete)
+    return Appended(upload, end, completing)
 
 
 def _room(ctx: TusContext, upload: Upload) -> int:

@@ -109,14 +109,19 @@ class AppendRules:
     def too_large(self, room: int) -> Exception:
         return TooLarge(f"the body runs past the upload's length ({room} bytes left)")
 
+    interrupted: type[TusError] = UploadInterrupted  # the protocol's answer to an append taken over
+
+    def where(self, upload: Upload) -> dict[str, str]:
+        """The headers that tell a client where the upload stands, sent with a cut-short append."""
+        return {"Upload-Offset": str(upload.offset)}
+
     def cut_short(self, upload: Upload, end: BodyEnd) -> Exception | None:
         """The error for a body that ended early before a byte of it was committed: a 2xx would
         tell the client its bytes were taken. None: answer as usual (a disconnected client)."""
-        where = {"Upload-Offset": str(upload.offset)}
         if end is BodyEnd.INTERRUPTED:
-            return UploadInterrupted(headers=where)
+            return self.interrupted(headers=self.where(upload))
         if end is BodyEnd.TOO_SLOW:
-            return BodyTimeout(headers=where)
+            return BodyTimeout(headers=self.where(upload))
         return None
 
     async def settle(self, ctx: TusContext, upload: Upload, end: BodyEnd, *, new: bool) -> Upload:

@@ -18,7 +18,6 @@ from tusingest.tus.base import TusContext
 from tusingest.tus.body import BodyEnd
 from tusingest.tus.errors import (
     BadRequest,
-    BodyTimeout,
     CompletedUpload,
     Forbidden,
     InconsistentUploadLength,
@@ -267,20 +266,17 @@ class IetfRules(AppendRules):
 
     def offset_mismatch(self, upload: Upload) -> Exception:
         return MismatchingUploadOffset(
-            headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"},
+            headers=self.where(upload),
             members={"expected-offset": upload.offset, "provided-offset": self.offset or 0},
         )
 
     def too_large(self, room: int) -> Exception:
         return TooLarge(f"the body runs past the upload's length ({room} bytes left)", self.limit)
 
-    def cut_short(self, upload: Upload, end: BodyEnd) -> Exception | None:
-        where = {"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"}
-        if end is BodyEnd.INTERRUPTED:
-            return InterruptedUploadAppend(headers=where)
-        if end is BodyEnd.TOO_SLOW:
-            return BodyTimeout(headers=where)
-        return None
+    interrupted = InterruptedUploadAppend
+
+    def where(self, upload: Upload) -> dict[str, str]:
+        return {"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"}
 
     async def settle(self, ctx: TusContext, upload: Upload, end: BodyEnd, *, new: bool) -> Upload:
         """``Upload-Complete: ?1`` and the whole body arrived: the upload ends where it stands."""
@@ -290,7 +286,7 @@ class IetfRules(AppendRules):
             # A declared length the body fell short of (a chunked body without Content-Length).
             raise InconsistentUploadLength(
                 f"the upload's length is {upload.length}, it was completed at {upload.offset}",
-                headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"},
+                headers=self.where(upload),
             )
         if new:
             return upload.evolve(length=upload.offset)

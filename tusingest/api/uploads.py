@@ -1,8 +1,9 @@
 """POST /api/files/upload and POST /api/files/batch/upload: uploads for services that do not speak tus.
 
-A file part streams into an upload session exactly as a tus PATCH would (staging, fsync, offset
-commit), then the same finaliser and saga make it a file. With ``X-Upload-Session-ID`` a body
-may stop half way and a later request continues the session from its offset.
+A file part is the body of the one append operation the tus endpoint uses (``tus.append``: lock,
+offset check inside the lock, staging, fsync, offset commit, completion), then the same saga
+makes it a file. With ``X-Upload-Session-ID`` a body may stop half way and a later request
+continues the session from its offset. This module keeps only the form and the JSON answers.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -25,6 +25,7 @@ from starlette.routing import Route
 from tusingest.api.jsonbody import JsonRefused, loads_bounded
 from tusingest.api.multipart import (
     MAX_FIELD_BYTES,
+    Event,
     Field,
     FileData,
     FileEnd,
@@ -36,15 +37,14 @@ from tusingest.api.multipart import (
 )
 from tusingest.api.sessions import error
 from tusingest.config import Settings
-from tusingest.finalise.mime import HEAD_BYTES
 from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
-from tusingest.sessions import SessionStore, Upload, UploadState
-from tusingest.sessions.locks import Locker, LockTimeout
+from tusingest.sessions import Upload, UploadState
+from tusingest.sessions.locks import LockTimeout
 from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow
-from tusingest.staging import ChunkWriter, DirectoryStaging
-from tusingest.tus.base import UploadHooks
-from tusingest.tus.body import BodyPace, BodyTooSlow, body_chunks
-from tusingest.tus.errors import TusError
+from tusingest.tus.append import Appended, AppendRules, NoBody, UploadExists, append, create
+from tusingest.tus.base import TusContext
+from tusingest.tus.body import BodyEnd, BodyTooSlow, body_chunks
+from tusingest.tus.errors import TusError, UploadGone, UploadNotFound, UploadRefused
 from tusingest.tus.headers import non_negative_integer
 
 log = logging.getLogger(__name__)
@@ -115,32 +115,181 @@ def tus_metadata(values: Mapping[str, str | None]) -> str:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """What one file part did to its session."""
+class FileTooLarge(ApiError):
+    """A file part longer than its upload may be: in a batch, only that file fails."""
 
-    upload: Upload
-    complete: bool
-    refused: ApiError | None = None
+
+class FilePart:
+    """A file part of a form as the ``Body`` of an append: its bytes until the part ends, and how
+    the request body ended if it broke off first (``truncated``: the form stopped before its
+    closing boundary, a disconnect in all but name)."""
+
+    def __init__(self, events: AsyncIterator[Event]) -> None:
+        self.events = events
+        self.end = BodyEnd.COMPLETE
+        self.finished = False  # the part's end was read
+        self.truncated = False
+
+    async def chunks(self) -> AsyncGenerator[bytes]:
+        try:
+            async for event in self.events:
+                if isinstance(event, FileEnd):
+                    self.finished = True
+                    return
+                if isinstance(event, FileData):
+                    yield event.data
+        except TruncatedBody:
+            self.end, self.truncated = BodyEnd.DISCONNECTED, True
+        except BodyTooSlow:
+            self.end = BodyEnd.TOO_SLOW
+        except ClientDisconnect:
+            self.end = BodyEnd.DISCONNECTED
+
+    async def skip(self) -> int:
+        """Read the rest of the part and throw it away; how many bytes that was."""
+        skipped = 0
+        async for chunk in self.chunks():
+            skipped += len(chunk)
+        return skipped
+
+
+class FacadeRules(AppendRules):
+    """The facade's side of the one append operation: its JSON errors, and what the end of a
+    file part means.
+
+    Late form fields: ``curl -F file=@report.pdf -F 'metadata=...'`` sends the metadata *after*
+    the file. The file part is staged first and the session's row is written only once the form
+    has ended (``create`` writes the row after the body), so fields after the file are applied
+    to a new upload like fields before it. Refusing them with a 400 would be honest too, but
+    would break the README's own example and every client that orders its form that way.
+    ``offset`` and ``total_size`` place the bytes, so they must come before the file part. On a
+    session that exists already, fields change nothing (its metadata was set at its creation).
+    """
+
+    def __init__(
+        self,
+        facade: FacadeUploads,
+        start: FileStart,
+        options: FormOptions,
+        part: FilePart,
+        *,
+        offset: int | None,
+        total: int | None,
+        resumable: bool,
+        batch: bool = False,
+    ) -> None:
+        super().__init__(offset, completes=not resumable)
+        self.facade = facade
+        self.start = start
+        self.options = options
+        self.part = part
+        self.total = total
+        self.resumable = resumable
+        self.batch = batch  # a batch's files are completed once the whole form has arrived
+
+    async def admit(self, ctx: TusContext, upload: Upload) -> Upload:
+        # A COMPLETE session holds every byte (a request cut after its last byte, or a retry after
+        # the answer was lost): an empty part at its end asks for the result, and gets it.
+        if upload.state not in (UploadState.ACTIVE, UploadState.COMPLETE):
+            raise ApiError(409, "session_not_active", f"the upload session is {upload.state.value}")
+        if self.total is not None and upload.length is not None and self.total != upload.length:
+            raise ApiError(409, "length_mismatch", f"the session's total size is {upload.length}, not {self.total}")
+        if self.total is not None and upload.length is None:
+            upload = await ctx.store.set_length(upload.id, self.total) or upload
+        return upload
+
+    def offset_mismatch(self, upload: Upload) -> Exception:
+        return ApiError(
+            409,
+            "offset_mismatch",
+            f"the session is at byte {upload.offset}, the request starts at {self.offset}",
+            bytes_uploaded=upload.offset,
+        )
+
+    def too_large(self, room: int) -> Exception:
+        return FileTooLarge(413, "file_too_large", f"the file runs past the upload's length ({room} bytes left)")
+
+    def cut_short(self, upload: Upload, end: BodyEnd) -> Exception | None:
+        if end is BodyEnd.INTERRUPTED:
+            message = "another request took this upload session over before a byte of this one was kept"
+            return ApiError(409, "session_busy", message, bytes_uploaded=upload.offset)
+        return None  # a disconnect or a slow body is answered from how the part ended
+
+    async def settle(self, ctx: TusContext, upload: Upload, end: BodyEnd, *, new: bool) -> Upload:
+        if end is BodyEnd.COMPLETE and self.part.finished and not self.batch:
+            await self._rest_of_form(new=new)
+        if not new:
+            return upload
+        if not self.resumable and (end is not BodyEnd.COMPLETE or self.part.truncated):
+            raise _cut(end, self.part)  # nobody can resume an upload whose id they never got: keep nothing
+        upload = upload.evolve(metadata=await self.facade.metadata(self.start, self.options))
+        if not self.resumable and not self.batch and upload.length is None:
+            upload = upload.evolve(length=upload.offset)  # a one-shot upload: its length is what arrived
+        return upload
+
+    def hand_on(self) -> bool:
+        # A body that never ended is not finalised from: its bytes stay, the client resumes.
+        return not self.part.truncated
+
+    async def _rest_of_form(self, *, new: bool) -> None:
+        """Read the form to its end: late fields (applied to a new upload), its closing boundary."""
+        try:
+            async for event in self.part.events:
+                if isinstance(event, FileStart):
+                    raise ApiError(400, "invalid_request", "send one part named file (use /api/files/batch/upload)")
+                if isinstance(event, Field) and new:
+                    if event.name in ("offset", "total_size"):
+                        raise ApiError(400, "invalid_request", f"{event.name} must come before the file part")
+                    self.options.take(event)
+        except TruncatedBody:
+            self.part.truncated = True
+        except BodyTooSlow:
+            self.part.end = BodyEnd.TOO_SLOW
+        except ClientDisconnect:
+            self.part.end = BodyEnd.DISCONNECTED
+
+
+class ClosingRules(AppendRules):
+    """An empty append that ends an upload of open length where it stands (a batch's files,
+    once the whole form has arrived): its completion then runs like any other."""
+
+    def __init__(self) -> None:
+        super().__init__(inspect=False)
+
+    async def settle(self, ctx: TusContext, upload: Upload, end: BodyEnd, *, new: bool) -> Upload:
+        if upload.length is not None:
+            return upload
+        return await ctx.store.set_length(upload.id, upload.offset) or upload
+
+
+def _cut(end: BodyEnd, part: FilePart) -> Exception:
+    """What a one-shot upload whose body broke off answers (nothing of it is kept)."""
+    if part.truncated:
+        return TruncatedBody("the body ended before the closing boundary of the form")
+    if end is BodyEnd.TOO_SLOW:
+        return BodyTooSlow()
+    if end is BodyEnd.INTERRUPTED:
+        return ApiError(503, "interrupted", "the server is shutting down; nothing was kept: send the file again")
+    return ClientDisconnect()
+
+
+def _api_error(problem: TusError) -> ApiError:
+    """A protocol error met on the way (a refused type, a session that went away) as the facade's JSON."""
+    if isinstance(problem, UploadNotFound):
+        return ApiError(404, "session_not_found", "the upload session no longer exists")
+    if isinstance(problem, UploadGone):
+        return ApiError(409, "session_not_active", problem.message)
+    return ApiError(problem.status, problem.headers.get("ArtStore-Error", "file_refused"), problem.message)
 
 
 class FacadeUploads:
-    def __init__(
-        self,
-        settings: Settings,
-        store: SessionStore,
-        staging: DirectoryStaging,
-        locker: Locker,
-        hooks: UploadHooks,
-        sagas: UploadSagas,
-        pace: BodyPace,
-    ) -> None:
+    """The facade keeps only the form and its JSON answers; every byte goes through the one
+    append operation (``tus.append``) of the tus endpoint's ``TusContext``."""
+
+    def __init__(self, settings: Settings, ctx: TusContext, sagas: UploadSagas) -> None:
         self.settings = settings
-        self.pace = pace  # a body slower than this is cut off like a disconnect
-        self.store = store
-        self.staging = staging
-        self.locker = locker
-        self.hooks = hooks
+        self.ctx = ctx
+        self.pace = ctx.options.body_pace  # a body slower than this is cut off like a disconnect
         self.sagas = sagas
 
     def routes(self) -> list[Route]:
@@ -156,12 +305,16 @@ class FacadeUploads:
             return await self._upload(request)
         except ApiError as problem:
             return problem.response()
+        except TusError as problem:
+            return _api_error(problem).response()
         except TruncatedBody as exc:
             return error(400, "truncated_body", f"{exc}; nothing was kept")
         except MultipartError as exc:
             return error(400, "invalid_request", str(exc))
         except BodyTooSlow:
             return self._too_slow()
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening; what arrived is committed (or dropped)
         except LockTimeout:
             return error(409, "session_busy", "another request is writing to this upload session; retry shortly")
 
@@ -172,110 +325,64 @@ class FacadeUploads:
         content_range = _content_range(request.headers.get("content-range"))
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
-        received: Received | None = None
         events = multipart_events(body_chunks(request.receive, self.pace), boundary)
         try:
-            async for event in events:
-                if isinstance(event, Field):
-                    options.take(event)
-                elif isinstance(event, FileStart):
-                    if received is not None:
-                        raise ApiError(400, "invalid_request", "send one part named file (use /api/files/batch/upload)")
-                    received = await self._receive(event, events, options, session_id, content_range)
-        except BodyTooSlow:
-            raise  # answered by upload(); what arrived is committed (or dropped) like a disconnect
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is listening; what arrived is committed (or dropped)
-        except MultipartError as exc:
-            # The body broke after its file part: a one-shot upload keeps nothing; a session keeps its
-            # bytes but is not finalised from a body that never ended (the client resumes).
-            if received is not None and session_id is None:
-                await self._drop(received.upload)
-            elif received is not None and isinstance(exc, TruncatedBody):
-                raise _truncated(received.upload) from None
-            raise
+            start = await _file_start(events, options, "file")
+            if start is None:
+                raise ApiError(400, "invalid_request", "the form has no file part named file")
+            offset = content_range[0] if content_range else options.offset
+            total = content_range[1] if content_range else options.total_size
+            part = FilePart(events)
+            rules = FacadeRules(
+                self, start, options, part, offset=offset, total=total, resumable=session_id is not None
+            )
+            appended = await self._receive(start, rules, session_id)
         finally:
             await events.aclose()
-        if received is None:
-            raise ApiError(400, "invalid_request", "the form has no file part named file")
-        if received.refused is not None:
-            raise received.refused
-        if not received.complete:
-            return JSONResponse(_progress(received.upload), status_code=202)
-        outcome = await self._finalise(received.upload)
-        return _outcome_response(received.upload, outcome)
+        upload = appended.upload
+        if part.end is BodyEnd.TOO_SLOW:
+            raise BodyTooSlow()  # answered by upload(); a session keeps what arrived
+        if part.truncated:
+            raise _truncated(upload)  # a session keeps its bytes; the client resumes
+        if part.end is BodyEnd.DISCONNECTED:
+            return Response(status_code=499)  # nobody is listening; what arrived is committed
+        if upload.state is UploadState.COMPLETE and not part.finished and await part.skip():
+            raise ApiError(413, "file_too_large", f"the upload session already holds all its {upload.offset} bytes")
+        if not upload.is_complete:
+            return JSONResponse(_progress(upload), status_code=202)
+        # The lock is released: the saga runs on, a HEAD or a status request answers meanwhile.
+        return _outcome_response(upload, await self._outcome(upload))
 
-    async def _receive(
-        self,
-        start: FileStart,
-        events: AsyncIterator[Any],
-        options: FormOptions,
-        session_id: str | None,
-        content_range: tuple[int, int | None] | None,
-        *,
-        stop_on_refusal: bool = True,
-    ) -> Received:
-        offset = content_range[0] if content_range else options.offset
-        total = content_range[1] if content_range else options.total_size
-        upload = await self._session(start, options, session_id, total)
-        if offset is not None and offset != upload.offset:
+    async def _receive(self, start: FileStart, rules: FacadeRules, session_id: str | None) -> Appended:
+        """The file part into a session: appended to one that exists, else a new upload created
+        with it. Two requests may name one new session at once: the loser of the creation appends."""
+        if rules.total is not None and rules.total > self.settings.max_file_size:
             raise ApiError(
-                409,
-                "offset_mismatch",
-                f"the session is at byte {upload.offset}, the request starts at {offset}",
-                bytes_uploaded=upload.offset,
+                413, "file_too_large", f"the file has {rules.total} bytes; the limit is {self.settings.max_file_size}"
             )
-        # A COMPLETE session holds every byte (a request cut after its last byte, or a retry after the
-        # answer was lost): an empty part at its end asks for the result, and gets it.
-        if upload.state not in (UploadState.ACTIVE, UploadState.COMPLETE):
-            raise ApiError(409, "session_not_active", f"the upload session is {upload.state.value}")
-        resumable = session_id is not None
+        if session_id is not None and await self.ctx.store.get(session_id) is not None:
+            return await append(self.ctx, session_id, rules.part, rules)
+        upload = await self._new_upload(session_id or new_upload_id(), rules.total, start, rules.options)
         try:
-            async with self.locker.lock(upload.id, timeout=self.settings.lock_timeout_seconds):
-                upload = await self.store.get(upload.id) or upload
-                async with await self.staging.open_writer(upload.id, upload.offset) as writer:
-                    try:
-                        refused = await self._write_part(upload, writer, events, stop_on_refusal=stop_on_refusal)
-                    except ClientDisconnect:
-                        if resumable:
-                            await self._commit(upload, writer)  # keep what arrived: the client resumes from there
-                        raise
-                    except TruncatedBody as exc:
-                        if not resumable:
-                            raise ApiError(400, "truncated_body", f"{exc}; nothing was kept") from None
-                        # As a disconnect: keep what arrived, never finalise a part that did not end.
-                        raise _truncated(await self._commit(upload, writer)) from None
-                    if refused is not None:
-                        await writer.discard()
-                        return Received(upload, False, refused)
-                    upload = await self._commit(upload, writer)
-        except (ClientDisconnect, ApiError, MultipartError):
-            if not resumable:
-                await self._drop(upload)  # nobody can resume an upload whose id they never got
-            raise
-        if upload.length is None and not resumable:
-            # A one-shot upload: its length is what arrived.
-            upload = await self.store.set_length(upload.id, upload.offset) or upload
-        return Received(upload, upload.length is not None and upload.offset == upload.length)
+            return await create(self.ctx, upload, rules.part, rules, client_named=session_id is not None)
+        except UploadExists:
+            return await append(self.ctx, upload.id, rules.part, rules)
 
-    async def _session(
-        self, start: FileStart, options: FormOptions, session_id: str | None, total: int | None
-    ) -> Upload:
-        if total is not None and total > self.settings.max_file_size:
-            raise ApiError(
-                413, "file_too_large", f"the file has {total} bytes; the limit is {self.settings.max_file_size}"
-            )
-        if session_id is not None:
-            existing = await self.store.get(session_id)
-            if existing is not None:
-                if total is not None and existing.length is not None and total != existing.length:
-                    raise ApiError(
-                        409, "length_mismatch", f"the session's total size is {existing.length}, not {total}"
-                    )
-                if total is not None and existing.length is None:
-                    existing = await self.store.set_length(existing.id, total) or existing
-                return existing
+    async def _new_upload(self, upload_id: str, total: int | None, start: FileStart, options: FormOptions) -> Upload:
+        """An upload not yet stored, its metadata from the fields so far (checked now, so a bad one
+        is refused before a byte is read; checked again with the late fields before it is stored)."""
         now = utcnow()
+        return Upload(
+            id=upload_id,
+            length=total,
+            metadata=await self.metadata(start, options),
+            created_at=now,
+            updated_at=now,
+            expires_at=self.ctx.expires_at(now),
+        )
+
+    async def metadata(self, start: FileStart, options: FormOptions) -> str:
+        """The Upload-Metadata of a new upload from its form, refused (400) as tus creation refuses it."""
         values: dict[str, str | None] = dict(options.metadata)
         values["filename"] = options.metadata.get("filename") or start.filename or None
         values["retention_policy"] = options.retention_policy or options.metadata.get("retention_policy")
@@ -283,16 +390,7 @@ class FacadeUploads:
         if start.content_type:
             values.setdefault("filetype", start.content_type)
         await self._check_creation(values)
-        upload = Upload(
-            id=session_id or new_upload_id(),
-            length=total,
-            metadata=tus_metadata(values),
-            created_at=now,
-            updated_at=now,
-            expires_at=now + timedelta(hours=self.settings.upload_session_ttl_hours),
-        )
-        await self.store.create(upload)
-        return upload
+        return tus_metadata(values)
 
     async def _check_creation(self, values: Mapping[str, str | None]) -> None:
         """The same creation check as tus creation (UploadHooks.check_creation), as a JSON 400."""
@@ -306,71 +404,18 @@ class FacadeUploads:
                 # JSON can spell a lone surrogate ("\ud800"); UTF-8 cannot carry it.
                 raise ApiError(400, "invalid_metadata", f"the value of {key!r} is not valid Unicode text") from None
         try:
-            await self.hooks.check_creation(encoded)
+            await self.ctx.hooks.check_creation(encoded)
         except TusError as refusal:
             raise ApiError(400, "invalid_metadata", refusal.message) from None
 
-    async def _write_part(
-        self, upload: Upload, writer: ChunkWriter, events: AsyncIterator[Any], *, stop_on_refusal: bool
-    ) -> ApiError | None:
-        """Stream the part's bytes into staging. A refused file raises at once when stop_on_refusal
-        (the answer goes out before the rest of the body); else the rest of the part is skipped
-        and the refusal returned, so the other files of a batch go on."""
-        limit = (upload.length if upload.length is not None else self.settings.max_file_size) - upload.offset
-        inspect = self.hooks.head_bytes > 0 and upload.offset == 0
-        head = bytearray()
-        refused: ApiError | None = None
-        async for event in events:
-            if isinstance(event, FileEnd):
-                break
-            if not isinstance(event, FileData) or refused is not None:
-                continue  # the rest of a refused part is read and thrown away
-            if writer.written + len(event.data) > limit:
-                refused = ApiError(413, "file_too_large", f"the file runs past {limit + upload.offset} bytes")
-            elif inspect and len(head) < HEAD_BYTES:
-                head += event.data[: HEAD_BYTES - len(head)]
-                if len(head) >= HEAD_BYTES:
-                    refused = await self._inspect(upload, bytes(head))
-                    inspect = False
-            if refused is not None:
-                if stop_on_refusal:
-                    await writer.discard()
-                    raise refused
-                continue
-            await writer.write(event.data)
-        if refused is None and inspect and head:
-            refused = await self._inspect(upload, bytes(head))
-        return refused
-
-    async def _inspect(self, upload: Upload, head: bytes) -> ApiError | None:
-        try:
-            await self.hooks.inspect_start(upload, head)
-        except TusError as refusal:
-            code = refusal.headers.get("ArtStore-Error", "file_refused")
-            return ApiError(refusal.status, code, refusal.message)
-        return None
-
-    async def _commit(self, upload: Upload, writer: ChunkWriter) -> Upload:
-        new_offset = await writer.sync()
-        if new_offset == upload.offset:
-            return upload
-        now = utcnow()
-        expires = now + timedelta(hours=self.settings.upload_session_ttl_hours)
-        committed = await self.store.commit_offset(upload.id, upload.offset, new_offset, now, expires)
-        if committed is None:
-            raise ApiError(409, "session_changed", "the upload session changed while receiving; retry")
-        return committed
-
     async def _drop(self, upload: Upload) -> None:
-        """Forget a one-shot upload nobody can resume (a failed one keeps its state and reason)."""
+        """Forget a batch's file nobody can resume (a failed one keeps its state and reason)."""
         with contextlib.suppress(Exception):
-            await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE)
-            await self.staging.remove(upload.id)
+            await self.ctx.store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE)
+            await self.ctx.staging.remove(upload.id)
 
-    async def _finalise(self, upload: Upload) -> UploadOutcome:
-        # The commit made it COMPLETE and recorded its completion as owed; the saga pays that debt.
-        await self.sagas.begin(upload)
-        await self.store.completion_taken_over(upload.id)
+    async def _outcome(self, upload: Upload) -> UploadOutcome:
+        """The saga's answer for a complete upload, waited for a bounded time after its lock is released."""
         outcome = await self.sagas.wait(upload.id, self.settings.finalise_wait_seconds)
         return outcome or UploadOutcome("finalizing")
 
@@ -381,12 +426,16 @@ class FacadeUploads:
             return await self._batch(request)
         except ApiError as problem:
             return problem.response()
+        except TusError as problem:
+            return _api_error(problem).response()
         except TruncatedBody as exc:
             return error(400, "truncated_body", f"{exc}; nothing was kept")
         except MultipartError as exc:
             return error(400, "invalid_request", str(exc))
         except BodyTooSlow:
             return self._too_slow()
+        except ClientDisconnect:
+            return Response(status_code=499)
 
     def _too_slow(self) -> Response:
         message = f"the body arrived too slowly ({self.pace.describe()}); a resumable session keeps what arrived"
@@ -399,30 +448,27 @@ class FacadeUploads:
             raise ApiError(413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB")
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
-        staged: list[tuple[str, Received]] = []
+        staged: list[tuple[str, Upload | ApiError]] = []
         events = multipart_events(body_chunks(request.receive, self.pace), boundary)
         total = 0
         try:
-            async for event in events:
-                if isinstance(event, Field):
-                    options.take(event)
-                    continue
-                if not isinstance(event, FileStart):
-                    continue
+            # Fields apply to the files after them: a batch's files are staged as they arrive.
+            while (start := await _file_start(events, options, "files")) is not None:
                 if len(staged) >= self.settings.max_batch_files:
                     raise ApiError(
                         413, "too_many_files", f"a batch may carry at most {self.settings.max_batch_files} files"
                     )
-                received = await self._receive(event, events, options, None, None, stop_on_refusal=False)
-                staged.append((event.filename, received))
-                total += received.upload.offset
+                item = await self._stage_file(start, events, options)
+                staged.append((start.filename, item))
+                total += item.offset if isinstance(item, Upload) else 0
                 if total > max_bytes:
                     raise ApiError(
                         413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB"
                     )
-        except (ApiError, MultipartError, ClientDisconnect):
-            for _, received in staged:  # a refused batch keeps nothing
-                await self._drop(received.upload)
+        except (ApiError, TusError, MultipartError, ClientDisconnect):
+            for _, item in staged:  # a refused batch keeps nothing
+                if isinstance(item, Upload):
+                    await self._drop(item)
             raise
         finally:
             await events.aclose()
@@ -431,12 +477,13 @@ class FacadeUploads:
 
         limit = asyncio.Semaphore(self.settings.batch_parallelism)
 
-        async def finalise(name: str, received: Received) -> dict[str, Any]:
-            if received.refused is not None:
-                await self._drop(received.upload)
-                return _failed(name, received.refused.code, received.refused.message)
+        async def finalise(name: str, item: Upload | ApiError) -> dict[str, Any]:
+            if isinstance(item, ApiError):
+                return _failed(name, item.code, item.message)
             async with limit:
-                outcome = await self._finalise(received.upload)
+                # The whole form arrived: each file ends where it stands and is completed.
+                upload = (await append(self.ctx, item.id, NoBody(), ClosingRules())).upload
+                outcome = await self._outcome(upload)
             if outcome.status == "completed" and outcome.file is not None:
                 info = file_json(outcome.file)
                 return {
@@ -448,13 +495,43 @@ class FacadeUploads:
                     "sha256_hash": info["sha256_hash"],
                 }
             if outcome.status == "finalizing":
-                return _failed(name, "finalizing", f"still being finalised: see session {received.upload.id}")
+                return _failed(name, "finalizing", f"still being finalised: see session {item.id}")
             return _failed(name, outcome.error_code or "failed", outcome.error or "the file was not stored")
 
-        results = await asyncio.gather(*(finalise(name, received) for name, received in staged))
+        results = await asyncio.gather(*(finalise(name, item) for name, item in staged))
         succeeded = sum(1 for result in results if result["status"] == "success")
         summary = {"total": len(results), "succeeded": succeeded, "failed": len(results) - succeeded}
         return JSONResponse({"results": results, "summary": summary}, status_code=207)
+
+    async def _stage_file(
+        self, start: FileStart, events: AsyncIterator[Event], options: FormOptions
+    ) -> Upload | ApiError:
+        """One file of a batch, staged as an upload of open length; a refused file (too large, a type
+        not accepted) is skipped to its end and its refusal returned, so the other files go on."""
+        part = FilePart(events)
+        rules = FacadeRules(self, start, options, part, offset=None, total=None, resumable=False, batch=True)
+        upload = await self._new_upload(new_upload_id(), None, start, options)
+        try:
+            return (await create(self.ctx, upload, part, rules)).upload
+        except (FileTooLarge, UploadRefused) as refused:
+            if not part.finished:
+                await part.skip()
+            return refused if isinstance(refused, ApiError) else _api_error(refused)
+
+
+async def _file_start(events: AsyncIterator[Event], options: FormOptions, name: str) -> FileStart | None:
+    """The next file part, the fields before it taken into ``options``; None at the form's end.
+    A file part under another name is refused: it would be silently left out otherwise."""
+    async for event in events:
+        if isinstance(event, Field):
+            options.take(event)
+        elif isinstance(event, FileStart):
+            if event.name != name:
+                raise ApiError(
+                    400, "invalid_request", f"the file part is named {event.name!r}; it must be named {name!r}"
+                )
+            return event
+    return None
 
 
 def _truncated(upload: Upload) -> ApiError:

@@ -1,9 +1,10 @@
-"""Reading a request body straight into staging, stoppable from outside and cut when too slow.
+"""Writing a body into staging, stoppable from outside and cut when too slow.
 
-The loop awaits the ASGI ``receive`` directly: no per-chunk task or thread. An ``Interrupt``
-(asked for by a newer request for the same upload, or by graceful shutdown) ends the wait at
-once by rescheduling an ``asyncio.timeout`` to now; the caller then commits what arrived.
-A ``BodyWatch`` ends a body whose client sends too slowly the same way: it looks at the bytes
+``write_body`` is the one write loop: it takes a ``Body`` (an async iterator of chunks and how
+it ended) and needs no per-chunk task or thread. An ``Interrupt`` (asked for by a newer request
+for the same upload, or by graceful shutdown) ends the wait at once by rescheduling an
+``asyncio.timeout`` to now; the caller then commits what arrived. ``body_chunks`` reads an ASGI
+body; its ``BodyWatch`` ends a body whose client sends too slowly: it looks at the bytes
 received from a timer a few times per window, so the per-chunk path gains no work at all.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
@@ -26,6 +28,15 @@ class BodyEnd(enum.Enum):
     INTERRUPTED = "interrupted"  # another request or shutdown asked us to let go
     OVERFLOW = "overflow"  # the body runs past what the upload may still take
     TOO_SLOW = "too_slow"  # the client sent nothing for too long, or too little per window
+
+
+class Body(Protocol):
+    """The bytes of one append as they arrive, and how they ended once ``chunks`` is exhausted:
+    COMPLETE, DISCONNECTED or TOO_SLOW (INTERRUPTED and OVERFLOW are decided by the writer)."""
+
+    end: BodyEnd
+
+    def chunks(self) -> AsyncGenerator[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,57 +116,46 @@ class Interrupt:
             self._timeout.reschedule(asyncio.get_running_loop().time())
 
 
-async def receive_body(
-    receive: Receive,
+async def write_body(
+    body: Body,
     writer: ChunkWriter,
     limit: int,
     interrupt: Interrupt,
-    pace: BodyPace,
     on_chunk: Callable[[bytes], None] | None = None,
     inspect: Callable[[bytes], Awaitable[bool]] | None = None,
 ) -> BodyEnd:
-    """Append the body to ``writer`` until it ends; at most ``limit`` bytes are accepted.
+    """Append ``body`` to ``writer`` until it ends; at most ``limit`` bytes are accepted.
 
-    ``on_chunk`` sees every accepted piece of the body, in order, before it is written (the
-    checksum extension hashes the body this way). ``inspect`` sees the first pieces too, until
-    it returns True (it has seen enough); it may raise to refuse the upload mid-body.
+    The one write loop of every append (``tus.append``). ``on_chunk`` sees every accepted piece,
+    in order, before it is written (the checksum extension hashes the body this way). ``inspect``
+    sees the first pieces too, until it returns True (it has seen enough); it may raise to refuse
+    the upload mid-body. An ``Interrupt`` ends the wait for the next piece at once.
     """
-    watch: BodyWatch | None = None
+    chunks = body.chunks()
     try:
         async with asyncio.timeout(None) as timeout:
             interrupt._timeout = timeout
             if interrupt.fired:
                 return BodyEnd.INTERRUPTED
-            watch = BodyWatch(pace, lambda: writer.written)
-            watch.timeout = timeout
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return BodyEnd.DISCONNECTED
-                body: bytes = message.get("body", b"")
-                if body:
-                    if writer.written + len(body) > limit:
-                        return BodyEnd.OVERFLOW
-                    if on_chunk is not None:
-                        on_chunk(body)
-                    if inspect is not None and await inspect(body):
-                        inspect = None
-                    await writer.write(body)
-                if not message.get("more_body", False):
-                    return BodyEnd.COMPLETE
+            async for chunk in chunks:
+                if writer.written + len(chunk) > limit:
+                    return BodyEnd.OVERFLOW
+                if on_chunk is not None:
+                    on_chunk(chunk)
+                if inspect is not None and await inspect(chunk):
+                    inspect = None
+                await writer.write(chunk)
     except TimeoutError:
         if interrupt.fired:
             return BodyEnd.INTERRUPTED
-        if watch is not None and watch.tripped:
-            return BodyEnd.TOO_SLOW
         raise
     finally:
         interrupt._timeout = None
-        if watch is not None:
-            watch.stop()
+        await chunks.aclose()
+    return body.end
 
 
-async def body_chunks(receive: Receive, pace: BodyPace) -> AsyncIterator[bytes]:
+async def body_chunks(receive: Receive, pace: BodyPace) -> AsyncGenerator[bytes]:
     """The request body piece by piece, for readers that parse it (the REST facade's forms).
 
     Raises ``ClientDisconnect`` when the client goes away and ``BodyTooSlow`` (a subclass) when

@@ -13,12 +13,11 @@ from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.model import new_upload_id, utcnow
-from tusingest.staging import ChunkWriter
+from tusingest.tus.append import AppendRules, RequestBody, append, create
 from tusingest.tus.base import TusContext
-from tusingest.tus.body import BodyEnd, Interrupt, receive_body
+from tusingest.tus.body import BodyEnd
 from tusingest.tus.errors import (
     BadRequest,
-    BodyTimeout,
     CompletedUpload,
     Forbidden,
     InconsistentUploadLength,
@@ -156,40 +155,18 @@ class IetfPostHandler:
         length = _declared_length(request, complete, 0)
         if length is not None and length > options.max_size:
             raise TooLarge(f"the upload is larger than max-size ({options.max_size})", headers=upload_limit(self.ctx))
-        room = length if length is not None else options.max_size
         await self.ctx.hooks.check_creation({})  # the draft carries no metadata; the hooks still decide
 
-        upload_id = new_upload_id()
-        interrupt = Interrupt()
-        # Nobody else knows this id yet; the claim only makes the body stoppable at shutdown.
-        async with self.ctx.locker.claim_new(upload_id, on_release_request=interrupt.fire):
-            async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
-                end = await receive_body(request.receive, writer, room, interrupt, self.ctx.options.body_pace)
-                if end is BodyEnd.OVERFLOW:
-                    await _drop(self.ctx, writer, upload_id)
-                    raise TooLarge(f"the body is longer than the upload may be ({room} bytes)", upload_limit(self.ctx))
-                offset = await writer.sync()
-            if complete and end is BodyEnd.COMPLETE:
-                if length is not None and length != offset:
-                    await self.ctx.staging.remove(upload_id)
-                    raise InconsistentUploadLength(f"the upload is {length} bytes long, the body was {offset}")
-                length = offset
-            now = utcnow()
-            upload = Upload(
-                id=upload_id,
-                length=length,
-                offset=offset,
-                created_at=now,
-                updated_at=now,
-                expires_at=self.ctx.expires_at(now),
-            )
-            await self.ctx.store.create(upload)
-            if upload.is_complete:
-                await self.ctx.complete(upload)
+        now = utcnow()
+        upload = Upload(
+            id=new_upload_id(), length=length, created_at=now, updated_at=now, expires_at=self.ctx.expires_at(now)
+        )
+        rules = IetfRules(None, length, complete, limit=upload_limit(self.ctx), inspect=False)
+        upload = (await create(self.ctx, upload, RequestBody(request.receive, options.body_pace), rules)).upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
 
         headers = draft_headers() | {
-            "Location": self.ctx.location(request, upload_id),
+            "Location": self.ctx.location(request, upload.id),
             "Upload-Offset": str(upload.offset),
             "Upload-Complete": sf_boolean(upload.is_complete),
         }
@@ -234,84 +211,16 @@ class IetfPatchHandler:
         complete = _require_complete_header(request)
         content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
 
-        interrupt = Interrupt()
-        async with self.ctx.locker.lock(
-            upload_id, on_release_request=interrupt.fire, timeout=self.ctx.options.lock_timeout
-        ):
-            upload = await self.ctx.load(upload_id)
-            if upload.kind is UploadKind.FINAL:
-                raise Forbidden("a final upload of a concatenation cannot be appended to")
-            if upload.is_complete or upload.state is UploadState.COMPLETE:
-                raise CompletedUpload(headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?1"})
-            if offset != upload.offset:
-                raise MismatchingUploadOffset(
-                    headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"},
-                    members={"expected-offset": upload.offset, "provided-offset": offset},
-                )
-            upload = await self._record_length(upload, _declared_length(request, complete, offset))
-            length = upload.length if upload.length is not None else self.ctx.options.max_size
-            room = length - offset
-            if content_length is not None and content_length > room:
-                raise TooLarge(f"the body runs past the upload's length ({room} bytes left)", upload_limit(self.ctx))
-
-            started_at = upload.offset
-            upload, end = await self._append(request, upload, room, interrupt)
-            if upload.offset == started_at:
-                # Cut off before a byte was committed: a 204 would tell the client its bytes were taken.
-                where = {"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"}
-                if end is BodyEnd.INTERRUPTED:
-                    raise InterruptedUploadAppend(headers=where)
-                if end is BodyEnd.TOO_SLOW:
-                    raise BodyTimeout(headers=where)
-            if complete and end is BodyEnd.COMPLETE and not upload.is_complete:
-                upload = await self._complete_at_offset(upload)
-            if upload.is_complete:
-                await self.ctx.complete(upload)
+        length = _declared_length(request, complete, offset)
+        rules = IetfRules(offset, length, complete, limit=upload_limit(self.ctx), content_length=content_length)
+        appended = await append(self.ctx, upload_id, RequestBody(request.receive, self.ctx.options.body_pace), rules)
+        upload = appended.upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
         headers = draft_headers() | {
             "Upload-Offset": str(upload.offset),
             "Upload-Complete": sf_boolean(upload.is_complete),
         }
         return Response(status_code=204, headers=headers | extra)
-
-    async def _record_length(self, upload: Upload, length: int | None) -> Upload:
-        if length is None:
-            return upload
-        if upload.length is not None:
-            if length != upload.length:
-                raise InconsistentUploadLength(f"the upload's length is {upload.length}, the request says {length}")
-            return upload
-        if length > self.ctx.options.max_size:
-            raise TooLarge(f"the upload is larger than max-size ({self.ctx.options.max_size})", upload_limit(self.ctx))
-        if length < upload.offset:
-            raise InconsistentUploadLength(f"length {length} is below the upload's offset {upload.offset}")
-        updated = await self.ctx.store.set_length(upload.id, length)
-        if updated is None:
-            raise UploadGone("upload changed while its length was being set")
-        return updated
-
-    async def _complete_at_offset(self, upload: Upload) -> Upload:
-        """``Upload-Complete: ?1`` and the whole body arrived: the upload ends where it stands."""
-        if upload.length is not None:
-            # A declared length the body fell short of (a chunked body without Content-Length).
-            raise InconsistentUploadLength(
-                f"the upload's length is {upload.length}, it was completed at {upload.offset}",
-                headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"},
-            )
-        return await self._record_length(upload, upload.offset)
-
-    async def _append(
-        self, request: Request, upload: Upload, room: int, interrupt: Interrupt
-    ) -> tuple[Upload, BodyEnd]:
-        async with await self.ctx.staging.open_writer(upload.id, upload.offset) as writer:
-            end = await receive_body(request.receive, writer, room, interrupt, self.ctx.options.body_pace)
-            if end is BodyEnd.OVERFLOW:
-                await writer.discard()
-                raise TooLarge(f"the body runs past the upload's length ({room} bytes left)", upload_limit(self.ctx))
-            new_offset = await writer.sync()
-        if new_offset == upload.offset:
-            return upload, end  # nothing arrived: nothing to commit
-        return await self.ctx.commit(upload, new_offset), end
 
 
 class IetfDeleteHandler:
@@ -327,6 +236,75 @@ class IetfDeleteHandler:
         return Response(status_code=204, headers=draft_headers())
 
 
-async def _drop(ctx: TusContext, writer: ChunkWriter, upload_id: str) -> None:
-    await writer.aclose()
-    await ctx.staging.remove(upload_id)
+class IetfRules(AppendRules):
+    """The draft's append and creation: its own problem documents for a mismatching offset, an
+    inconsistent length and an interrupted append; ``Upload-Complete: ?1`` ends the upload where
+    its body ends."""
+
+    def __init__(
+        self,
+        offset: int | None,
+        length: int | None,
+        complete: bool,
+        *,
+        limit: dict[str, str],
+        content_length: int | None = None,
+        inspect: bool = True,
+    ) -> None:
+        super().__init__(offset, content_length=content_length, inspect=inspect, completes=complete)
+        self.length = length
+        self.limit = limit  # Upload-Limit, sent with a 413
+
+    async def admit(self, ctx: TusContext, upload: Upload) -> Upload:
+        if upload.kind is UploadKind.FINAL:
+            raise Forbidden("a final upload of a concatenation cannot be appended to")
+        if upload.is_complete or upload.state is UploadState.COMPLETE:
+            raise CompletedUpload(headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?1"})
+        if self.offset != upload.offset:
+            raise self.offset_mismatch(upload)  # before the length: the draft answers the offset first
+        return await self._record_length(ctx, upload, self.length)
+
+    def offset_mismatch(self, upload: Upload) -> Exception:
+        return MismatchingUploadOffset(
+            headers=self.where(upload),
+            members={"expected-offset": upload.offset, "provided-offset": self.offset or 0},
+        )
+
+    def too_large(self, room: int) -> Exception:
+        return TooLarge(f"the body runs past the upload's length ({room} bytes left)", self.limit)
+
+    interrupted = InterruptedUploadAppend
+
+    def where(self, upload: Upload) -> dict[str, str]:
+        return {"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"}
+
+    async def settle(self, ctx: TusContext, upload: Upload, end: BodyEnd, *, new: bool) -> Upload:
+        """``Upload-Complete: ?1`` and the whole body arrived: the upload ends where it stands."""
+        if not self.completes or end is not BodyEnd.COMPLETE or upload.is_complete:
+            return upload
+        if upload.length is not None:
+            # A declared length the body fell short of (a chunked body without Content-Length).
+            raise InconsistentUploadLength(
+                f"the upload's length is {upload.length}, it was completed at {upload.offset}",
+                headers=self.where(upload),
+            )
+        if new:
+            return upload.evolve(length=upload.offset)
+        return await self._record_length(ctx, upload, upload.offset)
+
+    @staticmethod
+    async def _record_length(ctx: TusContext, upload: Upload, length: int | None) -> Upload:
+        if length is None:
+            return upload
+        if upload.length is not None:
+            if length != upload.length:
+                raise InconsistentUploadLength(f"the upload's length is {upload.length}, the request says {length}")
+            return upload
+        if length > ctx.options.max_size:
+            raise TooLarge(f"the upload is larger than max-size ({ctx.options.max_size})", upload_limit(ctx))
+        if length < upload.offset:
+            raise InconsistentUploadLength(f"length {length} is below the upload's offset {upload.offset}")
+        updated = await ctx.store.set_length(upload.id, length)
+        if updated is None:
+            raise UploadGone("upload changed while its length was being set")
+        return updated

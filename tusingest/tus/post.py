@@ -1,7 +1,7 @@
 """POST (creation, creation-with-upload, creation-defer-length, concatenation): start a new upload.
 
-With a body (creation-with-upload) the bytes are staged first and the upload row is written
-once, with its offset: one database round trip for a small file.
+With a body (creation-with-upload) the bytes go through the one append operation's creation
+(``tus.append.create``): staged first, then the upload row written once, with its offset.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind
 from tusingest.sessions.model import new_upload_id, utcnow
+from tusingest.tus.append import AppendRules, RequestBody, create
 from tusingest.tus.base import TusContext, expires_header, tus_headers
-from tusingest.tus.body import BodyEnd, Interrupt, receive_body
-from tusingest.tus.checksum import BodyChecksum, request_checksum
+from tusingest.tus.checksum import request_checksum
 from tusingest.tus.concat import FinalConcat, create_final, parse_upload_concat
-from tusingest.tus.errors import BadRequest, ChecksumMismatch, MethodNotAllowed, TooLarge, UnsupportedMediaType
+from tusingest.tus.errors import BadRequest, MethodNotAllowed, TooLarge, UnsupportedMediaType
 from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_metadata, parse_non_negative
 from tusingest.tus.patch import content_type
 
@@ -48,35 +48,26 @@ class PostHandler:
             raise BadRequest("creation-with-upload is not enabled")
         if not with_body and content_length:
             raise UnsupportedMediaType("a creation request with a body needs Content-Type: " + OFFSET_OCTET_STREAM)
-        room = length if length is not None else options.max_size
-        if content_length is not None and content_length > room:
-            raise TooLarge(f"the body ({content_length} bytes) is longer than Upload-Length ({room})")
         checksum = request_checksum(request, options)  # verified over the body, if there is one
 
-        upload_id = new_upload_id()
-        interrupt = Interrupt()
-        # Nobody else knows this id yet; the claim only makes the body stoppable at shutdown.
-        async with self.ctx.locker.claim_new(upload_id, on_release_request=interrupt.fire):
-            offset = 0
-            if with_body:
-                offset = await self._receive(request, upload_id, room, interrupt, checksum)
-            now = utcnow()
-            upload = Upload(
-                id=upload_id,
-                length=length,
-                offset=offset,
-                metadata=metadata,
-                kind=kind,
-                created_at=now,
-                updated_at=now,
-                expires_at=self.ctx.expires_at(now),
-            )
-            await self.ctx.store.create(upload)
-            if upload.is_complete:
-                await self.ctx.complete(upload)
+        now = utcnow()
+        upload = Upload(
+            id=new_upload_id(),
+            length=length,
+            metadata=metadata,
+            kind=kind,
+            created_at=now,
+            updated_at=now,
+            expires_at=self.ctx.expires_at(now),
+        )
+        # Creation-with-upload takes the bytes the start inspector would want before the row exists;
+        # the first PATCH inspects them (it reads back what is staged).
+        rules = AppendRules(content_length=content_length, checksum=checksum, inspect=False)
+        body = RequestBody(request.receive, options.body_pace) if with_body else None
+        upload = (await create(self.ctx, upload, body, rules)).upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
 
-        headers = tus_headers() | {"Location": self.ctx.location(request, upload_id)}
+        headers = tus_headers() | {"Location": self.ctx.location(request, upload.id)}
         if not upload.is_complete:
             headers |= expires_header(upload)
         if with_body:
@@ -111,24 +102,3 @@ class PostHandler:
         if length > options.max_size:
             raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({options.max_size})")
         return length
-
-    async def _receive(
-        self, request: Request, upload_id: str, room: int, interrupt: Interrupt, checksum: BodyChecksum | None
-    ) -> int:
-        async with await self.ctx.staging.open_writer(upload_id, 0) as writer:
-            on_chunk = checksum.update if checksum is not None else None
-            end = await receive_body(request.receive, writer, room, interrupt, self.ctx.options.body_pace, on_chunk)
-            if end is BodyEnd.OVERFLOW:
-                await writer.aclose()
-                await self.ctx.staging.remove(upload_id)
-                raise TooLarge(f"the body is longer than Upload-Length ({room})")
-            if checksum is not None and end is not BodyEnd.COMPLETE:
-                # Part of a body cannot be verified against the whole body's digest: keep none
-                # of it. The upload is still created, at offset 0, so the client can resume.
-                await writer.discard()
-                return 0
-            if checksum is not None and not checksum.matches():
-                await writer.aclose()
-                await self.ctx.staging.remove(upload_id)
-                raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
-            return await writer.sync()

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,20 +28,21 @@ from tusingest.api.files import FilesApi
 from tusingest.api.openapi import openapi_routes
 from tusingest.api.sessions import SessionStatus
 from tusingest.api.uploads import FacadeUploads
-from tusingest.config import Settings
+from tusingest.config import Settings, database_engine
+from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.runtime import StorageElements
+from tusingest.elements.settings import DiscoverySettings, ElementSettings, S3Settings
 from tusingest.finalise import hooks as finaliser
 from tusingest.finalise.clamd import ClamdScanner
 from tusingest.finalise.pipeline import FinalisePolicy
-from tusingest.saga import open_saga_store
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.store import SagaStore
 from tusingest.saga.upload import SagaSettings, UploadSagas
 from tusingest.serving import RequestHeadLimit
-from tusingest.sessions import SessionStore, open_session_store
+from tusingest.sessions import SessionStore
 from tusingest.sessions.expiry import expire_partials, expire_uploads
-from tusingest.sessions.locks import Locker, open_locker
+from tusingest.sessions.locks import Locker, MemoryLocker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.body import BodyPace
@@ -86,20 +87,91 @@ class Parts:
     files_api: FilesApi
 
 
+@dataclass(frozen=True, slots=True)
+class Database:
+    """The session store, the saga store and the upload locker of one DATABASE_URL."""
+
+    sessions: SessionStore
+    sagas: SagaStore
+    locker: Locker
+
+
+def open_database(database_url: str, lock_timeout: float = 10.0) -> Database:
+    """The one place a DATABASE_URL becomes stores and a locker. Same database for all three:
+    advisory locks on PostgreSQL (one writer across nodes), in-process locks on SQLite (one node)."""
+    match database_engine(database_url):
+        case "sqlite":
+            from tusingest.saga.sqlite import SQLiteSagaStore
+            from tusingest.sessions.sqlite import SQLiteSessionStore
+
+            return Database(
+                SQLiteSessionStore(database_url),
+                SQLiteSagaStore(database_url),
+                MemoryLocker(default_timeout=lock_timeout),
+            )
+        case "postgresql":
+            from tusingest.saga.postgres import PostgresSagaStore
+            from tusingest.sessions.pglocks import PostgresLocker
+            from tusingest.sessions.postgres import PostgresSessionStore
+
+            return Database(
+                PostgresSessionStore(database_url),
+                PostgresSagaStore(database_url),
+                PostgresLocker(database_url, default_timeout=lock_timeout),
+            )
+
+
+def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ) -> ElementSettings:
+    """What elements/ needs: the settings it uses and the per-element ELEMENT_<ID>_* variables."""
+    return ElementSettings(
+        discovery=DiscoverySettings(
+            redis_url=settings.redis_url,
+            key=settings.service_discovery_key,
+            channel=settings.service_discovery_channel,
+            fallback_path=settings.service_discovery_fallback_config,
+            cache_path=settings.service_discovery_cache_file,
+            default_element_dir=settings.default_element_dir,
+            reconnect_max_seconds=settings.service_discovery_reconnect_max_seconds,
+        ),
+        s3=S3Settings(
+            verify_tls=settings.s3_verify_tls,
+            ca_bundle=settings.s3_ca_bundle,
+            connect_timeout=settings.s3_connect_timeout_seconds,
+            read_timeout=settings.s3_read_timeout_seconds,
+            part_size=settings.chunk_size,
+            element_variables={name: value for name, value in environ.items() if name.startswith("ELEMENT_")},
+        ),
+        breaker=BreakerSettings(
+            failure_threshold=settings.circuit_breaker_failure_threshold,
+            timeout=settings.circuit_breaker_timeout_seconds,
+            success_threshold=settings.circuit_breaker_success_threshold,
+            enabled=settings.circuit_breaker_enabled,
+        ),
+        selection_strategy=settings.storage_selection_strategy,
+        datacenter=settings.storage_preferred_datacenter,
+        retry_attempts=settings.storage_retry_max_attempts,
+        retry_base_delay=settings.storage_retry_base_delay_seconds,
+        probe_timeout=settings.storage_health_check_timeout_seconds,
+        health_interval=settings.storage_health_check_interval_seconds,
+        # No put runs longer than its saga's timeout, and a taken-over saga waited a lease first.
+        put_lifetime=settings.saga_timeout_seconds + settings.saga_lease_seconds,
+    )
+
+
 def build_parts(settings: Settings) -> Parts:
-    store = open_session_store(settings.database_url)
+    database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds)
+    store = database.sessions
     staging = DirectoryStaging(
         settings.staging_dir,
         chunk_max_bytes=settings.staging_chunk_max_mb << 20,
         write_buffer_bytes=settings.staging_write_buffer_kb << 10,
     )
-    # Same database as the store: advisory locks on PostgreSQL (one writer across nodes), in-process on SQLite.
-    locker = open_locker(settings.database_url, default_timeout=settings.lock_timeout_seconds)
+    locker = database.locker
 
     options = TusOptions(
         base_path=settings.tus_base_path,
         max_size=settings.max_file_size,
-        extensions=frozenset(settings.tus_extensions),
+        extensions=settings.tus_extensions,
         ttl=timedelta(hours=settings.upload_session_ttl_hours),
         lock_timeout=settings.lock_timeout_seconds,
         trust_proxy_headers=settings.trust_proxy_headers,
@@ -109,8 +181,8 @@ def build_parts(settings: Settings) -> Parts:
             window=settings.body_min_rate_window_seconds,
         ),
     )
-    elements = StorageElements.from_settings(settings)
-    saga_store = open_saga_store(settings.database_url)
+    elements = StorageElements.from_settings(element_settings(settings))
+    saga_store = database.sagas
     relay = OutboxRelay(
         saga_store,
         redis_url=settings.redis_url,

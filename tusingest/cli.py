@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tusingest.config import Settings, SettingsError, load_settings
+from tusingest.config import Settings, SettingsError, database_engine, load_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="tusingest: the ArtStore Ingester (tus 1.0).")
 
@@ -55,13 +55,12 @@ class StartupError(Exception):
 async def _serve(settings: Settings) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
 
-    from tusingest.app import build_app
+    from tusingest.app import build_app, open_database
     from tusingest.serving import hypercorn_config
-    from tusingest.sessions import open_session_store
     from tusingest.sessions.store import StoreError
 
     # Refuse to start on a store we cannot use, with the store's own words (e.g. "run tusingest migrate").
-    probe = open_session_store(settings.database_url)
+    probe = open_database(settings.database_url).sessions
     try:
         await probe.open()
     except StoreError as exc:
@@ -90,7 +89,7 @@ async def _serve(settings: Settings) -> None:
 def migrate() -> None:
     """Create or upgrade the PostgreSQL schema (alembic upgrade head)."""
     settings = _settings()
-    if settings.database_url.startswith("sqlite:"):
+    if database_engine(settings.database_url) == "sqlite":
         typer.echo("SQLite needs no migration: its schema is created when the service starts.")
         return
     from tusingest.sessions.migrations import upgrade
@@ -175,9 +174,10 @@ def _node_elements(base_url: str) -> dict[str, object] | None:
 async def _probe_elements_here(settings: Settings) -> dict[str, object]:
     from dataclasses import asdict
 
+    from tusingest.app import element_settings
     from tusingest.elements.runtime import StorageElements
 
-    storage = StorageElements.from_settings(settings)
+    storage = StorageElements.from_settings(element_settings(settings))
     await storage.open(health_checks=False)
     try:
         await storage.pool.probe_all()

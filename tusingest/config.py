@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The tus extensions this server implements, in the protocol's order (the order Tus-Extension lists
+# them in; app.py hands the enabled ones to tus/ in TusOptions, so the protocol layer needs no config).
+# checksum-trailer is not offered: Hypercorn does not pass request trailers to ASGI apps.
 TUS_EXTENSIONS = (
     "creation",
     "creation-with-upload",
@@ -23,18 +26,20 @@ TUS_EXTENSIONS = (
     "concatenation",
     "concatenation-unfinished",
 )
-# Advertised and served only once implemented: the default list is what works today.
-# checksum-trailer is not offered: Hypercorn does not pass request trailers to ASGI apps.
-IMPLEMENTED_EXTENSIONS = (
-    "creation",
-    "creation-with-upload",
-    "creation-defer-length",
-    "expiration",
-    "termination",
-    "checksum",
-    "concatenation",
-    "concatenation-unfinished",
-)
+
+
+DatabaseEngine = Literal["sqlite", "postgresql"]
+
+
+def database_engine(database_url: str) -> DatabaseEngine:
+    """Which database a DATABASE_URL names: the one place its scheme is read (app.py opens the
+    stores and the locker by it). Raises ValueError naming only the scheme: the URL may carry a password."""
+    if database_url.startswith("sqlite:///"):
+        return "sqlite"
+    if database_url.startswith(("postgresql://", "postgres://")):
+        return "postgresql"
+    scheme = database_url.partition(":")[0]
+    raise ValueError(f"must start with sqlite:/// or postgresql://, not {scheme}:")
 
 
 class SettingsError(Exception):
@@ -53,7 +58,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
 
     tus_base_path: str = "/files/"
-    tus_extensions: Annotated[tuple[str, ...], NoDecode] = IMPLEMENTED_EXTENSIONS
+    tus_extensions: Annotated[tuple[str, ...], NoDecode] = TUS_EXTENSIONS
     max_file_size_mb: int = Field(5120, ge=1)
     chunk_size_mb: int = Field(16, ge=5, le=5120)  # also the S3 multipart part size (>= 5 MiB)
     staging_chunk_max_mb: int = Field(256, ge=1)
@@ -90,6 +95,7 @@ class Settings(BaseSettings):
     storage_health_check_timeout_seconds: float = Field(5.0, gt=0)
     storage_retry_max_attempts: int = Field(3, ge=1, le=20)
     storage_retry_base_delay_seconds: float = Field(0.2, ge=0)
+    circuit_breaker_enabled: bool = True  # false: failures are counted and shown, a breaker never opens
     circuit_breaker_failure_threshold: int = Field(5, ge=1)
     circuit_breaker_timeout_seconds: float = Field(30.0, gt=0)
     circuit_breaker_success_threshold: int = Field(2, ge=1)
@@ -148,9 +154,9 @@ class Settings(BaseSettings):
     @field_validator("tus_extensions")
     @classmethod
     def _known_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(IMPLEMENTED_EXTENSIONS))
+        unknown = sorted(set(value) - set(TUS_EXTENSIONS))
         if unknown:
-            known = ", ".join(IMPLEMENTED_EXTENSIONS)
+            known = ", ".join(TUS_EXTENSIONS)
             raise ValueError(f"unknown tus extension(s) {', '.join(unknown)}; known: {known}")
         if "creation" not in value and ({"creation-with-upload", "creation-defer-length"} & set(value)):
             raise ValueError("creation-with-upload and creation-defer-length need creation")
@@ -158,7 +164,7 @@ class Settings(BaseSettings):
             raise ValueError("concatenation needs creation")
         if "concatenation-unfinished" in value and "concatenation" not in value:
             raise ValueError("concatenation-unfinished needs concatenation")
-        return value
+        return tuple(name for name in TUS_EXTENSIONS if name in value)  # the order Tus-Extension lists them in
 
     @field_validator("tus_base_path")
     @classmethod
@@ -170,8 +176,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ValueError("must start with sqlite:/// or postgresql://")
+        database_engine(value)
         return value
 
     @property

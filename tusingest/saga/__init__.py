@@ -8,7 +8,6 @@ from tusingest.saga.store import (
     SagaOwnershipLost,
     SagaStore,
     SagaStoreError,
-    open_saga_store,
 )
 
 __all__ = [
@@ -23,5 +22,4 @@ __all__ = [
     "SagaState",
     "SagaStore",
     "SagaStoreError",
-    "open_saga_store",
 ]

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +21,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from tusingest.api.files import FilesApi
 from tusingest.api.openapi import openapi_routes
@@ -354,6 +354,8 @@ def build_app(settings: Settings) -> Starlette:
         *openapi_routes(),
         *parts.tus.routes(),
     ]
+    if not settings.resumable_uploads_enabled:
+        routes = _without_resumable_uploads(routes, settings.tus_base_path)
     middleware = [
         Middleware(UnreadBodyGuard),
         Middleware(
@@ -373,6 +375,45 @@ def build_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.parts = parts
     return app
+
+
+RESUMABLE_UPLOADS_DISABLED = "resumable uploads are disabled on this server (RESUMABLE_UPLOADS_ENABLED=false)"
+
+
+def _without_resumable_uploads(routes: list[BaseRoute], tus_base_path: str) -> list[BaseRoute]:
+    """RESUMABLE_UPLOADS_ENABLED=false: the tus endpoint is not routed (its paths answer 404 saying
+    why), and the facade refuses X-Upload-Session-ID with 400 before reading the body. Whole-file
+    uploads (POST /api/files/upload without the header, /api/files/batch/upload) stay."""
+    tus_paths = {tus_base_path, tus_base_path.rstrip("/") or "/", tus_base_path + "{upload_id}"}
+    kept: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, Route) and route.path in tus_paths:
+            continue
+        if isinstance(route, Route) and route.path == "/api/files/upload":
+            route = Route(route.path, _refusing_upload_sessions(route.endpoint), methods=route.methods)
+        kept.append(route)
+
+    async def tus_disabled(request: Request) -> Response:
+        return PlainTextResponse(RESUMABLE_UPLOADS_DISABLED + "\n", status_code=404)
+
+    methods = ["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS", "PUT"]
+    return [
+        *kept,
+        Route(tus_base_path.rstrip("/") or "/", tus_disabled, methods=methods),
+        Route(tus_base_path + "{rest:path}", tus_disabled, methods=methods),
+    ]
+
+
+def _refusing_upload_sessions(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def upload(request: Request) -> Response:
+        if "x-upload-session-id" in request.headers:
+            message = f"{RESUMABLE_UPLOADS_DISABLED}: send the whole file without X-Upload-Session-ID"
+            return JSONResponse({"error": "resumable_uploads_disabled", "message": message}, status_code=400)
+        return await endpoint(request)
+
+    return upload
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

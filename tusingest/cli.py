@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from typing import Annotated
 
@@ -42,17 +44,36 @@ def serve(
     import uvloop
 
     try:
-        uvloop.run(_serve(settings))
+        listener = _listen(settings.host, settings.port)
+    except OSError as exc:
+        # One line, exit 2 (a setting the operator must change), before anything says it listens.
+        reason = "the address is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        typer.echo(f"tusingest cannot listen on {settings.host}:{settings.port}: {reason}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        uvloop.run(_serve(settings, listener))
     except StartupError as exc:
         typer.echo(f"tusingest cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
+    finally:
+        if listener.fileno() != -1:  # not handed to Hypercorn (the start failed before it)
+            listener.close()
 
 
 class StartupError(Exception):
     pass
 
 
-async def _serve(settings: Settings) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts, so that a port in use is one clear error
+    instead of Hypercorn's traceback after the service said it listens. Hypercorn serves it (fd://)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=1024)
+    listener.set_inheritable(True)
+    return listener
+
+
+async def _serve(settings: Settings, listener: socket.socket) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
 
     from tusingest.app import build_app, open_database
@@ -69,7 +90,7 @@ async def _serve(settings: Settings) -> None:
         await probe.close()
 
     app = build_app(settings)
-    config = hypercorn_config(settings)
+    config = hypercorn_config(settings, bind=f"fd://{listener.fileno()}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,7 +103,10 @@ async def _serve(settings: Settings) -> None:
         app.state.parts.locker.request_release_all()
 
     logging.getLogger("tusingest").info("tusingest listening on http://%s:%d", settings.host, settings.port)
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    finally:
+        listener.detach()  # Hypercorn owns the descriptor and has closed it
 
 
 @cli.command()

@@ -148,3 +148,13 @@ print("aiobotocore" in sys.modules)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_elements_read_keys_only_from_what_app_py_handed_in_never_from_os_environ(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed_in = element_settings(settings, {}).s3
+    monkeypatch.setenv("ELEMENT_SE_1_A_AWS_ACCESS_KEY_ID", "set-later")
+    monkeypatch.setenv("ELEMENT_SE_1_A_AWS_SECRET_ACCESS_KEY", "set-later")
+    access = s3_access(element(backend="s3", bucket="b"), handed_in)
+    assert (access.access_key_id, access.secret_access_key) == (None, None)

@@ -165,9 +165,9 @@ def patch_pool32() -> None:
 
     original = cli._serve
 
-    async def _serve(settings: Any) -> None:
+    async def _serve(settings: Any, listener: Any) -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="pool32"))
-        await original(settings)
+        await original(settings, listener)
 
     cli._serve = _serve
 

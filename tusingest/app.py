@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,32 +21,31 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
 
+from tusingest.api import finaliser
 from tusingest.api.files import FilesApi
 from tusingest.api.openapi import openapi_routes
 from tusingest.api.sessions import SessionStatus
-from tusingest.api.uploads import FacadeUploads
-from tusingest.config import Settings
+from tusingest.api.uploads import FacadeSettings, FacadeUploads
+from tusingest.config import Settings, database_engine
+from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.runtime import StorageElements
-from tusingest.finalise import hooks as finaliser
+from tusingest.elements.settings import DiscoverySettings, ElementSettings, S3Settings
 from tusingest.finalise.clamd import ClamdScanner
 from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
-from tusingest.saga import open_saga_store
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.runner import SagaSettings, cancel_and_wait
-from tusingest.saga.sqlite import SQLiteSagaStore
 from tusingest.saga.store import SagaStore
 from tusingest.serving import RequestHeadLimit
-from tusingest.sessions import SessionStore, open_session_store
+from tusingest.sessions import SessionStore
 from tusingest.sessions.expiry import expire_partials, expire_uploads
-from tusingest.sessions.locks import Locker, open_locker
-from tusingest.sessions.sqlite import SQLiteSessionStore
+from tusingest.sessions.locks import Locker, MemoryLocker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.body import BodyPace
@@ -93,20 +92,99 @@ class Parts:
     files_api: FilesApi
 
 
+@dataclass(frozen=True, slots=True)
+class Database:
+    """The session store, the saga store and the upload locker of one DATABASE_URL."""
+
+    sessions: SessionStore
+    sagas: SagaStore
+    locker: Locker
+
+
+def open_database(database_url: str, lock_timeout: float = 10.0) -> Database:
+    """The one place a DATABASE_URL becomes stores and a locker. Same database for all three:
+    advisory locks on PostgreSQL (one writer across nodes), in-process locks on SQLite (one node)."""
+    match database_engine(database_url):
+        case "sqlite":
+            from tusingest.saga.sqlite import SQLiteSagaStore
+            from tusingest.sessions.sqlite import SQLiteSessionStore
+
+            sessions = SQLiteSessionStore(database_url)
+            # One connection for both stores on one SQLite file: one writer, so no "database is locked".
+            return Database(sessions, SQLiteSagaStore(sessions.database), MemoryLocker(default_timeout=lock_timeout))
+        case "postgresql":
+            from tusingest.saga.postgres import PostgresSagaStore
+            from tusingest.sessions.pglocks import PostgresLocker
+            from tusingest.sessions.postgres import PostgresSessionStore
+
+            return Database(
+                PostgresSessionStore(database_url),
+                PostgresSagaStore(database_url),
+                PostgresLocker(database_url, default_timeout=lock_timeout),
+            )
+
+
+def facade_settings(settings: Settings) -> FacadeSettings:
+    return FacadeSettings(
+        max_file_size=settings.max_file_size,
+        finalise_wait_seconds=settings.finalise_wait_seconds,
+        max_batch_bytes=settings.max_batch_size_mb << 20,
+        max_batch_files=settings.max_batch_files,
+        batch_parallelism=settings.batch_parallelism,
+    )
+
+
+def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ) -> ElementSettings:
+    """What elements/ needs: the settings it uses and the per-element ELEMENT_<ID>_* variables."""
+    return ElementSettings(
+        discovery=DiscoverySettings(
+            redis_url=settings.redis_url,
+            key=settings.service_discovery_key,
+            channel=settings.service_discovery_channel,
+            fallback_path=settings.service_discovery_fallback_config,
+            cache_path=settings.service_discovery_cache_file,
+            default_element_dir=settings.default_element_dir,
+            reconnect_max_seconds=settings.service_discovery_reconnect_max_seconds,
+        ),
+        s3=S3Settings(
+            verify_tls=settings.s3_verify_tls,
+            ca_bundle=settings.s3_ca_bundle,
+            connect_timeout=settings.s3_connect_timeout_seconds,
+            read_timeout=settings.s3_read_timeout_seconds,
+            part_size=settings.chunk_size,
+            element_variables={name: value for name, value in environ.items() if name.startswith("ELEMENT_")},
+        ),
+        breaker=BreakerSettings(
+            failure_threshold=settings.circuit_breaker_failure_threshold,
+            timeout=settings.circuit_breaker_timeout_seconds,
+            success_threshold=settings.circuit_breaker_success_threshold,
+            enabled=settings.circuit_breaker_enabled,
+        ),
+        selection_strategy=settings.storage_selection_strategy,
+        datacenter=settings.storage_preferred_datacenter,
+        retry_attempts=settings.storage_retry_max_attempts,
+        retry_base_delay=settings.storage_retry_base_delay_seconds,
+        probe_timeout=settings.storage_health_check_timeout_seconds,
+        health_interval=settings.storage_health_check_interval_seconds,
+        # No put runs longer than its saga's timeout, and a taken-over saga waited a lease first.
+        put_lifetime=settings.saga_timeout_seconds + settings.saga_lease_seconds,
+    )
+
+
 def build_parts(settings: Settings) -> Parts:
-    store = open_session_store(settings.database_url)
+    database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds)
+    store = database.sessions
     staging = DirectoryStaging(
         settings.staging_dir,
         chunk_max_bytes=settings.staging_chunk_max_mb << 20,
         write_buffer_bytes=settings.staging_write_buffer_kb << 10,
     )
-    # Same database as the store: advisory locks on PostgreSQL (one writer across nodes), in-process on SQLite.
-    locker = open_locker(settings.database_url, default_timeout=settings.lock_timeout_seconds)
+    locker = database.locker
 
     options = TusOptions(
         base_path=settings.tus_base_path,
         max_size=settings.max_file_size,
-        extensions=frozenset(settings.tus_extensions),
+        extensions=settings.tus_extensions,
         ttl=timedelta(hours=settings.upload_session_ttl_hours),
         lock_timeout=settings.lock_timeout_seconds,
         trust_proxy_headers=settings.trust_proxy_headers,
@@ -116,12 +194,8 @@ def build_parts(settings: Settings) -> Parts:
             window=settings.body_min_rate_window_seconds,
         ),
     )
-    elements = StorageElements.from_settings(settings)
-    if isinstance(store, SQLiteSessionStore):
-        # One connection for both stores on one SQLite file: one writer, so no "database is locked".
-        saga_store: SagaStore = SQLiteSagaStore(store.database)
-    else:
-        saga_store = open_saga_store(settings.database_url)
+    elements = StorageElements.from_settings(element_settings(settings))
+    saga_store = database.sagas
     relay = OutboxRelay(
         saga_store,
         redis_url=settings.redis_url,
@@ -292,11 +366,13 @@ def build_app(settings: Settings) -> Starlette:
         Route("/health/ready", ready),
         Route("/health/elements", elements),
         *SessionStatus(parts.store, parts.sagas).routes(),
-        *FacadeUploads(settings, parts.tus.ctx, parts.sagas).routes(),
+        *FacadeUploads(facade_settings(settings), parts.tus.ctx, parts.sagas).routes(),
         *parts.files_api.routes(),
         *openapi_routes(),
         *parts.tus.routes(),
     ]
+    if not settings.resumable_uploads_enabled:
+        routes = _without_resumable_uploads(routes, settings.tus_base_path)
     middleware = [
         Middleware(UnreadBodyGuard),
         Middleware(
@@ -316,6 +392,45 @@ def build_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.parts = parts
     return app
+
+
+RESUMABLE_UPLOADS_DISABLED = "resumable uploads are disabled on this server (RESUMABLE_UPLOADS_ENABLED=false)"
+
+
+def _without_resumable_uploads(routes: list[BaseRoute], tus_base_path: str) -> list[BaseRoute]:
+    """RESUMABLE_UPLOADS_ENABLED=false: the tus endpoint is not routed (its paths answer 404 saying
+    why), and the facade refuses X-Upload-Session-ID with 400 before reading the body. Whole-file
+    uploads (POST /api/files/upload without the header, /api/files/batch/upload) stay."""
+    tus_paths = {tus_base_path, tus_base_path.rstrip("/") or "/", tus_base_path + "{upload_id}"}
+    kept: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, Route) and route.path in tus_paths:
+            continue
+        if isinstance(route, Route) and route.path == "/api/files/upload":
+            route = Route(route.path, _refusing_upload_sessions(route.endpoint), methods=route.methods)
+        kept.append(route)
+
+    async def tus_disabled(request: Request) -> Response:
+        return PlainTextResponse(RESUMABLE_UPLOADS_DISABLED + "\n", status_code=404)
+
+    methods = ["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS", "PUT"]
+    return [
+        *kept,
+        Route(tus_base_path.rstrip("/") or "/", tus_disabled, methods=methods),
+        Route(tus_base_path + "{rest:path}", tus_disabled, methods=methods),
+    ]
+
+
+def _refusing_upload_sessions(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def upload(request: Request) -> Response:
+        if "x-upload-session-id" in request.headers:
+            message = f"{RESUMABLE_UPLOADS_DISABLED}: send the whole file without X-Upload-Session-ID"
+            return JSONResponse({"error": "resumable_uploads_disabled", "message": message}, status_code=400)
+        return await endpoint(request)
+
+    return upload
 
 
 def _writable(path: Path) -> bool:

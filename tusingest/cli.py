@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from typing import Annotated
 
@@ -42,26 +44,44 @@ def serve(
     import uvloop
 
     try:
-        uvloop.run(_serve(settings))
+        listener = _listen(settings.host, settings.port)
+    except OSError as exc:
+        # One line, exit 2 (a setting the operator must change), before anything says it listens.
+        reason = "the address is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        typer.echo(f"tusingest cannot listen on {settings.host}:{settings.port}: {reason}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        uvloop.run(_serve(settings, listener))
     except StartupError as exc:
         typer.echo(f"tusingest cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
+    finally:
+        if listener.fileno() != -1:  # not handed to Hypercorn (the start failed before it)
+            listener.close()
 
 
 class StartupError(Exception):
     pass
 
 
-async def _serve(settings: Settings) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts, so that a port in use is one clear error
+    instead of Hypercorn's traceback after the service said it listens. Hypercorn serves it (fd://)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=1024)
+    listener.set_inheritable(True)
+    return listener
+
+
+async def _serve(settings: Settings, listener: socket.socket) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
 
-    from tusingest.app import build_app
+    from tusingest.app import build_app, open_database
     from tusingest.serving import hypercorn_config
-    from tusingest.sessions import open_session_store
     from tusingest.sessions.store import StoreError
 
     # Refuse to start on a store we cannot use, with the store's own words (e.g. "run tusingest migrate").
-    probe = open_session_store(settings.database_url)
+    probe = open_database(settings.database_url).sessions
     try:
         await probe.open()
     except StoreError as exc:
@@ -70,7 +90,7 @@ async def _serve(settings: Settings) -> None:
         await probe.close()
 
     app = build_app(settings)
-    config = hypercorn_config(settings)
+    config = hypercorn_config(settings, bind=f"fd://{listener.fileno()}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,7 +103,10 @@ async def _serve(settings: Settings) -> None:
         app.state.parts.locker.request_release_all()
 
     logging.getLogger("tusingest").info("tusingest listening on http://%s:%d", settings.host, settings.port)
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    finally:
+        listener.detach()  # Hypercorn owns the descriptor and has closed it
 
 
 @cli.command()
@@ -179,9 +202,10 @@ def _node_elements(base_url: str) -> dict[str, object] | None:
 async def _probe_elements_here(settings: Settings) -> dict[str, object]:
     from dataclasses import asdict
 
+    from tusingest.app import element_settings
     from tusingest.elements.runtime import StorageElements
 
-    storage = StorageElements.from_settings(settings)
+    storage = StorageElements.from_settings(element_settings(settings))
     await storage.open(health_checks=False)
     try:
         await storage.pool.probe_all()

@@ -1,8 +1,9 @@
 """Settings: one object read from the environment and validated at start-up.
 
-The variable names are the ArtStore Ingester's (MAX_FILE_SIZE_MB, UPLOAD_SESSION_TTL_HOURS,
-...). With nothing set, the service runs on embedded defaults: SQLite and staging under
-./data, listening on 127.0.0.1:8020.
+The variable names and defaults are the ArtStore Ingester card's (MAX_FILE_SIZE_MB,
+UPLOAD_SESSION_TTL_HOURS, ...; the README's configuration table says where and why we deviate).
+With nothing set, the service runs on embedded defaults: SQLite and staging under ./data,
+listening on 127.0.0.1:8020.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The tus extensions this server implements, in the protocol's order (the order Tus-Extension lists
+# them in; app.py hands the enabled ones to tus/ in TusOptions, so the protocol layer needs no config).
+# checksum-trailer is not offered: Hypercorn does not pass request trailers to ASGI apps.
 TUS_EXTENSIONS = (
     "creation",
     "creation-with-upload",
@@ -23,18 +27,20 @@ TUS_EXTENSIONS = (
     "concatenation",
     "concatenation-unfinished",
 )
-# Advertised and served only once implemented: the default list is what works today.
-# checksum-trailer is not offered: Hypercorn does not pass request trailers to ASGI apps.
-IMPLEMENTED_EXTENSIONS = (
-    "creation",
-    "creation-with-upload",
-    "creation-defer-length",
-    "expiration",
-    "termination",
-    "checksum",
-    "concatenation",
-    "concatenation-unfinished",
-)
+
+
+DatabaseEngine = Literal["sqlite", "postgresql"]
+
+
+def database_engine(database_url: str) -> DatabaseEngine:
+    """Which database a DATABASE_URL names: the one place its scheme is read (app.py opens the
+    stores and the locker by it). Raises ValueError naming only the scheme: the URL may carry a password."""
+    if database_url.startswith("sqlite:///"):
+        return "sqlite"
+    if database_url.startswith(("postgresql://", "postgres://")):
+        return "postgresql"
+    scheme = database_url.partition(":")[0]
+    raise ValueError(f"must start with sqlite:/// or postgresql://, not {scheme}:")
 
 
 class SettingsError(Exception):
@@ -53,13 +59,16 @@ class Settings(BaseSettings):
     redis_url: str | None = None
 
     tus_base_path: str = "/files/"
-    tus_extensions: Annotated[tuple[str, ...], NoDecode] = IMPLEMENTED_EXTENSIONS
-    max_file_size_mb: int = Field(5120, ge=1)
-    chunk_size_mb: int = Field(16, ge=5, le=5120)  # also the S3 multipart part size (>= 5 MiB)
+    tus_extensions: Annotated[tuple[str, ...], NoDecode] = TUS_EXTENSIONS
+    max_file_size_mb: int = Field(1024, ge=1)
+    chunk_size_mb: int = Field(10, ge=5, le=5120)  # also the S3 multipart part size (>= 5 MiB)
     staging_chunk_max_mb: int = Field(256, ge=1)
     staging_write_buffer_kb: int = Field(4096, ge=64, le=262144)
 
-    upload_session_ttl_hours: float = Field(24.0, gt=0)
+    # false: the tus endpoint is not routed and the facade refuses X-Upload-Session-ID; only whole-file
+    # uploads (POST /api/files/upload, /batch/upload) remain.
+    resumable_uploads_enabled: bool = True
+    upload_session_ttl_hours: float = Field(2.0, gt=0)
     upload_session_cleanup_interval_hours: float = Field(1.0, gt=0)
     lock_timeout_seconds: float = Field(10.0, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
@@ -79,7 +88,7 @@ class Settings(BaseSettings):
     # Storage Elements: where the list comes from (Redis, else the fallback file, else one
     # directory element under ./data), how one is chosen and how failures are contained.
     service_discovery_key: str = "artstore:storage_elements"
-    service_discovery_channel: str = "artstore:storage_elements:changed"
+    service_discovery_channel: str = "artstore:storage-elements"
     service_discovery_fallback_config: str | None = None
     service_discovery_cache_file: str = "./data/storage_elements.json"
     service_discovery_reconnect_max_seconds: float = Field(30.0, gt=0)
@@ -90,8 +99,9 @@ class Settings(BaseSettings):
     storage_health_check_timeout_seconds: float = Field(5.0, gt=0)
     storage_retry_max_attempts: int = Field(3, ge=1, le=20)
     storage_retry_base_delay_seconds: float = Field(0.2, ge=0)
+    circuit_breaker_enabled: bool = True  # false: failures are counted and shown, a breaker never opens
     circuit_breaker_failure_threshold: int = Field(5, ge=1)
-    circuit_breaker_timeout_seconds: float = Field(30.0, gt=0)
+    circuit_breaker_timeout_seconds: float = Field(60.0, gt=0)
     circuit_breaker_success_threshold: int = Field(2, ge=1)
     # S3 TLS: verification on by default; a CA bundle for private CAs (per element:
     # ELEMENT_<ID>_CA_BUNDLE). Keys come from AWS_* or ELEMENT_<ID>_AWS_ACCESS_KEY_ID / _SECRET_.
@@ -110,17 +120,19 @@ class Settings(BaseSettings):
     compression_enabled: bool = True
     compression_algorithm: Literal["brotli", "gzip"] = "brotli"
     compression_level: int | None = Field(None, ge=0, le=11)  # None: brotli 4, gzip 6
-    compression_min_size_mb: float = Field(1.0, ge=0)
+    compression_min_size_mb: float = Field(10.0, ge=0)
     compression_min_saving: float = Field(0.10, ge=0, lt=1)
     finalise_wait_seconds: float = Field(30.0, ge=0)  # how long the final PATCH waits for the saga
     # Sagas doing their heavy steps at once, per node: they are CPU-bound (hashing, compression).
     finalise_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=256)
     default_username: str = "anonymous"
 
-    # The upload saga and its outbox.
-    saga_retry_max_attempts: int = Field(5, ge=1, le=50)
+    # The upload saga and its outbox. The saga is the only path from an upload to a file (placement,
+    # attr.json, registry row and events in one durable log): SAGA_ENABLED=false is refused at start.
+    saga_enabled: bool = True
+    saga_retry_max_attempts: int = Field(3, ge=1, le=50)
     saga_retry_base_delay_seconds: float = Field(0.5, ge=0)
-    saga_timeout_seconds: float = Field(3600.0, gt=0)
+    saga_timeout_seconds: float = Field(300.0, gt=0)
     saga_lease_seconds: float = Field(60.0, gt=0)
     saga_recovery_interval_seconds: float = Field(30.0, gt=0)
     file_events_stream: str = "file-events"
@@ -133,7 +145,7 @@ class Settings(BaseSettings):
     saga_failpoints: str = ""  # testing only: see tusingest/saga/failpoints.py
 
     # The REST facade (/api/files).
-    max_batch_files: int = Field(20, ge=1, le=1000)
+    max_batch_files: int = Field(100, ge=1, le=1000)
     max_batch_size_mb: int = Field(1024, ge=1)
     batch_parallelism: int = Field(2, ge=1, le=32)
     transfer_verify_checksum_default: bool = True
@@ -148,9 +160,9 @@ class Settings(BaseSettings):
     @field_validator("tus_extensions")
     @classmethod
     def _known_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(IMPLEMENTED_EXTENSIONS))
+        unknown = sorted(set(value) - set(TUS_EXTENSIONS))
         if unknown:
-            known = ", ".join(IMPLEMENTED_EXTENSIONS)
+            known = ", ".join(TUS_EXTENSIONS)
             raise ValueError(f"unknown tus extension(s) {', '.join(unknown)}; known: {known}")
         if "creation" not in value and ({"creation-with-upload", "creation-defer-length"} & set(value)):
             raise ValueError("creation-with-upload and creation-defer-length need creation")
@@ -158,6 +170,16 @@ class Settings(BaseSettings):
             raise ValueError("concatenation needs creation")
         if "concatenation-unfinished" in value and "concatenation" not in value:
             raise ValueError("concatenation-unfinished needs concatenation")
+        return tuple(name for name in TUS_EXTENSIONS if name in value)  # the order Tus-Extension lists them in
+
+    @field_validator("saga_enabled")
+    @classmethod
+    def _saga_required(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "cannot be false: the upload saga is the only path from an upload to a stored, registered file"
+                " (without it nothing would be placed, recorded or recovered after a crash)"
+            )
         return value
 
     @field_validator("tus_base_path")
@@ -170,8 +192,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ValueError("must start with sqlite:/// or postgresql://")
+        database_engine(value)
         return value
 
     @property

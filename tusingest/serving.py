@@ -3,11 +3,11 @@ on a request head (size, field count, time to arrive) that Hypercorn and the app
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from hypercorn.config import Config
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from tusingest.config import Settings
 
 # Hypercorn reads a socket 64 KiB at a time and has no setting for it. Large PATCH bodies
 # cost a loop iteration, a queue hand-off and an ASGI message per read: 512 KiB reads cut
@@ -23,7 +23,22 @@ def tune_hypercorn() -> None:
     tcp_server.MAX_RECV = SOCKET_READ_BYTES
 
 
-def hypercorn_config(settings: Settings, bind: str | None = None) -> Config:
+class ServingSettings(Protocol):
+    """The settings Hypercorn's Config is made from (app.py's and the CLI's Settings has them)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def shutdown_grace_seconds(self) -> float: ...
+    @property
+    def request_head_max_kb(self) -> int: ...
+    @property
+    def request_head_timeout_seconds(self) -> float: ...
+
+
+def hypercorn_config(settings: ServingSettings, bind: str | None = None) -> Config:
     tune_hypercorn()
     config = Config()
     config.bind = [bind or f"{settings.host}:{settings.port}"]

@@ -23,6 +23,7 @@ import pytest
 
 from tests.fixtures.killed_put import killed_put
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, s3_client
+from tusingest.app import element_settings
 from tusingest.config import Settings, load_settings
 from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectNotFound
 from tusingest.elements.backends import open_backend
@@ -95,10 +96,10 @@ async def open_test_backend(
         element = StorageElement.model_validate(
             {"element_id": "dir-1", "mode": "edit", "backend": "directory", "path": str(tmp_path / "element")}
         )
-        return open_backend(element, settings, s3_clients, environ={})
+        return open_backend(element, element_settings(settings, {}).s3, s3_clients)
     endpoint, bucket = request.getfixturevalue("s3_bucket")
     element = s3_element("s3-1", endpoint, bucket)
-    return open_backend(element, settings, s3_clients, environ=moto_environ(element))
+    return open_backend(element, element_settings(settings, moto_environ(element)).s3, s3_clients)
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 async def s3_clients(settings: Settings) -> AsyncIterator[S3ClientPool]:
-    pool = S3ClientPool.from_settings(settings)
+    pool = S3ClientPool.from_settings(element_settings(settings).s3)
     try:
         yield pool
     finally:
@@ -616,7 +617,7 @@ async def test_a_200_mib_streamed_put_keeps_memory_flat(
     request: pytest.FixtureRequest, tmp_path: Path, kind: str
 ) -> None:
     settings = load_settings(chunk_size_mb=16)
-    pool = S3ClientPool.from_settings(settings)
+    pool = S3ClientPool.from_settings(element_settings(settings).s3)
     backend = await open_test_backend(kind, request, tmp_path, settings, pool)
     blocks = [os.urandom(256 * 1024) for _ in range(4)]
     total = 200 * MiB
@@ -652,7 +653,7 @@ async def test_a_200_mib_streamed_put_keeps_memory_flat(
 async def s3_backend(s3_bucket: tuple[str, str], settings: Settings, s3_clients: S3ClientPool) -> S3Backend:
     endpoint, bucket = s3_bucket
     element = s3_element("s3-1", endpoint, bucket)
-    backend = open_backend(element, settings, s3_clients, environ=moto_environ(element))
+    backend = open_backend(element, element_settings(settings, moto_environ(element)).s3, s3_clients)
     assert isinstance(backend, S3Backend)
     return backend
 
@@ -729,8 +730,8 @@ async def test_s3_elements_with_the_same_endpoint_and_keys_share_one_client_that
     endpoint, bucket = s3_bucket
     first_element, second_element = s3_element("one", endpoint, bucket, "a"), s3_element("two", endpoint, bucket, "b")
     environ = moto_environ(first_element) | moto_environ(second_element)
-    first = open_backend(first_element, settings, s3_clients, environ)
-    second = open_backend(second_element, settings, s3_clients, environ)
+    first = open_backend(first_element, element_settings(settings, environ).s3, s3_clients)
+    second = open_backend(second_element, element_settings(settings, environ).s3, s3_clients)
     assert isinstance(first, S3Backend) and isinstance(second, S3Backend)
     await first.put("k", stream(b"one"))
     await first.close()
@@ -743,7 +744,7 @@ async def test_s3_calls_to_an_unreachable_server_raise_transient_errors_naming_e
     private_moto_server: MotoServer, settings: Settings, s3_clients: S3ClientPool
 ) -> None:
     element = s3_element("flaky", private_moto_server.url, create_bucket(private_moto_server.url))
-    backend = open_backend(element, settings, s3_clients, moto_environ(element))
+    backend = open_backend(element, element_settings(settings, moto_environ(element)).s3, s3_clients)
     await backend.put("k", stream(b"before"))
     private_moto_server.stop()
     with pytest.raises(BackendError) as raised:
@@ -764,7 +765,7 @@ async def test_s3_a_put_that_loses_the_server_midway_raises_a_transient_error(
     private_moto_server: MotoServer, settings: Settings, s3_clients: S3ClientPool
 ) -> None:
     element = s3_element("flaky", private_moto_server.url, create_bucket(private_moto_server.url))
-    backend = open_backend(element, settings, s3_clients, moto_environ(element))
+    backend = open_backend(element, element_settings(settings, moto_environ(element)).s3, s3_clients)
     stalled, resume = asyncio.Event(), asyncio.Event()
 
     async def source() -> AsyncIterator[bytes]:

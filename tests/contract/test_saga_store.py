@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from alembic import command
 
+from tusingest.app import open_database
 from tusingest.saga import (
     DuplicateFile,
     DuplicateSaga,
@@ -31,11 +32,9 @@ from tusingest.saga import (
     SagaOwnershipLost,
     SagaState,
     SagaStore,
-    open_saga_store,
 )
 from tusingest.saga.postgres import PostgresSagaStore
-from tusingest.saga.sqlite import SQLiteSagaStore
-from tusingest.sessions import migrations, open_session_store
+from tusingest.sessions import migrations
 from tusingest.sessions.model import Upload, new_upload_id
 from tusingest.sessions.store import DatabaseNotMigrated, StoreError
 
@@ -67,7 +66,7 @@ async def open_store(database_url: str) -> AsyncIterator[Callable[[], Awaitable[
     opened: list[SagaStore] = []
 
     async def open_one() -> SagaStore:
-        saga_store = open_saga_store(database_url)
+        saga_store = open_database(database_url).sagas
         await saga_store.open()
         opened.append(saga_store)
         return saga_store
@@ -1014,7 +1013,7 @@ async def test_a_call_on_a_closed_store_raises_store_error(store: SagaStore) -> 
 
 
 async def test_the_saga_store_shares_its_database_with_the_session_store(store: SagaStore, database_url: str) -> None:
-    sessions = open_session_store(database_url)
+    sessions = open_database(database_url).sessions
     await sessions.open()
     try:
         upload = Upload(id=new_upload_id(), length=10)
@@ -1025,15 +1024,6 @@ async def test_the_saga_store_shares_its_database_with_the_session_store(store: 
         assert await store.latest_saga("upload", upload.id) == saga
     finally:
         await sessions.close()
-
-
-def test_open_saga_store_picks_the_implementation_by_url_scheme() -> None:
-    assert isinstance(open_saga_store("sqlite:///./data/tusingest.db"), SQLiteSagaStore)
-    assert isinstance(open_saga_store("postgresql://u@h/db"), PostgresSagaStore)
-    assert isinstance(open_saga_store("postgres://u@h/db"), PostgresSagaStore)
-    with pytest.raises(ValueError, match="mysql:") as raised:
-        open_saga_store("mysql://u:s3cr3t@h/db")
-    assert "s3cr3t" not in str(raised.value)
 
 
 # --- PostgreSQL: schema check and the 0002 migration --------------------------------------------------------------

@@ -23,8 +23,9 @@ from tests.e2e.test_saga_recovery import serving
 from tests.e2e.test_serve_cli import clean_env, free_port
 from tests.fixtures.rawhttp import eventually, open_request
 from tests.fixtures.server import OCTETS, TUS
-from tusingest.saga import SagaState, open_saga_store
-from tusingest.sessions import SessionStore, Upload, UploadState, open_session_store
+from tusingest.app import open_database
+from tusingest.saga import SagaState
+from tusingest.sessions import SessionStore, Upload, UploadState
 
 
 def node_env(tmp_path: Path, database_url: str, **values: str) -> dict[str, str]:
@@ -66,7 +67,7 @@ async def kill(process: subprocess.Popen[bytes]) -> None:
 async def owed_without_saga(store: SessionStore, database_url: str, upload_id: str) -> Upload:
     """The stranded state this test is about: complete, completion owed, and no saga row."""
     upload = await store.get(upload_id)
-    sagas = open_saga_store(database_url)
+    sagas = open_database(database_url).sagas
     await sagas.open()
     try:
         saga = await sagas.latest_saga("upload", upload_id)
@@ -78,7 +79,7 @@ async def owed_without_saga(store: SessionStore, database_url: str, upload_id: s
 
 
 async def assert_registered_once(tmp_path: Path, database_url: str, upload_id: str, payload: bytes) -> None:
-    sagas = open_saga_store(database_url)
+    sagas = open_database(database_url).sagas
     await sagas.open()
     try:
 
@@ -110,7 +111,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 async def open_store(database_url: str) -> SessionStore:
-    store = open_session_store(database_url)
+    store = open_database(database_url).sessions
     await store.open()
     return store
 

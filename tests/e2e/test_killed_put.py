@@ -23,8 +23,9 @@ from tests.e2e.test_serve_cli import clean_env, free_port
 from tests.fixtures.rawhttp import eventually, open_request
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tests.fixtures.server import OCTETS, TUS
+from tusingest.app import open_database
 from tusingest.elements.directory import is_temp_name
-from tusingest.saga import SagaState, open_saga_store
+from tusingest.saga import SagaState
 
 MiB = 1 << 20
 
@@ -92,7 +93,7 @@ async def test_a_put_killed_midway_leaves_nothing_once_the_next_node_finishes_th
     )
     payload = os.urandom(48 * MiB)
     port = free_port()
-    sagas = open_saga_store(postgres_url)
+    sagas = open_database(postgres_url).sagas
     await sagas.open()
     try:
         async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "put_midway=pause"}, port) as first:

@@ -23,7 +23,8 @@ from tests.fixtures.rawhttp import eventually, open_request
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tests.fixtures.server import OCTETS, TUS, ServerFactory
 from tests.integration.test_outbox import WebhookReceiver
-from tusingest.saga import SagaState, open_saga_store
+from tusingest.app import open_database
+from tusingest.saga import SagaState
 from tusingest.saga.webhooks import SIGNATURE_HEADER, UPLOAD_COMPLETED, verify
 
 
@@ -81,7 +82,7 @@ async def test_a_saga_cut_off_by_sigkill_is_finished_by_the_next_node(
     )
     payload = os.urandom(3 << 20)
     port = free_port()
-    sagas = open_saga_store(postgres_url)
+    sagas = open_database(postgres_url).sagas
     await sagas.open()
     try:
         async with serving(tmp_path, env | {"SAGA_FAILPOINTS": f"{point}=pause"}, port) as first:

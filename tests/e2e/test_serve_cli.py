@@ -158,6 +158,18 @@ def test_serve_refuses_a_bad_setting_with_a_message_naming_it(
     assert words in result.stderr.decode()
 
 
+def test_serve_on_a_port_in_use_exits_2_with_one_line_and_never_says_it_listens(workdir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*TUSINGEST, "serve", "--port", str(port)], cwd=workdir, env=clean_env(), capture_output=True, timeout=30
+        )
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == [f"tusingest cannot listen on 127.0.0.1:{port}: the address is already in use"]
+    assert not (workdir / "data").exists()  # refused before anything was created
+
+
 def test_serve_refuses_an_unmigrated_database_and_says_to_migrate(workdir: Path, empty_postgres_url: str) -> None:
     result = subprocess.run(
         [*TUSINGEST, "serve", "--port", str(free_port())],

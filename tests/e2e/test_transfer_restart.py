@@ -19,7 +19,7 @@ from tests.e2e.test_serve_cli import clean_env, free_port
 from tests.fixtures.rawhttp import eventually
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tests.fixtures.server import OCTETS, TUS
-from tusingest.saga import open_saga_store
+from tusingest.app import open_database
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ async def test_a_transfer_cut_off_by_sigkill_is_finished_by_the_next_node(
     payload = os.urandom(3 << 20)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    sagas = open_saga_store(postgres_url)
+    sagas = open_database(postgres_url).sagas
     await sagas.open()
     try:
         async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "transfer_copied=pause"}, port) as first:

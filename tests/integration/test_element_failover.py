@@ -1,5 +1,6 @@
-"""Placing objects through the ElementPool: failover when an element's S3 server stops, the circuit
-breaker opening after its threshold, and closing again once the server is back (real moto)."""
+"""Placing objects through the ElementPool's parts (select, reserve, call): failover when an element's
+S3 server stops, the circuit breaker opening after its threshold, and closing again once the server is
+back (real moto)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, s3_client
+from tusingest.app import element_settings
 from tusingest.config import load_settings
-from tusingest.elements.backend import Backend
+from tusingest.elements.backend import Backend, BackendError, ObjectInfo
 from tusingest.elements.backends import open_backend
 from tusingest.elements.breaker import BreakerSettings, BreakerState
 from tusingest.elements.model import ElementList, StorageElement
-from tusingest.elements.pool import ElementPool, NoElementAvailable
+from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.elements.s3 import S3ClientPool
 from tusingest.elements.selection import Selector
 
@@ -53,7 +55,7 @@ def clock() -> Clock:
 async def pool(private_moto_server: MotoServer, tmp_path: Path, clock: Clock) -> AsyncIterator[ElementPool]:
     make_bucket(private_moto_server.url)
     settings = load_settings(s3_connect_timeout_seconds=1.0, s3_read_timeout_seconds=5.0)
-    s3_clients = S3ClientPool.from_settings(settings)
+    s3_clients = S3ClientPool.from_settings(element_settings(settings).s3)
     # Per-element keys from the environment, as production passes them (never through Redis).
     environ = {
         "ELEMENT_S3_MAIN_AWS_ACCESS_KEY_ID": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -61,7 +63,7 @@ async def pool(private_moto_server: MotoServer, tmp_path: Path, clock: Clock) ->
     }
 
     def backend_for(element: StorageElement) -> Backend:
-        return open_backend(element, settings, s3_clients, environ)
+        return open_backend(element, element_settings(settings, environ).s3, s3_clients)
 
     element_pool = ElementPool(
         backend_for,
@@ -105,9 +107,25 @@ async def pool(private_moto_server: MotoServer, tmp_path: Path, clock: Clock) ->
 
 
 async def put(pool: ElementPool, key: str) -> str:
-    placement = await pool.put_object(key, stream, size=len(PAYLOAD), content_type="text/plain")
-    assert placement.info.size == len(PAYLOAD)
-    return placement.element_id
+    """Place one file the way the upload saga's placement loop does (the pool has no put of its own):
+    choose an element, put under a reservation through its breaker, and on an element failure choose
+    another. Raises NoElementAvailable once every candidate failed."""
+    tried: set[str] = set()
+    while True:
+        element_id = pool.select(len(PAYLOAD), exclude=tried).element.element_id
+
+        async def put_there(backend: Backend) -> ObjectInfo:
+            return await backend.put(key, stream(), length=len(PAYLOAD), content_type="text/plain")
+
+        try:
+            with pool.reserve(element_id, len(PAYLOAD)):
+                info = await pool.call(element_id, put_there)
+        except (BackendError, ElementUnavailable):
+            tried.add(element_id)
+            continue
+        pool.state(element_id).placed_bytes += info.size
+        assert info.size == len(PAYLOAD)
+        return element_id
 
 
 async def stored_digest(pool: ElementPool, element_id: str, key: str) -> str:

@@ -24,7 +24,8 @@ from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 
 from tests.fixtures.redis import RedisServer, free_port
-from tusingest.saga import FileRecord, NewOutboxMessage, OutboxMessage, SagaStore, open_saga_store
+from tusingest.app import open_database
+from tusingest.saga import FileRecord, NewOutboxMessage, OutboxMessage, SagaStore
 from tusingest.saga.outbox import MAX_CONCURRENT_DELIVERIES, DeliveryReport, OutboxRelay, full_jitter
 from tusingest.saga.webhooks import (
     DELIVERY_HEADER,
@@ -141,7 +142,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         # Looked up here, not declared, so the SQLite half runs without a PostgreSQL server.
         url = request.getfixturevalue("postgres_url")
-    saga_store = open_saga_store(url)
+    saga_store = open_database(url).sagas
     await saga_store.open()
     yield saga_store
     await saga_store.close()

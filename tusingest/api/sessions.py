@@ -3,7 +3,7 @@ alike (the session id is the last path segment of the tus URL)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from tusingest.finalise.upload import UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
-from tusingest.sessions.model import is_upload_id
+from tusingest.sessions.model import is_upload_id, utc_iso
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -20,7 +20,7 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if value is None else utc_iso(value)
 
 
 class SessionStatus:

@@ -36,7 +36,6 @@ from tusingest.api.multipart import (
     multipart_events,
 )
 from tusingest.api.sessions import error
-from tusingest.config import Settings
 from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import Upload, UploadState
 from tusingest.sessions.locks import LockTimeout
@@ -282,11 +281,22 @@ def _api_error(problem: TusError) -> ApiError:
     return ApiError(problem.status, problem.headers.get("ArtStore-Error", "file_refused"), problem.message)
 
 
+@dataclass(frozen=True, slots=True)
+class FacadeSettings:
+    """What the REST facade needs of the configuration; built in app.py."""
+
+    max_file_size: int
+    finalise_wait_seconds: float
+    max_batch_bytes: int
+    max_batch_files: int
+    batch_parallelism: int
+
+
 class FacadeUploads:
     """The facade keeps only the form and its JSON answers; every byte goes through the one
     append operation (``tus.append``) of the tus endpoint's ``TusContext``."""
 
-    def __init__(self, settings: Settings, ctx: TusContext, sagas: UploadSagas) -> None:
+    def __init__(self, settings: FacadeSettings, ctx: TusContext, sagas: UploadSagas) -> None:
         self.settings = settings
         self.ctx = ctx
         self.pace = ctx.options.body_pace  # a body slower than this is cut off like a disconnect
@@ -442,10 +452,12 @@ class FacadeUploads:
         return error(408, "body_too_slow", message)
 
     async def _batch(self, request: Request) -> Response:
-        max_bytes = self.settings.max_batch_size_mb << 20
+        max_bytes = self.settings.max_batch_bytes
         declared = non_negative_integer(request.headers.get("content-length") or "")
         if declared is not None and declared > max_bytes + (1 << 20):
-            raise ApiError(413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB")
+            raise ApiError(
+                413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_bytes >> 20} MiB"
+            )
         boundary = boundary_of(request.headers.get("content-type"))
         options = FormOptions()
         staged: list[tuple[str, Upload | ApiError]] = []
@@ -463,7 +475,7 @@ class FacadeUploads:
                 total += item.offset if isinstance(item, Upload) else 0
                 if total > max_bytes:
                     raise ApiError(
-                        413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_size_mb} MiB"
+                        413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_bytes >> 20} MiB"
                     )
         except (ApiError, TusError, MultipartError, ClientDisconnect):
             for _, item in staged:  # a refused batch keeps nothing

@@ -1,30 +1,31 @@
 """Turns a Storage Element description into the Backend that reaches it.
 
 Credentials and CA bundles never come from the element list: they come from the environment,
-per element (``ELEMENT_<ID>_AWS_ACCESS_KEY_ID``, ``..._AWS_SECRET_ACCESS_KEY``, ``..._CA_BUNDLE``)
-or, without those, from botocore's default chain (AWS_ACCESS_KEY_ID, profiles, instance roles).
+per element (``ELEMENT_<ID>_AWS_ACCESS_KEY_ID``, ``..._AWS_SECRET_ACCESS_KEY``, ``..._CA_BUNDLE``,
+read by app.py into ``S3Settings.element_variables``) or, without those, from botocore's default
+chain (AWS_ACCESS_KEY_ID, profiles, instance roles).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tusingest.config import Settings
 from tusingest.elements.backend import Backend, BackendError
 from tusingest.elements.directory import DirectoryBackend
 from tusingest.elements.model import BackendKind, StorageElement
+from tusingest.elements.settings import S3Settings
 
 if TYPE_CHECKING:
     # aiobotocore adds about 0.15 s to start-up; a node with directory elements only never loads it.
     from tusingest.elements.s3 import S3Access, S3ClientPool
 
 
-def s3_access(element: StorageElement, settings: Settings, environ: Mapping[str, str] = os.environ) -> S3Access:
+def s3_access(element: StorageElement, settings: S3Settings) -> S3Access:
     """Endpoint, identity and TLS verification for an S3 element."""
     from tusingest.elements.s3 import S3Access
 
+    environ = settings.element_variables
     variable = f"ELEMENT_{element.env_name}_"
     access_key_id = environ.get(variable + "AWS_ACCESS_KEY_ID") or None
     secret_access_key = environ.get(variable + "AWS_SECRET_ACCESS_KEY") or None
@@ -32,10 +33,10 @@ def s3_access(element: StorageElement, settings: Settings, environ: Mapping[str,
         # Half a key pair would silently fall back to the default identity: refuse instead.
         missing = "AWS_SECRET_ACCESS_KEY" if secret_access_key is None else "AWS_ACCESS_KEY_ID"
         raise BackendError(f"element {element.element_id}: {variable}{missing} is not set", transient=False)
-    verify: bool | str | None = environ.get(variable + "CA_BUNDLE") or settings.s3_ca_bundle
+    verify: bool | str | None = environ.get(variable + "CA_BUNDLE") or settings.ca_bundle
     if verify is None:
         # None, not True: botocore then honours AWS_CA_BUNDLE before the system CAs.
-        verify = None if settings.s3_verify_tls else False
+        verify = None if settings.verify_tls else False
     return S3Access(
         endpoint_url=element.endpoint,
         region=element.region,
@@ -47,9 +48,8 @@ def s3_access(element: StorageElement, settings: Settings, environ: Mapping[str,
 
 def open_backend(
     element: StorageElement,
-    settings: Settings,
+    settings: S3Settings,
     s3_clients: S3ClientPool | Callable[[], S3ClientPool],
-    environ: Mapping[str, str] = os.environ,
 ) -> Backend:
     """The Backend for element; S3 elements borrow their client from s3_clients (the pool, or a
     function that makes it when the first S3 element asks)."""
@@ -64,7 +64,7 @@ def open_backend(
         element.element_id,
         bucket=element.bucket,
         prefix=element.prefix,
-        access=s3_access(element, settings, environ),
+        access=s3_access(element, settings),
         clients=clients,
-        part_size=settings.chunk_size,
+        part_size=settings.part_size,
     )

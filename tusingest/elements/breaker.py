@@ -1,6 +1,6 @@
 """A circuit breaker per Storage Element, so a failing element is skipped instead of retried.
 
-closed → open after ``failure_threshold`` consecutive failures; open → half-open once
+closed → open after ``failure_threshold`` consecutive failures (never, when disabled); open → half-open once
 ``timeout`` seconds have passed; half-open → closed after ``success_threshold`` consecutive
 successes, or back to open on any failure. Our own, because the asyncio breakers on PyPI
 (aiocircuitbreaker, purgatory) close after a single success and do not expose their state for
@@ -27,6 +27,7 @@ class BreakerSettings:
     failure_threshold: int = 5
     timeout: float = 30.0
     success_threshold: int = 2
+    enabled: bool = True  # CIRCUIT_BREAKER_ENABLED=false: failures are still counted and shown, never open
 
 
 class CircuitBreaker:
@@ -74,6 +75,8 @@ class CircuitBreaker:
             self._open()
             return
         self._failures += 1
+        if not self._settings.enabled:
+            return
         if state is BreakerState.CLOSED and self._failures >= self._settings.failure_threshold:
             self._open()
 

@@ -24,8 +24,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random_exponential
 
-from tusingest.config import Settings
 from tusingest.elements.model import BackendKind, ElementList, ElementListError, Mode, StorageElement
+from tusingest.elements.settings import DiscoverySettings
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,17 @@ class ElementDiscovery:
         self._applying = asyncio.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, on_change: Callable[[ElementList], None] | None = None) -> Self:
+    def from_settings(
+        cls, settings: DiscoverySettings, *, on_change: Callable[[ElementList], None] | None = None
+    ) -> Self:
         return cls(
             redis_url=settings.redis_url,
-            key=settings.service_discovery_key,
-            channel=settings.service_discovery_channel,
-            fallback_path=settings.service_discovery_fallback_config,
-            cache_path=settings.service_discovery_cache_file,
+            key=settings.key,
+            channel=settings.channel,
+            fallback_path=settings.fallback_path,
+            cache_path=settings.cache_path,
             default_element_dir=settings.default_element_dir,
-            reconnect_max_seconds=settings.service_discovery_reconnect_max_seconds,
+            reconnect_max_seconds=settings.reconnect_max_seconds,
             on_change=on_change,
         )
 
@@ -248,12 +250,15 @@ class ElementDiscovery:
         try:
             await pubsub.subscribe(self._channel)
             await self._confirm_subscription(pubsub)
+            # Connected from here: the list read next is Redis's, and whoever sees it applied must
+            # also see the connection it came through (a failed read below marks it lost again).
+            self._connected = True
             async with self._applying:
                 await self._read_and_apply()
         except BaseException:
+            self._connected = False
             await _close(pubsub)
             raise
-        self._connected = True
         if self._outage_since is not None:
             outage = asyncio.get_running_loop().time() - self._outage_since
             log.info("Redis at %s answers again after %.1f s", _where(self._redis_url), outage)

@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound, ObjectRefused
+from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectNotFound, ObjectRefused
 from tusingest.elements.breaker import BreakerSettings, CircuitBreaker
 from tusingest.elements.model import ElementList, StorageElement
 from tusingest.elements.selection import ElementState, Retention, Selector
@@ -51,13 +51,6 @@ class NoElementAvailable(Exception):
         super().__init__(f"no writable storage element with room for {size} bytes{detail}")
         self.size = size
         self.tried = tuple(tried)
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    element_id: str
-    key: str
-    info: ObjectInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,51 +233,6 @@ class ElementPool:
                 state.breaker.record_success()
                 return result
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
-
-    async def put_object(
-        self,
-        key: str,
-        open_stream: Callable[[], AsyncIterable[bytes]],
-        *,
-        size: int,
-        retention: Retention | None = None,
-        content_type: str = "application/octet-stream",
-        content_encoding: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-        exclude: Collection[str] = (),
-    ) -> Placement:
-        """Choose an element and put the object there; when that element fails, choose another.
-
-        open_stream is called once per attempt. Raises NoElementAvailable when every candidate
-        failed or none has room; a non-element failure (the source stream raising) propagates,
-        and so does ObjectRefused or InvalidKey: the request's own fault, no reason to fail over.
-        """
-        tried = set(exclude)
-        while True:
-            state = self.select(size, retention=retention, exclude=tried)
-            element_id = state.element.element_id
-
-            async def put(backend: Backend) -> ObjectInfo:
-                return await backend.put(
-                    key,
-                    open_stream(),
-                    length=size,
-                    content_type=content_type,
-                    content_encoding=content_encoding,
-                    metadata=metadata,
-                )
-
-            try:
-                with self.reserve(element_id, size):
-                    info = await self.call(element_id, put)
-            except (ObjectRefused, InvalidKey):
-                raise
-            except (BackendError, ElementUnavailable) as exc:
-                log.warning("placing %s on %s failed, choosing another element: %s", key, element_id, exc)
-                tried.add(element_id)
-                continue
-            state.placed_bytes += info.size
-            return Placement(element_id, key, info)
 
     # -- what killed puts left ------------------------------------------------------------
 

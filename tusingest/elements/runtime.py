@@ -1,6 +1,6 @@
 """The Storage Elements of a running node: the list as discovery reports it, the pool that
 places files on them, and the timers that probe their health and sweep them of what killed
-puts left. Built from the settings by ``StorageElements.from_settings``; app.py and the CLI
+puts left. Built from an ElementSettings by ``StorageElements.from_settings``; app.py and the CLI
 open and close it.
 """
 
@@ -11,14 +11,13 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from tusingest.config import Settings
 from tusingest.elements.backend import Backend
 from tusingest.elements.backends import open_backend
-from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.discovery import ElementDiscovery
 from tusingest.elements.model import StorageElement
 from tusingest.elements.pool import ElementPool
 from tusingest.elements.selection import Selector
+from tusingest.elements.settings import ElementSettings, S3Settings
 
 if TYPE_CHECKING:
     from tusingest.elements.s3 import S3ClientPool
@@ -45,33 +44,23 @@ class StorageElements:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> StorageElements:
-        s3_clients = _S3Clients(settings)
+    def from_settings(cls, settings: ElementSettings) -> StorageElements:
+        s3_clients = _S3Clients(settings.s3)
 
         def backend_for(element: StorageElement) -> Backend:
-            return open_backend(element, settings, s3_clients.get)
+            return open_backend(element, settings.s3, s3_clients.get)
 
         pool = ElementPool(
             backend_for,
-            selector=Selector(settings.storage_selection_strategy),
-            breaker_settings=BreakerSettings(
-                failure_threshold=settings.circuit_breaker_failure_threshold,
-                timeout=settings.circuit_breaker_timeout_seconds,
-                success_threshold=settings.circuit_breaker_success_threshold,
-            ),
-            retry_attempts=settings.storage_retry_max_attempts,
-            retry_base_delay=settings.storage_retry_base_delay_seconds,
-            probe_timeout=settings.storage_health_check_timeout_seconds,
-            datacenter=settings.storage_preferred_datacenter,
+            selector=Selector(settings.selection_strategy),
+            breaker_settings=settings.breaker,
+            retry_attempts=settings.retry_attempts,
+            retry_base_delay=settings.retry_base_delay,
+            probe_timeout=settings.probe_timeout,
+            datacenter=settings.datacenter,
         )
-        discovery = ElementDiscovery.from_settings(settings, on_change=pool.apply)
-        return cls(
-            discovery,
-            pool,
-            s3_clients,
-            settings.storage_health_check_interval_seconds,
-            put_lifetime=settings.saga_timeout_seconds + settings.saga_lease_seconds,
-        )
+        discovery = ElementDiscovery.from_settings(settings.discovery, on_change=pool.apply)
+        return cls(discovery, pool, s3_clients, settings.health_interval, put_lifetime=settings.put_lifetime)
 
     async def open(self, *, health_checks: bool = True) -> None:
         """Follow discovery; with health_checks (a serving node), also probe the elements and
@@ -103,7 +92,7 @@ class _S3Clients:
     about 0.15 s to start-up (0.56 to 0.42 s for tusingest.app), which a node with directory
     elements only never pays."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: S3Settings) -> None:
         self._settings = settings
         self._pool: S3ClientPool | None = None
 

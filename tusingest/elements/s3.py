@@ -46,7 +46,7 @@ if TYPE_CHECKING:
         PutObjectRequestTypeDef,
     )
 
-    from tusingest.config import Settings
+    from tusingest.elements.settings import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,10 @@ class S3ClientPool:
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> S3ClientPool:
+    def from_settings(cls, settings: S3Settings) -> S3ClientPool:
         return cls(
-            connect_timeout=settings.s3_connect_timeout_seconds,
-            read_timeout=settings.s3_read_timeout_seconds,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
         )
 
     async def client(self, access: S3Access) -> S3Client:

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from tusingest.sessions.model import utc_iso
+
 MAX_STORED_NAME = 200  # characters
 MAX_NAME_COMPONENT_BYTES = 255  # NAME_MAX of the file systems a directory element runs on
 SIDECAR_SUFFIX = ".attr.json"
@@ -223,7 +225,7 @@ def _document(
         "storage_path": storage_path,
         "file_size": file_size,
         "content_type": content_type,
-        "created_at": created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "created_at": utc_iso(created_at),
         "created_by": {"id": created_by_id, "username": created_by_username},
         "md5": md5,
         "sha256": sha256,

@@ -58,6 +58,7 @@ from tusingest.saga.webhooks import (
 )
 from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.content import read_upload
+from tusingest.sessions.metadata import metadata_text
 from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
 
@@ -156,16 +157,7 @@ class _GiveUp(Exception):
 
 def upload_metadata(upload: Upload) -> dict[str, str]:
     """The upload's metadata as text (values that are not UTF-8 are left out)."""
-    from tusingest.tus.headers import parse_metadata
-
-    decoded = {}
-    for key, value in parse_metadata(upload.metadata).items():
-        if value is None:
-            decoded[key] = ""
-            continue
-        with contextlib.suppress(UnicodeDecodeError):
-            decoded[key] = value.decode()
-    return decoded
+    return metadata_text(upload.metadata)
 
 
 _RETENTIONS: Final[dict[str, Literal["temporary", "permanent"]]] = {"temporary": "temporary", "permanent": "permanent"}

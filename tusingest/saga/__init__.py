@@ -9,7 +9,6 @@ from tusingest.saga.store import (
     SagaOwnershipLost,
     SagaStore,
     SagaStoreError,
-    open_saga_store,
 )
 
 __all__ = [
@@ -24,5 +23,4 @@ __all__ = [
     "SagaState",
     "SagaStore",
     "SagaStoreError",
-    "open_saga_store",
 ]

@@ -202,18 +202,3 @@ class SagaStore(Protocol):
         """Sagas in ``states`` (all when None), oldest first."""
 
     async def count_files(self) -> int: ...
-
-
-def open_saga_store(database_url: str) -> SagaStore:
-    """The store for a DATABASE_URL: ``sqlite:///path`` or ``postgresql://...``."""
-    if database_url.startswith("sqlite:"):
-        from tusingest.saga.sqlite import SQLiteSagaStore
-
-        return SQLiteSagaStore(database_url)
-    if database_url.startswith(("postgresql:", "postgres:")):
-        from tusingest.saga.postgres import PostgresSagaStore
-
-        return PostgresSagaStore(database_url)
-    # The URL may carry a password: name only its scheme.
-    scheme = database_url.partition(":")[0]
-    raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, not {scheme}:")

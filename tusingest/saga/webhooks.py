@@ -14,6 +14,7 @@ from typing import Any
 
 from tusingest import __version__
 from tusingest.saga.records import NewOutboxMessage
+from tusingest.sessions.model import utc_iso
 
 # Webhook requests carry these headers; receivers verify the signature over the raw request body.
 SIGNATURE_HEADER = "X-ArtStore-Signature"
@@ -51,10 +52,7 @@ def webhook_body(event: Mapping[str, Any]) -> bytes:
 
 
 def _utc_iso(now: datetime | None) -> str:
-    moment = datetime.now(UTC) if now is None else now
-    if moment.utcoffset() is None:
-        raise ValueError("now must be timezone-aware")
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return utc_iso(datetime.now(UTC) if now is None else now)
 
 
 def webhook_event(

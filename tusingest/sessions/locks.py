@@ -6,8 +6,8 @@ commits what it has and releases, so a client that reconnects after a dropped co
 not locked out by its own dead request.
 
 Implementations: ``MemoryLocker`` (one process, the SQLite deployment) and
-``pglocks.PostgresLocker`` (several nodes sharing PostgreSQL). ``open_locker`` picks one for
-a DATABASE_URL; ``tests/contract/test_locker.py`` holds both to the same behaviour.
+``pglocks.PostgresLocker`` (several nodes sharing PostgreSQL). ``app.open_database`` picks one
+for a DATABASE_URL; ``tests/contract/test_locker.py`` holds both to the same behaviour.
 """
 
 from __future__ import annotations
@@ -125,12 +125,3 @@ class MemoryLocker:
 
     async def close(self) -> None:
         pass
-
-
-def open_locker(database_url: str, default_timeout: float) -> Locker:
-    """The locker that matches a DATABASE_URL: cross-node on PostgreSQL, in-process otherwise."""
-    if database_url.startswith(("postgresql:", "postgres:")):
-        from tusingest.sessions.pglocks import PostgresLocker
-
-        return PostgresLocker(database_url, default_timeout=default_timeout)
-    return MemoryLocker(default_timeout=default_timeout)

@@ -48,6 +48,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def utc_iso(moment: datetime) -> str:
+    """An aware moment as ISO 8601 in UTC with a ``Z``: the one form every document, event and API
+    answer carries (attr.json, webhooks, file and session JSON)."""
+    if moment.utcoffset() is None:
+        raise ValueError("the moment must be timezone-aware")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 @dataclass(frozen=True, slots=True)
 class Upload:
     id: str

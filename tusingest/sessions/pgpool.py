@@ -65,10 +65,6 @@ class PostgresDatabase:
         command_timeout: float = 30.0,
         ping_timeout: float = 5.0,
     ) -> None:
-        if not database_url.startswith(("postgresql://", "postgres://")):
-            # The URL may carry a password: name only its scheme.
-            scheme = database_url.partition(":")[0]
-            raise ValueError(f"PostgreSQL DATABASE_URL must start with postgresql:// or postgres://, not {scheme}:")
         self.database_url = database_url
         self.min_size = min_size
         self.max_size = max_size or self.default_max_size

@@ -74,16 +74,3 @@ class SessionStore(Protocol):
 
     async def list_completion_pending(self, before: datetime, limit: int = 100) -> list[Upload]:
         """Uploads whose completion is owed, last touched at or before ``before``, oldest first."""
-
-
-def open_session_store(database_url: str) -> SessionStore:
-    """The store for a DATABASE_URL: ``sqlite:///path`` or ``postgresql://...``."""
-    if database_url.startswith("sqlite:"):
-        from tusingest.sessions.sqlite import SQLiteSessionStore
-
-        return SQLiteSessionStore(database_url)
-    if database_url.startswith(("postgresql:", "postgres:")):
-        from tusingest.sessions.postgres import PostgresSessionStore
-
-        return PostgresSessionStore(database_url)
-    raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {database_url!r}")

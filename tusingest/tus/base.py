@@ -96,7 +96,7 @@ log = logging.getLogger(__name__)
 class TusOptions:
     base_path: str = "/files/"
     max_size: int = 5 << 30
-    extensions: frozenset[str] = frozenset()
+    extensions: tuple[str, ...] = ()  # the enabled ones, in the order Tus-Extension lists them
     ttl: timedelta | None = timedelta(hours=24)  # None: uploads never expire
     lock_timeout: float = 10.0
     trust_proxy_headers: bool = False

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
 from email.utils import format_datetime
 
+from tusingest.sessions.metadata import MetadataError, decode_metadata
 from tusingest.tus.errors import BadRequest
 
 TUS_VERSION = "1.0.0"
@@ -47,29 +46,12 @@ def parse_metadata(value: str | None) -> dict[str, bytes | None]:
 
     Keys are non-empty, unique, without spaces or commas; values are strict base64.
     """
-    if value is None or value.strip() == "":
-        return {}
-    if len(value) > _MAX_METADATA_BYTES:
+    if value is not None and len(value) > _MAX_METADATA_BYTES:
         raise BadRequest(f"Upload-Metadata is longer than {_MAX_METADATA_BYTES} bytes")
-    pairs: dict[str, bytes | None] = {}
-    for raw in value.split(","):
-        item = raw.strip(" \t")
-        parts = item.split(" ")
-        key = parts[0]
-        if not key:
-            raise BadRequest("invalid Upload-Metadata: empty key")
-        if len(parts) > 2:
-            raise BadRequest(f"invalid Upload-Metadata: key {key!r} has more than one value")
-        if key in pairs:
-            raise BadRequest(f"invalid Upload-Metadata: duplicate key {key!r}")
-        if len(parts) == 1 or parts[1] == "":
-            pairs[key] = None
-            continue
-        try:
-            pairs[key] = base64.b64decode(parts[1], validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest(f"invalid Upload-Metadata: value of {key!r} is not base64") from None
-    return pairs
+    try:
+        return decode_metadata(value)
+    except MetadataError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def http_date(value: datetime) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tusingest.config import TUS_EXTENSIONS
 from tusingest.tus.base import TusContext, tus_headers
 from tusingest.tus.checksum import ALGORITHMS
 from tusingest.tus.headers import TUS_VERSION
@@ -17,10 +16,9 @@ class OptionsHandler:
 
     async def handle(self, request: Request, upload_id: str | None) -> Response:
         headers = tus_headers() | {"Tus-Version": TUS_VERSION, "Tus-Max-Size": str(self.ctx.options.max_size)}
-        # The advertised list is what the configured parts can do, in the protocol's order.
-        enabled = [name for name in TUS_EXTENSIONS if self.ctx.options.has(name)]
-        if enabled:
-            headers["Tus-Extension"] = ",".join(enabled)
+        # The advertised list is what the configured parts can do, in the order app.py gave it.
+        if self.ctx.options.extensions:
+            headers["Tus-Extension"] = ",".join(self.ctx.options.extensions)
         if self.ctx.options.has("checksum"):
             headers["Tus-Checksum-Algorithm"] = ",".join(ALGORITHMS)
         return Response(status_code=204, headers=headers)

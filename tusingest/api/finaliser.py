@@ -1,5 +1,8 @@
 """The finaliser seen from the tus layer: the UploadHooks that refuse a type on the first bytes,
-run the upload saga when the last byte arrives, and describe the result in ArtStore-* headers."""
+run the upload saga when the last byte arrives, and describe the result in ArtStore-* headers.
+
+It speaks both languages (the finaliser's refusals, the tus layer's errors), so it sits above both,
+beside the REST facade, the finaliser's other HTTP face; neither tus/ nor finalise/ imports the other."""
 
 from __future__ import annotations
 

@@ -66,6 +66,7 @@ class AuthSettings:
     jwks_refetch_min_seconds: float = 30.0  # unknown kids re-fetch the set at most this often
     jwks_timeout_seconds: float = 5.0
     tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3
+    jwks_ca_bundle: str | None = None  # a private CA for an https JWKS; the system's CAs otherwise
     anonymous_name: str = "anonymous"
 
     @property
@@ -370,9 +371,11 @@ class JwksKeySet:
         refetch_min_seconds: float = 30.0,
         timeout_seconds: float = 5.0,
         tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+        ca_bundle: str | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._source = source
+        self._ca_bundle = ca_bundle
         self._is_url = source.startswith(("http://", "https://"))
         self._cache_seconds = cache_seconds
         self._refetch_min_seconds = refetch_min_seconds
@@ -421,7 +424,7 @@ class JwksKeySet:
         if not self._is_url:
             return json.loads(await asyncio.to_thread(Path(self._source).read_bytes))
         if self._session is None:
-            tls = ssl.create_default_context()
+            tls = ssl.create_default_context(cafile=self._ca_bundle)
             tls.minimum_version = self._tls_min_version
             self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(ssl=tls))
         async with self._session.get(self._source, allow_redirects=False) as response:
@@ -497,6 +500,7 @@ class Authenticator:
                 refetch_min_seconds=settings.jwks_refetch_min_seconds,
                 timeout_seconds=settings.jwks_timeout_seconds,
                 tls_min_version=settings.tls_min_version,
+                ca_bundle=settings.jwks_ca_bundle,
                 clock=clock,
             )
             if settings.jwks_url

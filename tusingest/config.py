@@ -211,6 +211,7 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: float = Field(30.0, ge=0, le=300)
     jwt_jwks_cache_seconds: float = Field(300.0, ge=1, le=86400)
     jwt_jwks_refetch_min_seconds: float = Field(30.0, ge=1, le=3600)  # unknown kids re-fetch at most this often
+    jwt_jwks_ca_bundle: str | None = None  # a private CA for an https JWKS
     auth_metrics_required: bool = False
     rate_limit_creations_per_minute: int = Field(0, ge=0, le=1_000_000)  # per token subject
     rate_limit_creations_per_minute_per_address: int = Field(0, ge=0, le=1_000_000)  # per client address
@@ -223,6 +224,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("jwt_jwks_ca_bundle")
+    @classmethod
+    def _ca_bundle_exists(cls, value: str | None) -> str | None:
+        if value and not os.path.isfile(value):
+            raise ValueError(f"no such file: {value}")
+        return value or None
 
     @field_validator("jwt_public_key_path")
     @classmethod

@@ -414,6 +414,7 @@ def test_only_the_owner_or_an_admin_may_touch_an_upload() -> None:
         ("jwt_leeway_seconds", -1, "JWT_LEEWAY_SECONDS"),
         ("jwt_leeway_seconds", 3600, "JWT_LEEWAY_SECONDS"),
         ("jwt_jwks_refetch_min_seconds", 0, "JWT_JWKS_REFETCH_MIN_SECONDS"),
+        ("jwt_jwks_ca_bundle", "/nonexistent/ca.pem", "JWT_JWKS_CA_BUNDLE"),
         ("auth_metrics_required", "maybe", "AUTH_METRICS_REQUIRED"),
     ],
 )

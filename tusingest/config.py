@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The tus extensions this server implements, in the protocol's order (the order Tus-Extension lists
@@ -41,6 +41,9 @@ def database_engine(database_url: str) -> DatabaseEngine:
         return "postgresql"
     scheme = database_url.partition(":")[0]
     raise ValueError(f"must start with sqlite:/// or postgresql://, not {scheme}:")
+
+
+SECRET_SETTINGS = frozenset({"jwt_secret"})
 
 
 class SettingsError(Exception):
@@ -218,6 +221,69 @@ class Settings(BaseSettings):
     def chunk_size(self) -> int:
         return self.chunk_size_mb << 20
 
+    # Security (issue 12). Tokens: PEM public key file(s) (comma-separated; a file may hold several
+    # keys for rotation), a JWKS document (http(s) URL or file), or an HS256 secret (development
+    # only). None of them: anonymous, on loopback only. Rate limits: 0 turns each one off.
+    jwt_public_key_path: Annotated[tuple[str, ...], NoDecode] = ()
+    jwt_jwks_url: str | None = None
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = Field(30.0, ge=0, le=300)
+    jwt_jwks_cache_seconds: float = Field(300.0, ge=1, le=86400)
+    jwt_jwks_refetch_min_seconds: float = Field(30.0, ge=1, le=3600)  # unknown kids re-fetch at most this often
+    jwt_jwks_ca_bundle: str | None = None  # a private CA for an https JWKS
+    auth_metrics_required: bool = False
+    rate_limit_creations_per_minute: int = Field(0, ge=0, le=1_000_000)  # per token subject
+    rate_limit_creations_per_minute_per_address: int = Field(0, ge=0, le=1_000_000)  # per client address
+    rate_limit_bytes_per_second: int = Field(0, ge=0)  # per token subject, all its uploads together
+    rate_limit_concurrent_uploads: int = Field(0, ge=0, le=100_000)  # requests writing at once, per subject
+
+    @field_validator("jwt_public_key_path", mode="before")
+    @classmethod
+    def _key_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("jwt_jwks_ca_bundle")
+    @classmethod
+    def _ca_bundle_exists(cls, value: str | None) -> str | None:
+        if value and not os.path.isfile(value):
+            raise ValueError(f"no such file: {value}")
+        return value or None
+
+    @field_validator("jwt_public_key_path")
+    @classmethod
+    def _key_paths_exist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [path for path in value if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"no such file: {', '.join(missing)}")
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")) and not os.path.isfile(value):
+            raise ValueError("must be an http:// or https:// URL or the path of a JWKS file")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value().encode()) < 32:
+            raise ValueError("an HS256 secret needs at least 32 bytes")  # load_settings hides the value
+        return value
+
+    @field_validator("jwt_issuer", "jwt_audience")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read the environment (overrides win); raise SettingsError naming each bad variable."""
@@ -227,6 +293,7 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-            value = error.get("input")
-            problems.append(f"{name}={value!r}: {error['msg']}")
+            # A secret's value never goes into the message (it ends up in logs and terminals).
+            shown = "<hidden>" if error["loc"] and error["loc"][0] in SECRET_SETTINGS else repr(error.get("input"))
+            problems.append(f"{name}={shown}: {error['msg']}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems)) from None

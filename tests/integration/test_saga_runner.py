@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tusingest.app import open_database
 from tusingest.finalise.delete import DeleteSagaData
 from tusingest.finalise.transfer import TransferSagaData
 from tusingest.finalise.upload import UploadSagaData
-from tusingest.saga import SagaState, SagaStore, open_saga_store
+from tusingest.saga import SagaState, SagaStore
 from tusingest.saga.records import Saga, SagaData, SagaKind
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings, cancel_and_wait, no_admission
 
@@ -81,7 +82,7 @@ class ScriptedSteps:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SagaStore]:
-    saga_store = open_saga_store(f"sqlite:///{tmp_path / 'sagas.db'}")
+    saga_store = open_database(f"sqlite:///{tmp_path / 'sagas.db'}").sagas
     await saga_store.open()
     yield saga_store
     await saga_store.close()

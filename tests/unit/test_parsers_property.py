@@ -16,8 +16,8 @@ from starlette.requests import Request
 
 from tusingest.api.errors import ApiError
 from tusingest.api.files import MAX_BODY_BYTES, is_file_id, parse_transfer_body
-from tusingest.api.models import TransferRequest
 from tusingest.api.jsonbody import JsonRefused, loads_bounded, nesting_depth
+from tusingest.api.models import TransferRequest
 from tusingest.api.multipart import Field, MultipartError, boundary_of
 from tusingest.api.uploads import METADATA_DEPTH, FormOptions, _content_range, _metadata_json
 from tusingest.sessions import UploadKind

@@ -25,8 +25,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tusingest.api import finaliser
+from tusingest.api.errors import ApiError, api_exception_handlers
 from tusingest.api.files import FilesApi
-from tusingest.api.openapi import openapi_routes
+from tusingest.api.openapi import ApiRoute, openapi_routes
 from tusingest.api.sessions import SessionStatus
 from tusingest.api.uploads import FacadeSettings, FacadeUploads
 from tusingest.config import Settings, database_engine
@@ -361,14 +362,17 @@ def build_app(settings: Settings) -> Starlette:
             }
         )
 
+    api_routes: list[BaseRoute] = [
+        *SessionStatus(parts.store, parts.sagas).routes(),
+        *FacadeUploads(facade_settings(settings), parts.tus.ctx, parts.sagas).routes(),
+        *parts.files_api.routes(),
+    ]
     routes = [
         Route("/health/live", live),
         Route("/health/ready", ready),
         Route("/health/elements", elements),
-        *SessionStatus(parts.store, parts.sagas).routes(),
-        *FacadeUploads(facade_settings(settings), parts.tus.ctx, parts.sagas).routes(),
-        *parts.files_api.routes(),
-        *openapi_routes(),
+        *api_routes,
+        *openapi_routes(api_routes),  # the document of exactly these routes
         *parts.tus.routes(),
     ]
     if not settings.resumable_uploads_enabled:
@@ -389,7 +393,9 @@ def build_app(settings: Settings) -> Starlette:
             max_age=86400,
         ),
     ]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    # The /api refusals' one mapping to HTTP; the tus routes answer their own (TusServer._dispatch).
+    handlers = api_exception_handlers(parts.tus.ctx.options.body_pace)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.parts = parts
     return app
 
@@ -406,8 +412,8 @@ def _without_resumable_uploads(routes: list[BaseRoute], tus_base_path: str) -> l
     for route in routes:
         if isinstance(route, Route) and route.path in tus_paths:
             continue
-        if isinstance(route, Route) and route.path == "/api/files/upload":
-            route = Route(route.path, _refusing_upload_sessions(route.endpoint), methods=route.methods)
+        if isinstance(route, ApiRoute) and route.path == "/api/files/upload":
+            route = route.with_endpoint(_refusing_upload_sessions(route.endpoint))
         kept.append(route)
 
     async def tus_disabled(request: Request) -> Response:
@@ -427,7 +433,7 @@ def _refusing_upload_sessions(
     async def upload(request: Request) -> Response:
         if "x-upload-session-id" in request.headers:
             message = f"{RESUMABLE_UPLOADS_DISABLED}: send the whole file without X-Upload-Session-ID"
-            return JSONResponse({"error": "resumable_uploads_disabled", "message": message}, status_code=400)
+            raise ApiError(400, "resumable_uploads_disabled", message)
         return await endpoint(request)
 
     return upload

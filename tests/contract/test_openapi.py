@@ -26,7 +26,8 @@ from schemathesis.specs.openapi.checks import (
 from starlette.routing import BaseRoute, Mount, Route
 
 from tests.fixtures.server import LiveServer, ServerFactory, base_settings
-from tusingest.api.openapi import openapi_document
+from tusingest.api.models import TransferRequest
+from tusingest.api.openapi import ApiRoute, Operation, UndocumentedRoute, openapi_document
 from tusingest.app import build_app
 
 CHECKS: list[CheckFunction] = [
@@ -77,9 +78,14 @@ def describe(failure: BaseException) -> str:
     return "\n".join([text, *getattr(failure, "__notes__", [])])
 
 
-def exercise(base_url: str) -> list[str]:
+def app_document(tmp_path: Path, sqlite_url: str) -> dict[str, Any]:
+    # The document is generated from the app's route table (issue 11), so it is asked of an app.
+    return openapi_document(build_app(base_settings(tmp_path, sqlite_url)).routes)
+
+
+def exercise(base_url: str, document: dict[str, Any]) -> list[str]:
     """Run every documented operation against the server; one report per operation that broke the contract."""
-    schema = schemathesis.openapi.from_dict(openapi_document())
+    schema = schemathesis.openapi.from_dict(document)
     reports: list[str] = []
     with requests.Session() as session:
         for result in schema.get_all_operations():
@@ -101,8 +107,8 @@ def exercise(base_url: str) -> list[str]:
     return reports
 
 
-def test_document_is_valid_openapi_3_1() -> None:
-    document = openapi_document()
+def test_document_is_valid_openapi_3_1(tmp_path: Path, sqlite_url: str) -> None:
+    document = app_document(tmp_path, sqlite_url)
 
     schemathesis.openapi.from_dict(document).validate()  # the official OpenAPI 3.1 meta-schema
 
@@ -127,25 +133,70 @@ def test_every_api_route_is_documented_and_every_documented_route_exists(tmp_pat
 
     in_app = set(app_operations(app.routes))
 
-    in_document = documented_operations(openapi_document())
+    in_document = documented_operations(openapi_document(app.routes))
     undocumented, missing = sorted(in_app - in_document), sorted(in_document - in_app)
     assert (undocumented, missing) == ([], []), f"undocumented routes: {undocumented}; routes missing: {missing}"
 
 
-async def test_live_app_serves_the_document_at_openapi_json(sqlite_server: LiveServer) -> None:
+async def test_live_app_serves_the_document_at_openapi_json(
+    sqlite_server: LiveServer, tmp_path: Path, sqlite_url: str
+) -> None:
     async with sqlite_server.client() as client:
         response = await client.get("/openapi.json")
 
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
-    assert response.json() == openapi_document()
+    assert response.json() == app_document(tmp_path, sqlite_url)
 
 
-async def test_live_app_answers_every_operation_as_documented(start_server: ServerFactory) -> None:
+async def test_live_app_answers_every_operation_as_documented(
+    start_server: ServerFactory, tmp_path: Path, sqlite_url: str
+) -> None:
     server = await start_server()
 
     # schemathesis speaks blocking HTTP; the server runs on this event loop, so the client gets a thread.
-    reports = await asyncio.to_thread(exercise, server.url)
+    reports = await asyncio.to_thread(exercise, server.url, app_document(tmp_path, sqlite_url))
 
     if reports:
         pytest.fail("\n\n".join(reports), pytrace=False)
+
+
+async def _endpoint(request: Any) -> Any:
+    raise AssertionError("never called")
+
+
+def test_a_route_added_under_api_without_documentation_stops_the_document(tmp_path: Path, sqlite_url: str) -> None:
+    routes = [*build_app(base_settings(tmp_path, sqlite_url)).routes, Route("/api/files/new", _endpoint)]
+
+    with pytest.raises(UndocumentedRoute, match="/api/files/new"):
+        openapi_document(routes)
+
+
+def test_a_documented_route_appears_with_its_operation_and_models() -> None:
+    operation = Operation("getThing", "files", "a thing", responses={200: ("the thing", TransferRequest)})
+
+    document = openapi_document([ApiRoute("/api/things/{thing_id:str}", _endpoint, "GET", operation)])
+
+    assert document["paths"]["/api/things/{thing_id}"]["get"]["operationId"] == "getThing"
+    assert "TransferRequest" in document["components"]["schemas"]
+
+
+def test_transfer_request_schema_is_the_model_the_handler_validates_with(tmp_path: Path, sqlite_url: str) -> None:
+    from tusingest.api.files import parse_transfer_body
+
+    document = app_document(tmp_path, sqlite_url)
+    body = document["paths"]["/api/files/{file_id}/transfer"]["post"]["requestBody"]["content"]["application/json"]
+
+    assert body["schema"] == {"$ref": "#/components/schemas/TransferRequest"}
+    schema = document["components"]["schemas"]["TransferRequest"]
+    expected = TransferRequest.model_json_schema(mode="validation")
+    for field in expected["properties"].values():
+        field.pop("title")  # the document leaves the property titles out
+    assert schema == expected
+    assert type(parse_transfer_body(b'{"destination_storage_element_id": "se-2"}')) is TransferRequest
+    # What the handler accepts for verify_checksum (null: the server's default) is what the document says.
+    assert (
+        parse_transfer_body(b'{"destination_storage_element_id": "se-2", "verify_checksum": null}').verify_checksum
+        is None
+    )
+    assert {"type": "null"} in schema["properties"]["verify_checksum"]["anyOf"]

@@ -14,10 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
-from tusingest.api.files import MAX_BODY_BYTES, TransferBody, is_file_id, parse_transfer_body
+from tusingest.api.errors import ApiError
+from tusingest.api.files import MAX_BODY_BYTES, is_file_id, parse_transfer_body
 from tusingest.api.jsonbody import JsonRefused, loads_bounded, nesting_depth
+from tusingest.api.models import TransferRequest
 from tusingest.api.multipart import Field, MultipartError, boundary_of
-from tusingest.api.uploads import METADATA_DEPTH, ApiError, FormOptions, _content_range, _metadata_json
+from tusingest.api.uploads import METADATA_DEPTH, FormOptions, _content_range, _metadata_json
 from tusingest.sessions import UploadKind
 from tusingest.sessions.model import is_upload_id, new_upload_id
 from tusingest.tus.checksum import BodyChecksum, parse_checksum
@@ -299,7 +301,7 @@ def test_transfer_body_is_a_transfer_request_or_raises_api_error_400(raw: bytes)
     except ApiError as refused:
         assert (refused.status, refused.code) == (400, "invalid_request")
         return
-    assert isinstance(body, TransferBody) and isinstance(body.destination_storage_element_id, str)
+    assert isinstance(body, TransferRequest) and isinstance(body.destination_storage_element_id, str)
 
 
 @PROPERTY

@@ -1,8 +1,8 @@
 """DELETE /api/files/{file_id}, POST /api/files/{file_id}/transfer and GET /api/files/transfer/{transfer_id}:
 files are deleted and moved between Storage Elements through durable sagas that survive a restart.
 
-Only HTTP lives here: parsing, refusals as JSON, answers. The sagas (and their recovery) are built and run by
-app.py and handed in.
+Only HTTP lives here: parsing, answers; refusals are raised (api/errors.py answers them). The sagas (and
+their recovery) are built and run by app.py and handed in.
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import logging
 import re
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tusingest.api import models
+from tusingest.api.errors import ApiError
 from tusingest.api.jsonbody import JsonRefused, loads_bounded
-from tusingest.api.sessions import error
-from tusingest.api.uploads import ApiError
+from tusingest.api.models import TransferRequest
+from tusingest.api.openapi import ApiRoute, Operation, path_parameter
 from tusingest.finalise.delete import DeleteSagas
-from tusingest.finalise.refusals import FileNotFound, Refused
+from tusingest.finalise.refusals import FileNotFound
 from tusingest.finalise.transfer import TransferSagaData, TransferSagas, estimated_seconds, transfer_json
 from tusingest.sessions.model import is_upload_id
 
@@ -33,13 +35,49 @@ MAX_BODY_DEPTH = 4  # ... at the top level of one object; a little room for fiel
 # File ids are made by str(uuid.uuid4()); anything else names no file, so no store is asked.
 _FILE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
+FILE_ID = path_parameter("file_id", {"type": "string", "format": "uuid"}, "the file's id")
 
-class TransferBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    destination_storage_element_id: StrictStr
-    delete_source: StrictBool = False
-    verify_checksum: StrictBool | None = None  # None: TRANSFER_VERIFY_CHECKSUM_DEFAULT
+TRANSFER_STATUS = Operation(
+    "getTransfer",
+    "transfers",
+    "Where a transfer stands",
+    parameters=[
+        path_parameter(
+            "transfer_id", {"type": "string", "pattern": models.SESSION_ID_PATTERN}, "from the 202 of the transfer"
+        )
+    ],
+    responses={200: ("the transfer", models.TransferStatus)},
+    errors={404: "transfer_not_found"},
+)
+TRANSFER = Operation(
+    "transferFile",
+    "transfers",
+    "Move or copy a file to another Storage Element",
+    parameters=[FILE_ID],
+    request=TransferRequest,
+    responses={202: ("queued", models.TransferAccepted)},
+    errors={
+        400: (
+            "invalid_request, unknown_storage_element, same_storage_element, destination_not_writable, "
+            "insufficient_space or source_not_deletable"
+        ),
+        404: "file_not_found",
+        409: "transfer_in_progress, delete_in_progress or storage_element_unknown",
+    },
+)
+DELETE = Operation(
+    "deleteFile",
+    "files",
+    "Delete a file from its Storage Element and the registry",
+    parameters=[FILE_ID],
+    responses={204: ("deleted", None)},
+    errors={
+        400: "file_in_readonly_storage",
+        404: "file_not_found",
+        409: "storage_element_unknown or transfer_in_progress",
+        503: "storage_element_unavailable",
+    },
+)
 
 
 class FilesApi:
@@ -51,9 +89,9 @@ class FilesApi:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/api/files/transfer/{transfer_id}", self.transfer_status, methods=["GET"]),
-            Route("/api/files/{file_id}/transfer", self.transfer, methods=["POST"]),
-            Route("/api/files/{file_id}", self.delete, methods=["DELETE"]),
+            ApiRoute("/api/files/transfer/{transfer_id}", self.transfer_status, "GET", TRANSFER_STATUS),
+            ApiRoute("/api/files/{file_id}/transfer", self.transfer, "POST", TRANSFER),
+            ApiRoute("/api/files/{file_id}", self.delete, "DELETE", DELETE),
         ]
 
     # -- routes ------------------------------------------------------------------------------
@@ -61,67 +99,50 @@ class FilesApi:
     async def delete(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
         if not is_file_id(file_id):
-            return _no_file(file_id)
+            raise FileNotFound(file_id)
         actor = request.headers.get(USER_HEADER) or "anonymous"
-        try:
-            outcome = await self.deletes.delete(file_id, actor=actor, wait=self.delete_wait_seconds)
-        except Refused as refused:
-            return error(refused.status, refused.code, refused.message)
+        outcome = await self.deletes.delete(file_id, actor=actor, wait=self.delete_wait_seconds)  # may be Refused
         if outcome.status == "deleted":
             return Response(status_code=204)
-        response = error(503, outcome.error_code or "storage_element_unavailable", outcome.error or "")
-        response.headers["Retry-After"] = "5"
-        return response
+        code = outcome.error_code or "storage_element_unavailable"
+        raise ApiError(503, code, outcome.error or "", headers={"Retry-After": "5"})
 
     async def transfer(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
         if not is_file_id(file_id):
-            return _no_file(file_id)
-        try:
-            body = parse_transfer_body(await _small_body(request))
-        except ApiError as refused:
-            return refused.response()
+            raise FileNotFound(file_id)
+        body = parse_transfer_body(await _small_body(request))
         verify = self.verify_checksum_default if body.verify_checksum is None else body.verify_checksum
-        try:
-            saga = await self.transfers.start(
-                file_id,
-                destination_id=body.destination_storage_element_id,
-                delete_source=body.delete_source,
-                verify_checksum=verify,
-            )
-        except Refused as refused:
-            return error(refused.status, refused.code, refused.message)
-        return JSONResponse(
-            {
-                "transfer_id": saga.saga_id,
-                "status": "queued",
-                "estimated_time_seconds": estimated_seconds(TransferSagaData.from_data(saga.data).bytes_total),
-            },
-            status_code=202,
+        saga = await self.transfers.start(  # may be Refused
+            file_id,
+            destination_id=body.destination_storage_element_id,
+            delete_source=body.delete_source,
+            verify_checksum=verify,
         )
+        accepted = models.TransferAccepted(
+            transfer_id=saga.saga_id,
+            status="queued",
+            estimated_time_seconds=estimated_seconds(TransferSagaData.from_data(saga.data).bytes_total),
+        )
+        return JSONResponse(models.dump(accepted), status_code=202)
 
     async def transfer_status(self, request: Request) -> Response:
         transfer_id = request.path_params["transfer_id"]
         # Transfer ids are saga ids, made like upload ids (saga.records.new_saga_id).
         saga = await self.transfers.get(transfer_id) if is_upload_id(transfer_id) else None
         if saga is None:
-            return error(404, "transfer_not_found", f"no transfer {transfer_id}")
-        return JSONResponse(transfer_json(saga))
+            raise ApiError(404, "transfer_not_found", f"no transfer {transfer_id}")
+        return JSONResponse(models.dump(models.TransferStatus.model_validate(transfer_json(saga))))
 
 
 def is_file_id(value: str) -> bool:
     return _FILE_ID.fullmatch(value) is not None
 
 
-def _no_file(file_id: str) -> JSONResponse:
-    unknown = FileNotFound(file_id)
-    return error(unknown.status, unknown.code, unknown.message)
-
-
-def parse_transfer_body(raw: bytes) -> TransferBody:
+def parse_transfer_body(raw: bytes) -> TransferRequest:
     """The body of POST /api/files/{file_id}/transfer; ApiError 400 for anything else."""
     try:
-        return TransferBody.model_validate(loads_bounded(raw, max_bytes=MAX_BODY_BYTES, max_depth=MAX_BODY_DEPTH))
+        return TransferRequest.model_validate(loads_bounded(raw, max_bytes=MAX_BODY_BYTES, max_depth=MAX_BODY_DEPTH))
     except JsonRefused as refused:
         raise ApiError(400, "invalid_request", f"the body is not a transfer request: {refused}") from None
     except ValidationError as invalid:

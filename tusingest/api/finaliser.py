@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime
 from tusingest.finalise.naming import MAX_SIDECAR_BYTES, MAX_USER_ID, MAX_USERNAME, sidecar_worst_case_size
 from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, check_mime
+from tusingest.finalise.refusals import Refused
 from tusingest.finalise.upload import UploadOutcome, UploadSagas
 from tusingest.sessions import SessionStore, Upload
-from tusingest.tus.errors import BadRequest, TusError, UploadRefused
+from tusingest.tus.errors import TusError, UploadRefused
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class FinaliserHooks:
             check_mime(mime, self.policy)
         except FileRejected as rejection:
             await self.sagas.refuse_early(upload, rejection)
-            raise UploadRefused(rejection.status, rejection.message, {ERROR_HEADER: rejection.code}) from None
+            raise refused(rejection) from None
 
     async def completed(self, upload: Upload) -> None:
         # Test-only pause between the commit of the last byte and the saga's first row (the window
@@ -74,9 +75,9 @@ class FinaliserHooks:
 
     async def refusal(self, upload: Upload) -> TusError:
         outcome = await self.sagas.outcome(upload.id)
-        if outcome is None or outcome.status != "failed":
+        if outcome is None or outcome.refusal is None:
             return UploadRefused(422, "the upload failed")
-        return UploadRefused(outcome.http_status, outcome.error or "the upload failed", headers_for(outcome))
+        return refused(outcome.refusal, headers_for(outcome))
 
     async def check_creation(self, metadata: Mapping[str, bytes | None]) -> None:
         """Refuse (400) at creation what the saga could not store, so it never fails for it later.
@@ -120,8 +121,16 @@ class FinaliserHooks:
             )
 
 
-def _invalid(message: str) -> BadRequest:
-    return BadRequest(message, {ERROR_HEADER: INVALID_METADATA})
+def _invalid(message: str) -> UploadRefused:
+    return refused(Refused(message, code=INVALID_METADATA, status=400))
+
+
+def refused(refusal: Refused, headers: Mapping[str, str] | None = None) -> UploadRefused:
+    """The finaliser's refusal as the tus layer's error: its code as an attribute (for the REST
+    facade) and in ``ArtStore-Error`` (for tus clients), the one place that header is set from."""
+    return UploadRefused(
+        refusal.status, refusal.message, {**(headers or {}), ERROR_HEADER: refusal.code}, code=refusal.code
+    )
 
 
 def headers_for(outcome: UploadOutcome) -> dict[str, str]:
@@ -132,13 +141,13 @@ def headers_for(outcome: UploadOutcome) -> dict[str, str]:
             ELEMENT_HEADER: outcome.file.storage_element_id,
             SHA256_HEADER: outcome.file.sha256,
         }
-    if outcome.error_code:
-        headers[ERROR_HEADER] = outcome.error_code
+    if outcome.refusal is not None:
+        headers[ERROR_HEADER] = outcome.refusal.code
     return headers
 
 
 def answer(outcome: UploadOutcome) -> dict[str, str]:
     """Headers for a finished saga, or the refusal to raise for a failed one."""
-    if outcome.status == "failed":
-        raise UploadRefused(outcome.http_status, outcome.error or "the upload failed", headers_for(outcome))
+    if outcome.refusal is not None:
+        raise refused(outcome.refusal, headers_for(outcome))
     return headers_for(outcome)

@@ -10,13 +10,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tusingest.api import models
+from tusingest.api.errors import ApiError
+from tusingest.api.openapi import ApiRoute, Operation, path_parameter
 from tusingest.finalise.upload import UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.model import is_upload_id, utc_iso
 
-
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+GET_SESSION = Operation(
+    "getUploadSession",
+    "uploads",
+    "Where an upload session (tus or facade) stands",
+    parameters=[
+        path_parameter(
+            "session_id",
+            {"type": "string", "pattern": models.SESSION_ID_PATTERN},
+            "the upload's id: the last path segment of its tus URL, or X-Upload-Session-ID",
+        )
+    ],
+    responses={200: ("the session", models.SessionStatus)},
+    errors={404: "session_not_found"},
+)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -29,14 +43,14 @@ class SessionStatus:
         self.sagas = sagas
 
     def routes(self) -> list[Route]:
-        return [Route("/api/files/upload/session/{session_id}", self.get, methods=["GET"])]
+        return [ApiRoute("/api/files/upload/session/{session_id}", self.get, "GET", GET_SESSION)]
 
     async def get(self, request: Request) -> JSONResponse:
         session_id = request.path_params["session_id"]
         upload = await self.store.get(session_id) if is_upload_id(session_id) else None
         if upload is None:
-            return error(404, "session_not_found", f"no upload session {session_id}")
-        return JSONResponse(await self.describe(upload))
+            raise ApiError(404, "session_not_found", f"no upload session {session_id}")
+        return JSONResponse(models.dump(models.SessionStatus.model_validate(await self.describe(upload))))
 
     async def describe(self, upload: Upload) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -62,6 +76,6 @@ class SessionStatus:
         body["status"] = outcome.status
         if outcome.file is not None:
             body["file"] = file_json(outcome.file)
-        if outcome.status == "failed":
-            body["error"] = {"error": outcome.error_code, "message": outcome.error}
+        if outcome.refusal is not None:
+            body["error"] = {"error": outcome.refusal.code, "message": outcome.refusal.message}
         return body

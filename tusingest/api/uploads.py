@@ -22,6 +22,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tusingest.api import models
+from tusingest.api.errors import CLIENT_CLOSED, ApiError
 from tusingest.api.jsonbody import JsonRefused, loads_bounded
 from tusingest.api.multipart import (
     MAX_FIELD_BYTES,
@@ -35,15 +37,14 @@ from tusingest.api.multipart import (
     boundary_of,
     multipart_events,
 )
-from tusingest.api.sessions import error
+from tusingest.api.openapi import ApiRoute, Operation, header_parameter
 from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import Upload, UploadState
-from tusingest.sessions.locks import LockTimeout
 from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow
 from tusingest.tus.append import Appended, AppendRules, NoBody, UploadExists, append, create
 from tusingest.tus.base import TusContext
 from tusingest.tus.body import BodyEnd, BodyTooSlow, body_chunks
-from tusingest.tus.errors import TusError, UploadGone, UploadNotFound, UploadRefused
+from tusingest.tus.errors import TusError, UploadRefused
 from tusingest.tus.headers import non_negative_integer
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,57 @@ CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 METADATA_DEPTH = 8  # flat key/value pairs; a value may hold a little structure, never a deep one
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.code, "message": self.message, **self.extra}, status_code=self.status)
+UPLOAD = Operation(
+    "uploadFile",
+    "uploads",
+    "Upload one file in one request, or one chunk of a resumable session",
+    parameters=[
+        header_parameter(
+            "X-Upload-Session-ID",
+            {"type": "string", "pattern": models.SESSION_ID_PATTERN},
+            "names a resumable session, or continues it",
+        ),
+        header_parameter(
+            "Content-Range",
+            {"type": "string", "pattern": models.CONTENT_RANGE_PATTERN},
+            "bytes <start>-<end>/<total> (total * when not known yet): where this chunk sits",
+        ),
+    ],
+    request=models.UploadForm,
+    media_type="multipart/form-data",
+    encoding={"file": "application/octet-stream"},
+    responses={
+        201: ("stored and verified", models.UploadResult),
+        202: ("a resumable session that still expects bytes, or a file still being stored", models.UploadProgress),
+    },
+    errors={
+        400: "invalid_request, invalid_metadata, invalid_session_id, invalid_content_range or truncated_body",
+        408: "body_too_slow",
+        409: (
+            "offset_mismatch (the chunk does not start where the session stands; see bytes_uploaded), "
+            "length_mismatch, session_not_active or session_busy"
+        ),
+        413: "file_too_large",
+        415: "mime_type_not_allowed",
+        422: "refused after receipt: virus_detected, checksum_mismatch, ...",
+        503: "no Storage Element can take the file now",
+    },
+)
+BATCH = Operation(
+    "uploadBatch",
+    "uploads",
+    "Upload several files in one request; each succeeds or fails on its own",
+    request=models.BatchUploadForm,
+    media_type="multipart/form-data",
+    encoding={"files": "application/octet-stream"},
+    responses={207: ("one result per file", models.BatchResult)},
+    errors={
+        400: "invalid request",
+        408: "body_too_slow",
+        413: "too_many_files or batch_too_large",
+        503: "no Storage Element can take files now",
+    },
+)
 
 
 @dataclass(slots=True)
@@ -272,15 +313,6 @@ def _cut(end: BodyEnd, part: FilePart) -> Exception:
     return ClientDisconnect()
 
 
-def _api_error(problem: TusError) -> ApiError:
-    """A protocol error met on the way (a refused type, a session that went away) as the facade's JSON."""
-    if isinstance(problem, UploadNotFound):
-        return ApiError(404, "session_not_found", "the upload session no longer exists")
-    if isinstance(problem, UploadGone):
-        return ApiError(409, "session_not_active", problem.message)
-    return ApiError(problem.status, problem.headers.get("ArtStore-Error", "file_refused"), problem.message)
-
-
 @dataclass(frozen=True, slots=True)
 class FacadeSettings:
     """What the REST facade needs of the configuration; built in app.py."""
@@ -304,31 +336,14 @@ class FacadeUploads:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/api/files/upload", self.upload, methods=["POST"]),
-            Route("/api/files/batch/upload", self.batch, methods=["POST"]),
+            ApiRoute("/api/files/upload", self.upload, "POST", UPLOAD),
+            ApiRoute("/api/files/batch/upload", self.batch, "POST", BATCH),
         ]
 
     # -- one file, possibly resumable --------------------------------------------------------------
 
     async def upload(self, request: Request) -> Response:
-        try:
-            return await self._upload(request)
-        except ApiError as problem:
-            return problem.response()
-        except TusError as problem:
-            return _api_error(problem).response()
-        except TruncatedBody as exc:
-            return error(400, "truncated_body", f"{exc}; nothing was kept")
-        except MultipartError as exc:
-            return error(400, "invalid_request", str(exc))
-        except BodyTooSlow:
-            return self._too_slow()
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is listening; what arrived is committed (or dropped)
-        except LockTimeout:
-            return error(409, "session_busy", "another request is writing to this upload session; retry shortly")
-
-    async def _upload(self, request: Request) -> Response:
+        """Refusals are raised, and answered by api/errors.py."""
         session_id = request.headers.get("x-upload-session-id")
         if session_id is not None and not is_upload_id(session_id):
             raise ApiError(400, "invalid_session_id", f"X-Upload-Session-ID must be {UPLOAD_ID_RULE}")
@@ -351,15 +366,15 @@ class FacadeUploads:
             await events.aclose()
         upload = appended.upload
         if part.end is BodyEnd.TOO_SLOW:
-            raise BodyTooSlow()  # answered by upload(); a session keeps what arrived
+            raise BodyTooSlow()  # a session keeps what arrived
         if part.truncated:
             raise _truncated(upload)  # a session keeps its bytes; the client resumes
         if part.end is BodyEnd.DISCONNECTED:
-            return Response(status_code=499)  # nobody is listening; what arrived is committed
+            return Response(status_code=CLIENT_CLOSED)  # nobody is listening; what arrived is committed
         if upload.state is UploadState.COMPLETE and not part.finished and await part.skip():
             raise ApiError(413, "file_too_large", f"the upload session already holds all its {upload.offset} bytes")
         if not upload.is_complete:
-            return JSONResponse(_progress(upload), status_code=202)
+            return JSONResponse(models.dump(_progress(upload)), status_code=202)
         # The lock is released: the saga runs on, a HEAD or a status request answers meanwhile.
         return _outcome_response(upload, await self._outcome(upload))
 
@@ -432,26 +447,7 @@ class FacadeUploads:
     # -- many files in one request --------------------------------------------------------------
 
     async def batch(self, request: Request) -> Response:
-        try:
-            return await self._batch(request)
-        except ApiError as problem:
-            return problem.response()
-        except TusError as problem:
-            return _api_error(problem).response()
-        except TruncatedBody as exc:
-            return error(400, "truncated_body", f"{exc}; nothing was kept")
-        except MultipartError as exc:
-            return error(400, "invalid_request", str(exc))
-        except BodyTooSlow:
-            return self._too_slow()
-        except ClientDisconnect:
-            return Response(status_code=499)
-
-    def _too_slow(self) -> Response:
-        message = f"the body arrived too slowly ({self.pace.describe()}); a resumable session keeps what arrived"
-        return error(408, "body_too_slow", message)
-
-    async def _batch(self, request: Request) -> Response:
+        """Refusals are raised, and answered by api/errors.py."""
         max_bytes = self.settings.max_batch_bytes
         declared = non_negative_integer(request.headers.get("content-length") or "")
         if declared is not None and declared > max_bytes + (1 << 20):
@@ -489,7 +485,7 @@ class FacadeUploads:
 
         limit = asyncio.Semaphore(self.settings.batch_parallelism)
 
-        async def finalise(name: str, item: Upload | ApiError) -> dict[str, Any]:
+        async def finalise(name: str, item: Upload | ApiError) -> models.BatchFileResult:
             if isinstance(item, ApiError):
                 return _failed(name, item.code, item.message)
             async with limit:
@@ -498,22 +494,22 @@ class FacadeUploads:
                 outcome = await self._outcome(upload)
             if outcome.status == "completed" and outcome.file is not None:
                 info = file_json(outcome.file)
-                return {
-                    "filename": name,
-                    "status": "success",
-                    "file_id": info["file_id"],
-                    "size_bytes": info["size_bytes"],
-                    "storage_element_id": info["storage_element_id"],
-                    "sha256_hash": info["sha256_hash"],
-                }
-            if outcome.status == "finalizing":
+                return models.BatchFileResult(
+                    filename=name,
+                    status="success",
+                    file_id=info["file_id"],
+                    size_bytes=info["size_bytes"],
+                    storage_element_id=info["storage_element_id"],
+                    sha256_hash=info["sha256_hash"],
+                )
+            if outcome.refusal is None:  # still finalizing
                 return _failed(name, "finalizing", f"still being finalised: see session {item.id}")
-            return _failed(name, outcome.error_code or "failed", outcome.error or "the file was not stored")
+            return _failed(name, outcome.refusal.code, outcome.refusal.message)
 
         results = await asyncio.gather(*(finalise(name, item) for name, item in staged))
-        succeeded = sum(1 for result in results if result["status"] == "success")
-        summary = {"total": len(results), "succeeded": succeeded, "failed": len(results) - succeeded}
-        return JSONResponse({"results": results, "summary": summary}, status_code=207)
+        succeeded = sum(1 for result in results if result.status == "success")
+        summary = models.BatchSummary(total=len(results), succeeded=succeeded, failed=len(results) - succeeded)
+        return JSONResponse(models.dump(models.BatchResult(results=results, summary=summary)), status_code=207)
 
     async def _stage_file(
         self, start: FileStart, events: AsyncIterator[Event], options: FormOptions
@@ -528,7 +524,7 @@ class FacadeUploads:
         except (FileTooLarge, UploadRefused) as refused:
             if not part.finished:
                 await part.skip()
-            return refused if isinstance(refused, ApiError) else _api_error(refused)
+            return refused if isinstance(refused, ApiError) else ApiError.from_tus(refused)
 
 
 async def _file_start(events: AsyncIterator[Event], options: FormOptions, name: str) -> FileStart | None:
@@ -556,8 +552,8 @@ def _truncated(upload: Upload) -> ApiError:
     )
 
 
-def _failed(name: str, code: str, message: str) -> dict[str, Any]:
-    return {"filename": name, "status": "failed", "error": {"error": code, "message": message}}
+def _failed(name: str, code: str, message: str) -> models.BatchFileResult:
+    return models.BatchFileResult(filename=name, status="failed", error=models.ErrorDetail(error=code, message=message))
 
 
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -580,15 +576,16 @@ def _range_number(text: str) -> int:
     return number
 
 
-def _progress(upload: Upload) -> dict[str, Any]:
+def _progress(upload: Upload, **finalizing: Any) -> models.UploadProgress:
     total = upload.length
     percent = round(100 * upload.offset / total, 2) if total else 0.0
-    return {
-        "upload_session_id": upload.id,
-        "bytes_uploaded": upload.offset,
-        "bytes_total": total,
-        "percent_complete": percent,
-    }
+    return models.UploadProgress(
+        upload_session_id=upload.id,
+        bytes_uploaded=upload.offset,
+        bytes_total=total,
+        percent_complete=percent,
+        **finalizing,
+    )
 
 
 def _outcome_response(upload: Upload, outcome: UploadOutcome) -> JSONResponse:
@@ -604,10 +601,7 @@ def _outcome_response(upload: Upload, outcome: UploadOutcome) -> JSONResponse:
             "uploaded_at",
             "compression",
         )
-        return JSONResponse({key: info[key] for key in keys}, status_code=201)
-    if outcome.status == "finalizing":
-        return JSONResponse(_progress(upload) | {"status": "finalizing"}, status_code=202)
-    return JSONResponse(
-        {"error": outcome.error_code or "failed", "message": outcome.error or "the file was not stored"},
-        status_code=outcome.http_status,
-    )
+        return JSONResponse(models.dump(models.UploadResult.model_validate({key: info[key] for key in keys})), 201)
+    if outcome.refusal is None:  # still finalizing
+        return JSONResponse(models.dump(_progress(upload, status="finalizing")), status_code=202)
+    return ApiError.refused(outcome.refusal).response()

@@ -27,19 +27,17 @@ from tusingest.finalise.compression import (
     worth_keeping,
 )
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime, mime_allowed
+from tusingest.finalise.refusals import Refused
 
 log = logging.getLogger(__name__)
 
 
-class FileRejected(Exception):
+class FileRejected(Refused):
     """The file cannot be accepted; ``code`` and ``message`` go to the client, ``status`` is 422
     or 415 (a refused type). A rejection is final: retrying the same bytes gives the same answer."""
 
     def __init__(self, code: str, message: str, *, status: int = 422) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
+        super().__init__(message, code=code, status=status)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,28 @@
-"""The refusals a client is given before a delete or transfer saga starts (the sagas run on saga.runner)."""
+"""The one refusal type below the HTTP layers: what the domain will not do, with the code and the
+status the client is told (as tusd's ``NewError("ERR_MISMATCHED_OFFSET", ..., http.StatusConflict)``).
+
+The finaliser's rejections (``pipeline.FileRejected``) and the refusals given before a delete or
+transfer saga starts (below, and in delete.py and transfer.py) are all ``Refused``. The HTTP faces
+map it in one place each: api/errors.py for /api, api/finaliser.py (``UploadRefused`` with the
+``ArtStore-Error`` header) for tus."""
 
 from __future__ import annotations
 
 
 class Refused(Exception):
-    """A request the saga will not start; ``status`` and ``code`` are what the client is told."""
+    """A request refused, or a file rejected; ``status`` and ``code`` are what the client is told.
+    Subclasses fix both as class attributes; a one-off refusal passes them."""
 
     status = 400
     code = "invalid_request"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
 
 
 class FileNotFound(Refused):

@@ -43,6 +43,7 @@ from tusingest.finalise.pipeline import (
     declared_checksums,
     inspect,
 )
+from tusingest.finalise.refusals import Refused
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaData, SagaState
@@ -141,9 +142,11 @@ class UploadOutcome:
 
     status: Status
     file: FileRecord | None = None
-    error_code: str | None = None
-    error: str | None = None
-    http_status: int = 422
+    refusal: Refused | None = None  # why a failed upload failed: its code, its message, its status
+
+
+def _refusal(code: str | None, message: str | None, status: int) -> Refused:
+    return Refused(message or "the file was not stored", code=code or "failed", status=status)
 
 
 class _GiveUp(Exception):
@@ -268,7 +271,7 @@ class UploadSagas:
         if saga.state is SagaState.COMPLETED:
             return UploadOutcome("completed", file=await self.sagas.get_file(data.file_id or ""))
         if saga.state in (SagaState.COMPENSATED, SagaState.FAILED):
-            return UploadOutcome("failed", error_code=saga.error_code, error=saga.error, http_status=data.http_status)
+            return UploadOutcome("failed", refusal=_refusal(saga.error_code, saga.error, data.http_status))
         return UploadOutcome("finalizing")
 
     async def refuse_early(self, upload: Upload, rejection: FileRejected) -> None:
@@ -612,7 +615,7 @@ class UploadSagas:
                     # The element cannot be reached: the saga stays compensating, its lease lapses and
                     # recovery tries again later. For the client the upload has failed.
                     log.warning("upload saga %s: cannot remove the object from %s yet", saga.saga_id, data.element_id)
-                    return UploadOutcome("failed", error_code=saga.error_code, error=saga.error, http_status=503)
+                    return UploadOutcome("failed", refusal=_refusal(saga.error_code, saga.error, 503))
             for other in data.cleanup:
                 await self._remove_from(other, data.key)
         await self.sagas.enqueue(
@@ -632,7 +635,7 @@ class UploadSagas:
             saga.saga_id, owner=owner, state=SagaState.COMPENSATED, error_code=code, error=message
         )
         log.info("upload %s failed: %s (%s)", saga.subject_id, message, code)
-        return UploadOutcome("failed", error_code=code, error=message, http_status=http_status)
+        return UploadOutcome("failed", refusal=Refused(message, code=code, status=http_status))
 
     async def _remove_from(self, element_id: str, key: str) -> bool:
         """Delete the object and its sidecar from an element; False when the element cannot be reached."""

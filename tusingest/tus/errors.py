@@ -1,4 +1,9 @@
-"""Every failure a tus client can see, as a value with its status code, mapped in one place."""
+"""Every failure a tus client can see, as a value with its code and status, mapped to a response in
+one place (``TusServer.error_response``), in the manner of tusd's ``NewError(code, message, status)``.
+
+The code is tusd's where tusd has one (ERR_MISMATCHED_OFFSET, ...). It is not on the wire of a plain
+tus answer (text/plain, the message); ``UploadRefused`` carries the finaliser's code, which its face
+(api/finaliser.py) also sends in ``ArtStore-Error``, and the REST facade puts in its JSON."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Mapping
 
 class TusError(Exception):
     status: int = 400
+    code: str = "ERR_BAD_REQUEST"
     default_message: str = "bad request"
 
     def __init__(self, message: str | None = None, headers: Mapping[str, str] | None = None) -> None:
@@ -20,22 +26,27 @@ class BadRequest(TusError):
 
 
 class Forbidden(TusError):
+    code = "ERR_FORBIDDEN"
     status, default_message = 403, "forbidden"
 
 
 class UploadNotFound(TusError):
+    code = "ERR_UPLOAD_NOT_FOUND"
     status, default_message = 404, "upload not found"
 
 
 class MethodNotAllowed(TusError):
+    code = "ERR_METHOD_NOT_ALLOWED"
     status, default_message = 405, "method not allowed"
 
 
 class OffsetMismatch(TusError):
+    code = "ERR_MISMATCHED_OFFSET"
     status, default_message = 409, "Upload-Offset does not match the upload's offset"
 
 
 class UploadGone(TusError):
+    code = "ERR_UPLOAD_GONE"
     status, default_message = 410, "upload is gone"
 
 
@@ -43,6 +54,7 @@ class UploadInterrupted(TusError):
     """A newer request for the upload took it over before this one committed a byte (as tusd's
     ERR_UPLOAD_INTERRUPTED): never a 2xx, which would tell the client its bytes were taken."""
 
+    code = "ERR_UPLOAD_INTERRUPTED"
     status, default_message = 400, "upload has been interrupted by another request for this upload resource"
 
 
@@ -50,34 +62,42 @@ class BodyTimeout(TusError):
     """The body arrived too slowly (BODY_IDLE_TIMEOUT_SECONDS, BODY_MIN_RATE_KBPS) and not a
     byte of it was committed; a body cut off after some bytes answers with the offset reached."""
 
+    code = "ERR_READ_TIMEOUT"
     status, default_message = 408, "the request body arrived too slowly and was cut off"
 
 
 class VersionNotSupported(TusError):
+    code = "ERR_UNSUPPORTED_VERSION"
     status, default_message = 412, "Tus-Resumable version not supported"
 
 
 class TooLarge(TusError):
+    code = "ERR_MAX_SIZE_EXCEEDED"
     status, default_message = 413, "upload too large"
 
 
 class UnsupportedMediaType(TusError):
+    code = "ERR_INVALID_CONTENT_TYPE"
     status, default_message = 415, "Content-Type must be application/offset+octet-stream"
 
 
 class UploadLocked(TusError):
+    code = "ERR_UPLOAD_LOCKED"
     status, default_message = 423, "upload is locked by another request; retry shortly"
 
 
 class ChecksumMismatch(TusError):
+    code = "ERR_CHECKSUM_MISMATCH"
     status, default_message = 460, "checksum mismatch"
 
 
 class ServerError(TusError):
+    code = "ERR_INTERNAL_SERVER_ERROR"
     status, default_message = 500, "internal server error"
 
 
 class ServiceUnavailable(TusError):
+    code = "ERR_SERVICE_UNAVAILABLE"
     status, default_message = 503, "service unavailable"
 
 
@@ -97,16 +117,19 @@ class UploadProblem(TusError):
 
 
 class MismatchingUploadOffset(UploadProblem):
+    code = "ERR_MISMATCHED_OFFSET"
     status, default_message = 409, "offset from request does not match offset of resource"
     problem_type = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
 
 
 class CompletedUpload(UploadProblem):
+    code = "ERR_UPLOAD_COMPLETED"
     status, default_message = 400, "upload is already completed"
     problem_type = "https://iana.org/assignments/http-problem-types#completed-upload"
 
 
 class InconsistentUploadLength(UploadProblem):
+    code = "ERR_INCONSISTENT_LENGTH"
     status, default_message = 400, "inconsistent length values for upload"
     problem_type = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"
 
@@ -116,13 +139,21 @@ class InterruptedUploadAppend(UploadProblem):
     request conflicts with another one for the resource, and the draft's answer to a conflict is
     offset retrieval, which is what this client must do. The draft registers no type for it."""
 
+    code = "ERR_UPLOAD_INTERRUPTED"
     status, default_message = 409, "upload has been interrupted by another request for this upload resource"
 
 
 class UploadRefused(TusError):
     """The upload was refused by what runs after the protocol (the finaliser): 415 for a type
-    that is not accepted, 422 for a file that failed validation, 503 when storage failed."""
+    that is not accepted, 422 for a file that failed validation, 503 when storage failed; ``code``
+    is the finaliser's (e.g. mime_type_not_allowed), for every audience to read as an attribute."""
 
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+    code = "file_refused"
+
+    def __init__(
+        self, status: int, message: str, headers: Mapping[str, str] | None = None, *, code: str | None = None
+    ) -> None:
         super().__init__(message, headers)
         self.status = status
+        if code is not None:
+            self.code = code

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from tusingest.api import finaliser
 from tusingest.api.errors import ApiError, api_exception_handlers
 from tusingest.api.files import FilesApi
+from tusingest.api.limits import RateLimits
 from tusingest.api.openapi import ApiRoute, openapi_routes
 from tusingest.api.sessions import SessionStatus
 from tusingest.api.uploads import FacadeSettings, FacadeUploads
@@ -39,6 +40,7 @@ from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
+from tusingest.ratelimit import RateLimiter, RateLimitSettings
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.runner import SagaSettings, cancel_and_wait
@@ -132,6 +134,16 @@ def facade_settings(settings: Settings) -> FacadeSettings:
         max_batch_bytes=settings.max_batch_size_mb << 20,
         max_batch_files=settings.max_batch_files,
         batch_parallelism=settings.batch_parallelism,
+    )
+
+
+def rate_limit_settings(settings: Settings) -> RateLimitSettings:
+    return RateLimitSettings(
+        creations_per_minute=settings.rate_limit_creations_per_minute,
+        creations_per_minute_per_address=settings.rate_limit_creations_per_minute_per_address,
+        bytes_per_second=settings.rate_limit_bytes_per_second,
+        concurrent_uploads=settings.rate_limit_concurrent_uploads,
+        redis_url=settings.redis_url,
     )
 
 
@@ -391,6 +403,10 @@ def build_app(settings: Settings) -> Starlette:
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
             max_age=86400,
+        ),
+        # Last, so after authentication: it reads the caller's identity from the scope state.
+        Middleware(
+            RateLimits, limiter=RateLimiter(rate_limit_settings(settings)), tus_base_path=settings.tus_base_path
         ),
     ]
     # The /api refusals' one mapping to HTTP; the tus routes answer their own (TusServer._dispatch).

@@ -9,9 +9,10 @@ listening on 127.0.0.1:8020.
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The tus extensions this server implements, in the protocol's order (the order Tus-Extension lists
@@ -43,7 +44,7 @@ def database_engine(database_url: str) -> DatabaseEngine:
     raise ValueError(f"must start with sqlite:/// or postgresql://, not {scheme}:")
 
 
-SECRET_SETTINGS = frozenset({"jwt_secret"})
+SECRET_SETTINGS = frozenset({"jwt_secret", "webhook_secret"})
 
 
 class SettingsError(Exception):
@@ -110,6 +111,9 @@ class Settings(BaseSettings):
     # ELEMENT_<ID>_CA_BUNDLE). Keys come from AWS_* or ELEMENT_<ID>_AWS_ACCESS_KEY_ID / _SECRET_.
     s3_verify_tls: bool = True
     s3_ca_bundle: str | None = None
+    # Outgoing TLS (S3 elements, webhooks, JWKS): the lowest protocol version accepted. The card's
+    # production checklist asks for 1.3; 1.2 for endpoints that cannot do better. http:// URLs stay plain.
+    element_tls_min_version: Literal["1.2", "1.3"] = "1.3"
     s3_connect_timeout_seconds: float = Field(5.0, gt=0)
     s3_read_timeout_seconds: float = Field(60.0, gt=0)
 
@@ -140,7 +144,7 @@ class Settings(BaseSettings):
     saga_recovery_interval_seconds: float = Field(30.0, gt=0)
     file_events_stream: str = "file-events"
     webhook_urls: Annotated[tuple[str, ...], NoDecode] = ()
-    webhook_secret: str | None = None
+    webhook_secret: str | None = Field(None, repr=False)  # never shown: SECRET_SETTINGS
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_retry_max_seconds: float = Field(300.0, gt=0)
     outbox_poll_interval_seconds: float = Field(5.0, gt=0)
@@ -239,6 +243,21 @@ class Settings(BaseSettings):
     rate_limit_bytes_per_second: int = Field(0, ge=0)  # per token subject, all its uploads together
     rate_limit_concurrent_uploads: int = Field(0, ge=0, le=100_000)  # requests writing at once, per subject
 
+    @model_validator(mode="after")
+    def _throttle_above_min_rate(self) -> Settings:
+        # A throttled body arrives at the byte budget's rate: below BODY_MIN_RATE_KBPS it would be cut off.
+        min_rate = int(self.body_min_rate_kbps * 1024)
+        if self.rate_limit_bytes_per_second and self.rate_limit_bytes_per_second < min_rate:
+            raise ValueError(
+                f"RATE_LIMIT_BYTES_PER_SECOND={self.rate_limit_bytes_per_second} is below BODY_MIN_RATE_KBPS"
+                f" ({min_rate} bytes/s): throttled uploads would be cut off as too slow"
+            )
+        return self
+
+    @property
+    def tls_min_version(self) -> ssl.TLSVersion:
+        return ssl.TLSVersion.TLSv1_2 if self.element_tls_min_version == "1.2" else ssl.TLSVersion.TLSv1_3
+
     @field_validator("jwt_public_key_path", mode="before")
     @classmethod
     def _key_paths(cls, value: object) -> object:
@@ -292,8 +311,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            if not error["loc"]:  # a check across settings: its input is all of them, secrets included
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            name = ".".join(str(part) for part in error["loc"]).upper()
             # A secret's value never goes into the message (it ends up in logs and terminals).
-            shown = "<hidden>" if error["loc"] and error["loc"][0] in SECRET_SETTINGS else repr(error.get("input"))
+            shown = "<hidden>" if error["loc"][0] in SECRET_SETTINGS else repr(error.get("input"))
             problems.append(f"{name}={shown}: {error['msg']}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -91,6 +91,14 @@ class ChecksumMismatch(TusError):
     status, default_message = 460, "checksum mismatch"
 
 
+class RateLimited(TusError):
+    """A rate limit refused the request before its body was read (tusingest/api/limits.py);
+    Retry-After says when to try again."""
+
+    code = "ERR_RATE_LIMITED"
+    status, default_message = 429, "rate limited"
+
+
 class ServerError(TusError):
     code = "ERR_INTERNAL_SERVER_ERROR"
     status, default_message = 500, "internal server error"

@@ -166,6 +166,7 @@ def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ
             read_timeout=settings.s3_read_timeout_seconds,
             part_size=settings.chunk_size,
             element_variables={name: value for name, value in environ.items() if name.startswith("ELEMENT_")},
+            tls_min_version=settings.tls_min_version,
         ),
         breaker=BreakerSettings(
             failure_threshold=settings.circuit_breaker_failure_threshold,
@@ -216,6 +217,7 @@ def build_parts(settings: Settings) -> Parts:
         webhook_timeout=settings.webhook_timeout_seconds,
         retry_max_seconds=settings.webhook_retry_max_seconds,
         poll_interval=settings.outbox_poll_interval_seconds,
+        tls_min_version=settings.tls_min_version,
     )
     policy = FinalisePolicy(
         max_size=settings.max_file_size,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
@@ -153,6 +154,25 @@ class S3Access:
         )
 
 
+def _session_with_tls_minimum(minimum: ssl.TLSVersion) -> type[AIOHTTPSession]:
+    """aiobotocore's HTTP session whose TLS context refuses protocols below ``minimum``.
+
+    Not ``AioConfig(connector_args={"ssl_context": ...})``: aiobotocore 3.x builds its own context
+    (verification, CA bundle) and hands it to aiohttp as ``ssl``, so a second one collides with it.
+    Its context comes from ``_get_ssl_context``; verification and the CA bundle are applied after."""
+
+    if not hasattr(AIOHTTPSession, "_get_ssl_context"):
+        raise RuntimeError("this aiobotocore has no AIOHTTPSession._get_ssl_context: see tusingest/elements/s3.py")
+
+    class MinimumTlsSession(AIOHTTPSession):
+        def _get_ssl_context(self) -> ssl.SSLContext:
+            context: ssl.SSLContext = super()._get_ssl_context()  # type: ignore[misc]  # not in the stubs
+            context.minimum_version = minimum
+            return context
+
+    return MinimumTlsSession
+
+
 class S3ClientPool:
     """One aiobotocore S3 client per distinct S3Access, created on first use; ``close()`` closes
     them all. Backends borrow clients and never close them."""
@@ -163,8 +183,11 @@ class S3ClientPool:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_pool_connections: int = 10,
+        tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
     ) -> None:
         self._config = AioConfig(
+            # https endpoints only: an http:// endpoint_url stays plain (moto in tests, a loopback gateway).
+            http_session_cls=_session_with_tls_minimum(tls_min_version),
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             # One attempt: tusingest retries above this layer, where the circuit breaker sees
@@ -186,6 +209,7 @@ class S3ClientPool:
         return cls(
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            tls_min_version=settings.tls_min_version,
         )
 
     async def client(self, access: S3Access) -> S3Client:

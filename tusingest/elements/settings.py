@@ -6,8 +6,9 @@ that nothing under ``elements/`` reads the configuration or ``os.environ`` itsel
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tusingest.elements.breaker import BreakerSettings
 
@@ -36,7 +37,8 @@ class S3Settings:
     connect_timeout: float
     read_timeout: float
     part_size: int
-    element_variables: Mapping[str, str]
+    element_variables: Mapping[str, str] = field(repr=False)  # holds secret keys: never shown
+    tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3  # ELEMENT_TLS_MIN_VERSION
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -86,8 +87,10 @@ class OutboxRelay:
         claim_lease_seconds: float = 60.0,
         base_delay: float = 1.0,
         jitter: Callable[[float], float] = full_jitter,
+        tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
     ) -> None:
         self._store = store
+        self._tls_min_version = tls_min_version
         self._redis_url = redis_url
         self._secret = webhook_secret or None  # an empty WEBHOOK_SECRET means none, not signing with ""
         self._timeout = webhook_timeout
@@ -112,8 +115,14 @@ class OutboxRelay:
         """Create the HTTP session and the Redis client; ``deliver_due`` needs them. ``start`` calls this."""
         if self._http is not None:
             return
+        # https receivers: the certificate verified (system CAs, or SSL_CERT_FILE) at ELEMENT_TLS_MIN_VERSION
+        # at least; an http:// webhook URL stays plain.
+        tls = ssl.create_default_context()
+        tls.minimum_version = self._tls_min_version
         self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self._timeout), headers={"User-Agent": USER_AGENT}
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            headers={"User-Agent": USER_AGENT},
+            connector=aiohttp.TCPConnector(ssl=tls),
         )
         if self._redis_url is not None:
             self._redis = Redis.from_url(

@@ -4,14 +4,13 @@ another user's token gets 404 and changes nothing. Store-independent: run on SQL
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.fixtures.jwt import rsa_key, token, unsigned_token, write_pem
-from tests.fixtures.server import OCTETS, TUS, LiveServer, base_settings, live_server
+from tests.fixtures.jwt import rsa_key, token, unsigned_token
+from tests.fixtures.server import OCTETS, TUS, LiveServer
 from tests.integration.test_finalise import upload
 from tusingest.sessions import UploadState
 
@@ -25,11 +24,8 @@ def bearer(**identity: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, sqlite_url: str) -> AsyncIterator[LiveServer]:
-    keys = write_pem(tmp_path / "jwt-public.pem", rsa_key())
-    settings = base_settings(tmp_path, sqlite_url, jwt_public_key_path=str(keys))
-    async with live_server(settings) as running:
-        yield running
+def server(keyed_server: LiveServer) -> LiveServer:
+    return keyed_server
 
 
 def client(server: LiveServer, **identity: str) -> httpx.AsyncClient:

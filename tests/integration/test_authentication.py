@@ -269,3 +269,19 @@ async def test_the_owner_may_delete_their_file(server: LiveServer) -> None:
         response = await http.delete(f"/api/files/{file_id}")
     assert response.status_code == 204, response.text
     assert await server.parts.saga_store.get_file(file_id) is None
+
+
+async def test_an_unreachable_key_set_answers_503_with_retry_after_not_401(tmp_path: Path, sqlite_url: str) -> None:
+    import socket
+
+    from tests.fixtures.server import base_settings, live_server
+
+    with socket.socket() as closed:  # a loopback port nobody listens on: the JWKS endpoint is down
+        closed.bind(("127.0.0.1", 0))
+        jwks_url = f"http://127.0.0.1:{closed.getsockname()[1]}/jwks.json"
+        settings = base_settings(tmp_path, sqlite_url, jwt_jwks_url=jwks_url)
+        async with live_server(settings) as down, client(down, **ALICE) as http:
+            tus = await http.post("/files/", headers=TUS | {"Upload-Length": "5"})
+            api = await http.get("/api/files/upload/session/0123456789abcdef")
+    assert tus.status_code == 503 and tus.headers["Retry-After"] and tus.headers["Tus-Resumable"] == "1.0.0"
+    assert api.status_code == 503 and api.json()["error"] == "auth_unavailable"

@@ -18,11 +18,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tusingest.api import finaliser
 from tusingest.api.errors import ApiError, api_exception_handlers
@@ -31,6 +33,19 @@ from tusingest.api.limits import RateLimits
 from tusingest.api.openapi import ApiRoute, openapi_routes
 from tusingest.api.sessions import SessionStatus
 from tusingest.api.uploads import FacadeSettings, FacadeUploads
+from tusingest.auth import (
+    IDENTITY_STATE,
+    Authenticator,
+    AuthError,
+    AuthSettings,
+    AuthUnavailable,
+    Identity,
+    Operation,
+    is_admin,
+    may,
+    www_authenticate,
+    www_authenticate_insufficient_scope,
+)
 from tusingest.config import Settings, database_engine
 from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.runtime import StorageElements
@@ -51,7 +66,9 @@ from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
+from tusingest.tus.base import REQUESTER, Requester
 from tusingest.tus.body import BodyPace
+from tusingest.tus.headers import TUS_VERSION
 from tusingest.tus.unread_body import UnreadBodyGuard
 
 log = logging.getLogger(__name__)
@@ -93,6 +110,7 @@ class Parts:
     deletes: DeleteSagas
     transfers: TransferSagas
     files_api: FilesApi
+    auth: Authenticator
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,8 +284,26 @@ def build_parts(settings: Settings) -> Parts:
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
     tus = TusServer(options, store, staging, locker, hooks)
     files_api = FilesApi(deletes, transfers, verify_checksum_default=settings.transfer_verify_checksum_default)
+    auth = Authenticator(auth_settings(settings))
     return Parts(
-        settings, store, staging, locker, tus, elements, saga_store, relay, sagas, deletes, transfers, files_api
+        settings, store, staging, locker, tus, elements, saga_store, relay, sagas, deletes, transfers, files_api, auth
+    )
+
+
+def auth_settings(settings: Settings) -> AuthSettings:
+    return AuthSettings(
+        public_key_paths=tuple(Path(path) for path in settings.jwt_public_key_path),
+        jwks_url=settings.jwt_jwks_url,
+        secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_seconds=settings.jwt_leeway_seconds,
+        metrics_required=settings.auth_metrics_required,
+        jwks_cache_seconds=settings.jwt_jwks_cache_seconds,
+        jwks_refetch_min_seconds=settings.jwt_jwks_refetch_min_seconds,
+        jwks_ca_bundle=settings.jwt_jwks_ca_bundle,
+        tls_min_version=settings.tls_min_version,
+        anonymous_name=settings.default_username,
     )
 
 
@@ -334,6 +370,7 @@ def build_app(settings: Settings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(parts.staging.close)
             stack.push_async_callback(parts.store.close)
+            stack.push_async_callback(parts.auth.aclose)
             await parts.locker.open()
             stack.push_async_callback(parts.locker.close)
             await parts.elements.open()
@@ -406,6 +443,8 @@ def build_app(settings: Settings) -> Starlette:
             expose_headers=list(EXPOSED_HEADERS),
             max_age=86400,
         ),
+        # Inside CORS, so a refusal still carries the CORS headers a browser needs to read it.
+        Middleware(Authentication, auth=parts.auth, tus_base_path=settings.tus_base_path),
         # Last, so after authentication: it reads the caller's identity from the scope state.
         Middleware(
             RateLimits, limiter=RateLimiter(rate_limit_settings(settings)), tus_base_path=settings.tus_base_path
@@ -416,6 +455,91 @@ def build_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.parts = parts
     return app
+
+
+class Authentication:
+    """ASGI middleware: every request on the tus endpoint or under /api carries a verified Bearer
+    token (or, with no key configured, is the anonymous identity). A refused token answers 401
+    with the RFC 6750 header, a key set that cannot be had 503, an operation the caller's role and
+    scopes do not grant 403. Otherwise the Identity and the tus layer's Requester go into the
+    request scope's state. /health/*, /openapi.json and CORS preflights are not guarded."""
+
+    def __init__(self, app: ASGIApp, auth: Authenticator, tus_base_path: str) -> None:
+        self.app = app
+        self.auth = auth
+        self.tus_base = tus_base_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        is_tus = path == self.tus_base.rstrip("/") or path.startswith(self.tus_base)
+        if scope["type"] != "http" or not (is_tus or path.startswith("/api/")):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        method = _method(scope["method"], headers, is_tus)
+        if method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers:
+            await self.app(scope, receive, send)  # a CORS preflight carries no credentials
+            return
+        try:
+            identity = await self.auth.authenticate(headers.get("authorization"))
+        except AuthError as error:
+            answer = _refusal(401, "invalid_token", error.reason, {"WWW-Authenticate": www_authenticate(error)}, is_tus)
+        except AuthUnavailable as down:
+            answer = _refusal(503, "auth_unavailable", down.reason, {"Retry-After": str(down.retry_after)}, is_tus)
+        else:
+            operation = _operation(method, path, is_tus)
+            if operation is None or may(identity, operation):
+                state = scope.setdefault("state", {})
+                state[IDENTITY_STATE] = identity
+                state[REQUESTER] = _requester(identity)
+                await self.app(scope, receive, send)
+                return
+            why = f"the token does not allow {operation.value}"
+            refused = {"WWW-Authenticate": www_authenticate_insufficient_scope(operation)}
+            answer = _refusal(403, "insufficient_scope", why, refused, is_tus)
+        await answer(scope, receive, send)
+
+
+def _requester(identity: Identity) -> Requester:
+    return Requester(subject=identity.subject, name=identity.name, admin=is_admin(identity))
+
+
+def _method(method: str, headers: Headers, is_tus: bool) -> str:
+    """The method the request acts as: tus lets a POST say it is a PATCH, DELETE or HEAD."""
+    override = headers.get("x-http-method-override") if is_tus and method == "POST" else None
+    return override.strip().upper() if override else method
+
+
+_TUS_OPERATIONS = {
+    "POST": Operation.CREATE,
+    "PATCH": Operation.APPEND,
+    "DELETE": Operation.TERMINATE,
+    "HEAD": Operation.READ,
+    "GET": Operation.READ,
+}
+
+
+def _operation(method: str, path: str, is_tus: bool) -> Operation | None:
+    """What a request does, for the role and scope policy (None: nothing an operation guards)."""
+    if is_tus:
+        return _TUS_OPERATIONS.get(method)
+    if method == "GET":
+        return Operation.READ
+    if method == "DELETE":
+        return Operation.DELETE
+    if method == "POST" and path.endswith("/transfer"):
+        return Operation.TRANSFER
+    if method == "POST":
+        return Operation.CREATE  # the facade's uploads, one file or a batch
+    return None
+
+
+def _refusal(status: int, code: str, message: str, headers: dict[str, str], is_tus: bool) -> Response:
+    """A refusal in the audience's own form: tus answers carry Tus-Resumable, /api answers are JSON."""
+    if is_tus:
+        headers = {"Tus-Resumable": TUS_VERSION} | headers
+        return PlainTextResponse(message + "\n", status_code=status, headers=headers)
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
 RESUMABLE_UPLOADS_DISABLED = "resumable uploads are disabled on this server (RESUMABLE_UPLOADS_ENABLED=false)"

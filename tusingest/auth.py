@@ -171,6 +171,17 @@ OPERATION_SCOPE: Final[Mapping[Operation, str]] = {
 ANONYMOUS_SUBJECT: Final = "anonymous"
 
 
+IDENTITY_STATE: Final = "identity"  # where app.py's authentication keeps the caller's Identity in the request state
+# No Identity in the request state (a route the authentication did not guard): no rights, owns nothing.
+NOBODY: Final = Identity(subject="", kind="anonymous", role=None, name="")
+
+
+def identity_in(state: Mapping[str, object]) -> Identity:
+    """The caller's Identity from an ASGI scope's ``state``, or NOBODY."""
+    found = state.get(IDENTITY_STATE)
+    return found if isinstance(found, Identity) else NOBODY
+
+
 def anonymous_identity(name: str = ANONYMOUS_SUBJECT) -> Identity:
     """The caller when no key is configured: only ever served on loopback (see refuse_unauthenticated_bind)."""
     return Identity(subject=ANONYMOUS_SUBJECT, kind="anonymous", role=Role.ADMIN.value, name=name)

@@ -37,11 +37,23 @@ def _configure_logging(settings: Settings) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (PORT).")] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Serve without authentication beyond loopback.")
+    ] = False,
 ) -> None:
     """Serve the tus endpoint, health probes and API."""
     settings = _settings(host=host, port=port)
     _configure_logging(settings)
     import uvloop
+
+    from tusingest.app import auth_settings
+    from tusingest.auth import refuse_unauthenticated_bind
+
+    # No key means everybody is the anonymous admin: only this machine may be everybody.
+    refusal = refuse_unauthenticated_bind(settings.host, auth_settings(settings), insecure_no_auth=insecure_no_auth)
+    if refusal is not None:
+        typer.echo(f"tusingest: {refusal}", err=True)
+        raise typer.Exit(2)
 
     try:
         listener = _listen(settings.host, settings.port)
@@ -77,6 +89,7 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
 
     from tusingest.app import build_app, open_database
+    from tusingest.auth import AuthConfigError
     from tusingest.serving import hypercorn_config
     from tusingest.sessions.store import StoreError
 
@@ -89,7 +102,10 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
     finally:
         await probe.close()
 
-    app = build_app(settings)
+    try:
+        app = build_app(settings)
+    except AuthConfigError as exc:
+        raise StartupError(str(exc)) from None
     config = hypercorn_config(settings, bind=f"fd://{listener.fileno()}")
 
     stop = asyncio.Event()

@@ -63,10 +63,24 @@ async def test_created_upload_reads_back_with_every_field(store: SessionStore) -
         created_at=T0,
         updated_at=T0 + timedelta(microseconds=1),
         expires_at=T0 + timedelta(days=1, microseconds=999999),
+        owner_id="user-7",
+        owner_name="Ada Lovelace",
     )
     await store.create(upload)
 
     assert await store.get(upload.id) == upload
+
+
+async def test_an_upload_keeps_its_owner_through_commits_and_none_when_it_has_none(store: SessionStore) -> None:
+    owned = await stored(store, length=10, owner_id="user-7", owner_name="Ada")
+    unowned = await stored(store, length=10)
+
+    committed = await store.commit_offset(owned.id, 0, 10, T0, None)
+
+    assert committed is not None and (committed.owner_id, committed.owner_name) == ("user-7", "Ada")
+    assert (await store.get_many([owned.id]))[owned.id].owner_id == "user-7"
+    got = await store.get(unowned.id)
+    assert got is not None and (got.owner_id, got.owner_name) == (None, None)
 
 
 async def test_deferred_length_no_parts_and_no_expiry_read_back_as_none_and_empty(store: SessionStore) -> None:

@@ -215,3 +215,41 @@ async def test_cleanup_command_expires_idle_uploads_and_removes_their_bytes(work
     output = await eventually(cleanup_output, lambda out: "expired 1 upload(s)" in out)
     assert "expired 1 upload(s)" in output
     assert not upload_dir.exists()
+
+
+def serve_on_all_addresses(workdir: Path, port: int, env: dict[str, str], *flags: str) -> list[str]:
+    """`serve --host 0.0.0.0`, which must exit 2 here; returns its stderr lines."""
+    result = subprocess.run(
+        [*TUSINGEST, "serve", "--host", "0.0.0.0", "--port", str(port), *flags],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr.decode()
+    return result.stderr.decode().strip().splitlines()
+
+
+def test_serve_beyond_loopback_without_a_key_exits_2_with_one_line(workdir: Path) -> None:
+    lines = serve_on_all_addresses(workdir, free_port(), clean_env())
+    assert lines == [
+        "tusingest: refusing to serve on 0.0.0.0 without authentication: set JWT_PUBLIC_KEY_PATH or "
+        "JWT_JWKS_URL, bind to 127.0.0.1, or pass --insecure-no-auth"
+    ]
+    assert not (workdir / "data").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("how", ["insecure-no-auth", "key-file"])
+def test_serve_beyond_loopback_with_a_key_or_insecure_no_auth_gets_past_the_refusal(workdir: Path, how: str) -> None:
+    from tests.fixtures.jwt import rsa_key, write_pem
+
+    flags, env = ("--insecure-no-auth",), clean_env()
+    if how == "key-file":
+        flags, env = (), clean_env(JWT_PUBLIC_KEY_PATH=str(write_pem(workdir / "jwt.pem", rsa_key())))
+    # The port is taken (bound, never listening, so nothing is reachable from the network): serve gets as
+    # far as binding, which proves the refusal let it through, and stops there.
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        port = taken.getsockname()[1]
+        lines = serve_on_all_addresses(workdir, port, env, *flags)
+    assert lines == [f"tusingest cannot listen on 0.0.0.0:{port}: the address is already in use"]

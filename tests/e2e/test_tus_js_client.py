@@ -129,6 +129,36 @@ async def test_tus_js_client_uploads_a_file_in_chunks_with_metadata(sqlite_serve
     assert attr["sha256"] == record.sha256 == hashlib.sha256(payload).hexdigest()
 
 
+async def test_tus_js_client_uploads_with_a_bearer_token_in_its_headers(
+    keyed_server: LiveServer, tmp_path: Path
+) -> None:
+    from tests.fixtures.jwt import rsa_key, token
+
+    server = keyed_server
+    path, payload = write_payload(tmp_path, 2 * MIB + 11)
+    authorization = f"Bearer {token(rsa_key(), sub='js-user', name='Jay', role='USER')}"
+
+    result = await tus_js(
+        {
+            "endpoint": server.files_url,
+            "file": str(path),
+            "chunkSize": MIB,
+            "metadata": {"filename": "scan.bin"},
+            "headers": {"Authorization": authorization},
+        }
+    )
+
+    assert result["ok"] and result["exitCode"] == 0, failure(result)
+    upload = await server.parts.store.get(upload_id_of(result["url"]))
+    assert upload is not None and upload.state is UploadState.COMPLETE and upload.owner_id == "js-user"
+    assert await content(server, upload) == payload
+    record = await server.parts.saga_store.file_for_upload(upload.id)
+    assert record is not None and (record.created_by_id, record.created_by_username) == ("js-user", "Jay")
+    # Without the token the same client is refused at its creation.
+    refused = await tus_js({"endpoint": server.files_url, "file": str(path), "retryDelays": []})
+    assert not refused["ok"] and [r["status"] for r in refused["requests"]] == [401], failure(refused)
+
+
 @pytest.mark.parametrize("resume_by", ["uploadUrl", "findPreviousUploads"])
 async def test_tus_js_client_resumes_an_aborted_upload_from_the_server_offset(
     sqlite_server: LiveServer, tmp_path: Path, resume_by: str

@@ -65,3 +65,30 @@ async def test_tuspy_resumes_an_interrupted_upload_from_the_server_offset(server
     resumed_from = await asyncio.to_thread(resume)
     assert resumed_from == 2 << 20
     assert await staged(server, url.rsplit("/", 1)[1], len(payload)) == payload
+
+
+async def test_tuspy_uploads_with_a_bearer_token_and_the_upload_is_the_tokens_subjects(
+    keyed_server: LiveServer,
+) -> None:
+    from tests.fixtures.jwt import rsa_key, token
+
+    server = keyed_server
+    payload = os.urandom((2 << 20) + 5)
+    authorization = {"Authorization": f"Bearer {token(rsa_key(), sub='tuspy-user', role='USER')}"}
+
+    def upload() -> str:
+        uploader = Uploader(
+            file_stream=io.BytesIO(payload),
+            client=TusClient(server.files_url, headers=authorization),
+            chunk_size=1 << 20,
+            metadata={"filename": "scan.bin"},
+        )
+        uploader.upload()
+        return str(uploader.url)
+
+    url = await asyncio.to_thread(upload)
+    record = await server.parts.store.get(url.rsplit("/", 1)[1])
+    assert record is not None and record.state is UploadState.COMPLETE and record.owner_id == "tuspy-user"
+    assert await staged(server, record.id, len(payload)) == payload
+    async with server.client() as client:
+        assert (await client.head(url, headers=TUS)).status_code == 401  # the same URL without the token

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from tests.fixtures.jwt import rsa_key, token, write_pem
 from tests.fixtures.rawhttp import eventually
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
@@ -61,17 +62,19 @@ def directory_element(tmp_path: Path, element_id: str, mode: str) -> dict[str, A
     return {"element_id": element_id, "mode": mode, "backend": "directory", "path": str(tmp_path / element_id)}
 
 
-async def uploaded(server: LiveServer, payload: bytes, filename: str = "report.bin") -> str:
+async def uploaded(
+    server: LiveServer, payload: bytes, filename: str = "report.bin", headers: dict[str, str] | None = None
+) -> str:
     """Upload over tus and return the new file's id."""
-    async with server.client() as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=headers) as client:
         _, last = await upload(client, payload, filename, username="alice")
     assert last.status_code == 204 and last.headers["ArtStore-Upload-Status"] == "completed", last.headers
     return last.headers["ArtStore-File-Id"]
 
 
-async def delete(server: LiveServer, file_id: str, user: str | None = None) -> httpx.Response:
+async def delete(server: LiveServer, file_id: str, headers: dict[str, str] | None = None) -> httpx.Response:
     async with server.client() as client:
-        return await client.delete(f"/api/files/{file_id}", headers={"X-ArtStore-User": user} if user else {})
+        return await client.delete(f"/api/files/{file_id}", headers=headers or {})
 
 
 @pytest.fixture
@@ -94,14 +97,20 @@ async def test_a_file_on_an_edit_element_is_deleted_with_its_sidecar_row_and_a_f
     redis_server: RedisServer,
     redis_client: Redis,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     await redis_client.set("artstore:storage_elements", json.dumps({"version": 1, "storage_elements": [edit_s3]}))
-    server = await start_server(redis_url=redis_server.url, outbox_poll_interval_seconds=0.2)
-    file_id = await uploaded(server, os.urandom(300 * KiB))
+    keys = write_pem(tmp_path / "jwt.pem", rsa_key())
+    server = await start_server(
+        redis_url=redis_server.url, outbox_poll_interval_seconds=0.2, jwt_public_key_path=str(keys)
+    )
+    bob = {"Authorization": f"Bearer {token(rsa_key(), sub='bob', role='USER')}"}
+    file_id = await uploaded(server, os.urandom(300 * KiB), headers=bob)
     assert len(s3_keys(edit_s3)) == 2
 
     with caplog.at_level(logging.INFO, logger="tusingest.audit"):
-        response = await delete(server, file_id, user="bob")
+        # The actor is the token's subject; a header claiming somebody else is not listened to.
+        response = await delete(server, file_id, headers=bob | {"X-ArtStore-User": "mallory"})
 
     assert response.status_code == 204, response.text
     assert s3_keys(edit_s3) == []

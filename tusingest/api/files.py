@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Final
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -21,6 +20,7 @@ from tusingest.api.errors import ApiError
 from tusingest.api.jsonbody import JsonRefused, loads_bounded
 from tusingest.api.models import TransferRequest
 from tusingest.api.openapi import ApiRoute, Operation, path_parameter
+from tusingest.auth import identity_in
 from tusingest.finalise.delete import DeleteSagas
 from tusingest.finalise.refusals import FileNotFound
 from tusingest.finalise.transfer import TransferSagaData, TransferSagas, estimated_seconds, transfer_json
@@ -28,7 +28,6 @@ from tusingest.sessions.model import is_upload_id
 
 log = logging.getLogger(__name__)
 
-USER_HEADER: Final = "X-ArtStore-User"
 DELETE_WAIT_SECONDS = 10.0  # how long DELETE waits for its saga before answering 503 (it goes on regardless)
 MAX_BODY_BYTES = 64 << 10  # a transfer request is a few fields
 MAX_BODY_DEPTH = 4  # ... at the top level of one object; a little room for fields it ignores
@@ -100,7 +99,8 @@ class FilesApi:
         file_id = request.path_params["file_id"]
         if not is_file_id(file_id):
             raise FileNotFound(file_id)
-        actor = request.headers.get(USER_HEADER) or "anonymous"
+        # The token says who deletes (app.py's authentication put it in the state), never a header.
+        actor = identity_in(request.scope.get("state", {}))
         outcome = await self.deletes.delete(file_id, actor=actor, wait=self.delete_wait_seconds)  # may be Refused
         if outcome.status == "deleted":
             return Response(status_code=204)
@@ -115,6 +115,7 @@ class FilesApi:
         verify = self.verify_checksum_default if body.verify_checksum is None else body.verify_checksum
         saga = await self.transfers.start(  # may be Refused
             file_id,
+            actor=identity_in(request.scope.get("state", {})),
             destination_id=body.destination_storage_element_id,
             delete_source=body.delete_source,
             verify_checksum=verify,

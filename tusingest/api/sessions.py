@@ -16,6 +16,7 @@ from tusingest.api.openapi import ApiRoute, Operation, path_parameter
 from tusingest.finalise.upload import UploadSagas, file_json
 from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.model import is_upload_id, utc_iso
+from tusingest.tus.base import requester_of
 
 GET_SESSION = Operation(
     "getUploadSession",
@@ -48,7 +49,8 @@ class SessionStatus:
     async def get(self, request: Request) -> JSONResponse:
         session_id = request.path_params["session_id"]
         upload = await self.store.get(session_id) if is_upload_id(session_id) else None
-        if upload is None:
+        # Somebody else's session is not found either, so session ids cannot be probed (invariant 7).
+        if upload is None or not requester_of(request).may_touch(upload):
             raise ApiError(404, "session_not_found", f"no upload session {session_id}")
         return JSONResponse(models.dump(models.SessionStatus.model_validate(await self.describe(upload))))
 

@@ -42,7 +42,7 @@ from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import Upload, UploadState
 from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow
 from tusingest.tus.append import Appended, AppendRules, NoBody, UploadExists, append, create
-from tusingest.tus.base import TusContext
+from tusingest.tus.base import Requester, TusContext, requester_of
 from tusingest.tus.body import BodyEnd, BodyTooSlow, body_chunks
 from tusingest.tus.errors import TusError, UploadRefused
 from tusingest.tus.headers import non_negative_integer
@@ -361,7 +361,7 @@ class FacadeUploads:
             rules = FacadeRules(
                 self, start, options, part, offset=offset, total=total, resumable=session_id is not None
             )
-            appended = await self._receive(start, rules, session_id)
+            appended = await self._receive(start, rules, session_id, requester_of(request))
         finally:
             await events.aclose()
         upload = appended.upload
@@ -378,26 +378,31 @@ class FacadeUploads:
         # The lock is released: the saga runs on, a HEAD or a status request answers meanwhile.
         return _outcome_response(upload, await self._outcome(upload))
 
-    async def _receive(self, start: FileStart, rules: FacadeRules, session_id: str | None) -> Appended:
+    async def _receive(
+        self, start: FileStart, rules: FacadeRules, session_id: str | None, requester: Requester
+    ) -> Appended:
         """The file part into a session: appended to one that exists, else a new upload created
-        with it. Two requests may name one new session at once: the loser of the creation appends."""
+        with it. Two requests may name one new session at once: the loser of the creation appends.
+        A session of somebody else's is not found (404, from ``TusContext.load``): nothing is written."""
         if rules.total is not None and rules.total > self.settings.max_file_size:
             raise ApiError(
                 413, "file_too_large", f"the file has {rules.total} bytes; the limit is {self.settings.max_file_size}"
             )
         if session_id is not None and await self.ctx.store.get(session_id) is not None:
-            return await append(self.ctx, session_id, rules.part, rules)
-        upload = await self._new_upload(session_id or new_upload_id(), rules.total, start, rules.options)
+            return await append(self.ctx, session_id, rules.part, rules, requester)
+        upload = await self._new_upload(session_id or new_upload_id(), rules.total, start, rules.options, requester)
         try:
             return await create(self.ctx, upload, rules.part, rules, client_named=session_id is not None)
         except UploadExists:
-            return await append(self.ctx, upload.id, rules.part, rules)
+            return await append(self.ctx, upload.id, rules.part, rules, requester)
 
-    async def _new_upload(self, upload_id: str, total: int | None, start: FileStart, options: FormOptions) -> Upload:
+    async def _new_upload(
+        self, upload_id: str, total: int | None, start: FileStart, options: FormOptions, requester: Requester
+    ) -> Upload:
         """An upload not yet stored, its metadata from the fields so far (checked now, so a bad one
         is refused before a byte is read; checked again with the late fields before it is stored)."""
         now = utcnow()
-        return Upload(
+        upload = Upload(
             id=upload_id,
             length=total,
             metadata=await self.metadata(start, options),
@@ -405,6 +410,7 @@ class FacadeUploads:
             updated_at=now,
             expires_at=self.ctx.expires_at(now),
         )
+        return requester.owning(upload)
 
     async def metadata(self, start: FileStart, options: FormOptions) -> str:
         """The Upload-Metadata of a new upload from its form, refused (400) as tus creation refuses it."""
@@ -455,6 +461,7 @@ class FacadeUploads:
                 413, "batch_too_large", f"a batch may carry at most {self.settings.max_batch_bytes >> 20} MiB"
             )
         boundary = boundary_of(request.headers.get("content-type"))
+        requester = requester_of(request)
         options = FormOptions()
         staged: list[tuple[str, Upload | ApiError]] = []
         events = multipart_events(body_chunks(request.receive, self.pace), boundary)
@@ -466,7 +473,7 @@ class FacadeUploads:
                     raise ApiError(
                         413, "too_many_files", f"a batch may carry at most {self.settings.max_batch_files} files"
                     )
-                item = await self._stage_file(start, events, options)
+                item = await self._stage_file(start, events, options, requester)
                 staged.append((start.filename, item))
                 total += item.offset if isinstance(item, Upload) else 0
                 if total > max_bytes:
@@ -490,7 +497,7 @@ class FacadeUploads:
                 return _failed(name, item.code, item.message)
             async with limit:
                 # The whole form arrived: each file ends where it stands and is completed.
-                upload = (await append(self.ctx, item.id, NoBody(), ClosingRules())).upload
+                upload = (await append(self.ctx, item.id, NoBody(), ClosingRules(), requester)).upload
                 outcome = await self._outcome(upload)
             if outcome.status == "completed" and outcome.file is not None:
                 info = file_json(outcome.file)
@@ -512,13 +519,13 @@ class FacadeUploads:
         return JSONResponse(models.dump(models.BatchResult(results=results, summary=summary)), status_code=207)
 
     async def _stage_file(
-        self, start: FileStart, events: AsyncIterator[Event], options: FormOptions
+        self, start: FileStart, events: AsyncIterator[Event], options: FormOptions, requester: Requester
     ) -> Upload | ApiError:
         """One file of a batch, staged as an upload of open length; a refused file (too large, a type
         not accepted) is skipped to its end and its refusal returned, so the other files go on."""
         part = FilePart(events)
         rules = FacadeRules(self, start, options, part, offset=None, total=None, resumable=False, batch=True)
-        upload = await self._new_upload(new_upload_id(), None, start, options)
+        upload = await self._new_upload(new_upload_id(), None, start, options, requester)
         try:
             return (await create(self.ctx, upload, part, rules)).upload
         except (FileTooLarge, UploadRefused) as refused:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from tusingest.auth import Identity, is_owner_or_admin
 from tusingest.elements.backend import BackendError
 from tusingest.elements.pool import ElementPool, ElementUnavailable
 from tusingest.finalise.naming import sidecar_key
@@ -67,7 +68,8 @@ class DeleteSagaData(SagaData):
     storage_filename: str = ""
     original_filename: str = ""
     size_bytes: int = 0
-    actor: str = "anonymous"
+    actor: str = "anonymous"  # the subject of the token that asked for the delete
+    owner_id: str | None = None  # the file's created_by_id: who else may join this delete
     requested_at: str = ""  # ISO 8601, UTC
 
     @classmethod
@@ -80,6 +82,7 @@ class DeleteSagaData(SagaData):
             original_filename=record.original_filename,
             size_bytes=record.size_bytes,
             actor=actor,
+            owner_id=record.created_by_id,
             requested_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         )
 
@@ -113,18 +116,24 @@ class DeleteSagas:
         self.failpoints = failpoints or Failpoints()
         self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
-    async def delete(self, file_id: str, *, actor: str, wait: float) -> DeleteOutcome:
+    async def delete(self, file_id: str, *, actor: Identity, wait: float) -> DeleteOutcome:
         """Delete the file (or join the delete already under way) and wait up to ``wait`` seconds for the outcome.
 
         Raises a ``Refused`` when the file cannot be deleted. A file deleted before answers "deleted" again.
+        Only the file's creator or an admin may (invariant 7): anyone else is told it does not exist.
         """
         latest = await self.store.latest_saga(KIND, file_id)
+        owner_before = DeleteSagaData.from_data(latest.data).owner_id if latest is not None else None
         if latest is not None and not latest.state.is_finished:
+            if not is_owner_or_admin(actor, owner_before):
+                raise FileNotFound(file_id)
             return await self._wait(latest, wait)
         record = await self.store.get_file(file_id)
         if record is None:
-            if latest is not None and latest.state is SagaState.COMPLETED:
+            if latest is not None and latest.state is SagaState.COMPLETED and is_owner_or_admin(actor, owner_before):
                 return DeleteOutcome("deleted")
+            raise FileNotFound(file_id)
+        if not is_owner_or_admin(actor, record.created_by_id):
             raise FileNotFound(file_id)
         await self._refuse_if_moving(file_id)
         try:
@@ -134,7 +143,7 @@ class DeleteSagas:
         if not element.mode.allows_delete:
             raise FileInReadonlyStorage(file_id, element.element_id, element.mode.value)
         try:
-            saga, _ = await self.runner.start(file_id, DeleteSagaData.of(record, actor))
+            saga, _ = await self.runner.start(file_id, DeleteSagaData.of(record, actor.subject))
         except DuplicateSaga:
             # Another request (here or on another node) started the same delete a moment ago: join it.
             existing = await self.store.latest_saga(KIND, file_id)

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 import brotli
 from pydantic import Field
 
+from tusingest.auth import Identity, is_owner_or_admin
 from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound
 from tusingest.elements.pool import ElementPool, ElementUnavailable
 from tusingest.finalise.compression import open_decompressor
@@ -157,13 +158,16 @@ class TransferSagas:
         self._slots = asyncio.Semaphore(max_concurrent)
         self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
-    async def start(self, file_id: str, *, destination_id: str, delete_source: bool, verify_checksum: bool) -> Saga:
+    async def start(
+        self, file_id: str, *, actor: Identity, destination_id: str, delete_source: bool, verify_checksum: bool
+    ) -> Saga:
         """Check the request, record the saga and start it here; the saga id is the transfer id.
 
-        Raises a ``Refused`` when the transfer cannot be made.
+        Raises a ``Refused`` when the transfer cannot be made. Only the file's creator or an admin
+        may move it (invariant 7): anyone else is told it does not exist.
         """
         record = await self.store.get_file(file_id)
-        if record is None:
+        if record is None or not is_owner_or_admin(actor, record.created_by_id):
             raise FileNotFound(file_id)
         deleting = await self.store.latest_saga("delete", file_id)
         if deleting is not None and not deleting.state.is_finished:

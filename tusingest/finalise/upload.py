@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel
 
+from tusingest.auth import ANONYMOUS_SUBJECT
 from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectRefused
 from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.finalise.clamd import ClamdScanner, ScannerUnavailable
@@ -213,7 +214,7 @@ class UploadSagas:
         created_at = datetime.now(UTC)
         file_id = str(uuid.uuid4())
         filename = metadata.get("filename") or metadata.get("name") or f"{upload.id}.bin"
-        username = metadata.get("username") or self.settings.default_username
+        user_id, username = self._creator(upload, metadata)
         name = stored_name(filename, username, created_at, file_id)
         data = UploadSagaData(
             upload_id=upload.id,
@@ -221,7 +222,7 @@ class UploadSagas:
             length=upload.length,
             filename=filename,
             username=username,
-            user_id=metadata.get("user_id"),
+            user_id=user_id,
             retention_policy=metadata.get("retention_policy") or None,
             description=metadata.get("description") or None,
             metadata=metadata,
@@ -231,6 +232,14 @@ class UploadSagas:
         )
         with contextlib.suppress(DuplicateSaga):  # another request or node began it a moment ago
             await self.runner.start(upload.id, data)
+
+    def _creator(self, upload: Upload, metadata: Mapping[str, str]) -> tuple[str | None, str]:
+        """Who the file is registered as created by: the upload's owner (the token's subject and
+        name), never what the metadata claims. With no authentication (the anonymous owner) nobody
+        vouches for a name, so the metadata's username and user_id are kept as the client sent them."""
+        if upload.owner_id is not None and upload.owner_id != ANONYMOUS_SUBJECT:
+            return upload.owner_id, upload.owner_name or upload.owner_id
+        return metadata.get("user_id"), metadata.get("username") or self.settings.default_username
 
     async def wait(self, upload_id: str, timeout: float, poll: float = 0.2) -> UploadOutcome | None:
         """The upload's settled outcome, waiting at most ``timeout`` seconds; None while it is still

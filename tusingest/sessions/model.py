@@ -72,6 +72,10 @@ class Upload:
     # cleared once the completion hook has durably taken the upload over. While set, completion is
     # owed: recovery on any node runs it (a crash between the two can never strand the upload).
     completion_pending: bool = False
+    # Who created it (the token's subject) and their display name (the token's name). Only they or an
+    # admin may touch it (invariant 7); None on uploads made before owners were recorded: admin only.
+    owner_id: str | None = None
+    owner_name: str | None = None
 
     @property
     def is_complete(self) -> bool:

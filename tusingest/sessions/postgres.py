@@ -16,7 +16,7 @@ from tusingest.sessions.store import StoreError
 
 _COLUMNS = (
     "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at, "
-    "completion_pending"
+    "completion_pending, owner_id, owner_name"
 )
 
 
@@ -33,6 +33,8 @@ def _row_to_upload(row: asyncpg.Record) -> Upload:
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
         completion_pending=row["completion_pending"],
+        owner_id=row["owner_id"],
+        owner_name=row["owner_name"],
     )
 
 
@@ -44,7 +46,7 @@ class PostgresSessionStore(PostgresDatabase):
         upload = upload.as_stored()
         try:
             await self.pool.execute(
-                f"INSERT INTO uploads ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                f"INSERT INTO uploads ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                 upload.id,
                 upload.length,
                 upload.offset,
@@ -56,6 +58,8 @@ class PostgresSessionStore(PostgresDatabase):
                 upload.updated_at,
                 upload.expires_at,
                 upload.completion_pending,
+                upload.owner_id,
+                upload.owner_name,
             )
         except asyncpg.UniqueViolationError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc

@@ -18,7 +18,7 @@ from tusingest.sessions.store import StoreError
 
 _COLUMNS = (
     "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at, "
-    "completion_pending"
+    "completion_pending, owner_id, owner_name"
 )
 # The commit that reaches the length completes the upload in the same statement (see SessionStore.commit_offset).
 _COMPLETES = (
@@ -33,7 +33,7 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def _row_to_upload(row: sqlite3.Row | tuple[object, ...]) -> Upload:
-    (id_, length, offset, metadata, state, kind, parts, created, updated, expires, pending) = tuple(row)
+    (id_, length, offset, metadata, state, kind, parts, created, updated, expires, pending, owner, name) = tuple(row)
     return Upload(
         id=str(id_),
         length=None if length is None else int(str(length)),
@@ -46,6 +46,8 @@ def _row_to_upload(row: sqlite3.Row | tuple[object, ...]) -> Upload:
         updated_at=datetime.fromisoformat(str(updated)),
         expires_at=None if expires is None else datetime.fromisoformat(str(expires)),
         completion_pending=bool(pending),
+        owner_id=None if owner is None else str(owner),
+        owner_name=None if name is None else str(name),
     )
 
 
@@ -106,10 +108,12 @@ class SQLiteSessionStore:
             _ts(upload.updated_at),
             _ts(upload.expires_at),
             int(upload.completion_pending),
+            upload.owner_id,
+            upload.owner_name,
         )
 
         try:
-            await self._fetchone(f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", values)
+            await self._fetchone(f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
 

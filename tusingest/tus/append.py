@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from tusingest.sessions import Upload, UploadKind, UploadState
-from tusingest.tus.base import TusContext
+from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
 from tusingest.tus.errors import (
@@ -144,11 +144,12 @@ class Appended:
     completed: bool
 
 
-async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules) -> Appended:
-    """Append ``body`` to an existing upload at its offset; see the module docstring for the order."""
+async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules, requester: Requester) -> Appended:
+    """Append ``body`` to an existing upload at its offset; see the module docstring for the order.
+    Only the upload's owner or an admin may (``TusContext.load``): anyone else gets 404."""
     interrupt = Interrupt()
     async with ctx.locker.lock(upload_id, on_release_request=interrupt.fire, timeout=ctx.options.lock_timeout):
-        upload = await ctx.load(upload_id)
+        upload = await ctx.load(upload_id, requester)
         was_complete = upload.state is UploadState.COMPLETE
         upload = await rules.admit(ctx, upload)
         if rules.offset is not None and rules.offset != upload.offset:

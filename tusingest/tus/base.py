@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
@@ -93,6 +93,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class Requester:
+    """Who sends a request, as far as uploads care: the subject that owns what it creates (and its
+    display name), and whether it may touch anyone's upload. The tus layer knows nothing of tokens:
+    app.py's authentication puts one in the request scope's state (``REQUESTER``)."""
+
+    subject: str
+    name: str = ""
+    admin: bool = False
+
+    def may_touch(self, upload: Upload) -> bool:
+        """Invariant 7: an upload is its owner's or an admin's (one made before owners: admin only)."""
+        return self.admin or (bool(self.subject) and upload.owner_id == self.subject)
+
+    def owning(self, upload: Upload) -> Upload:
+        """``upload`` recorded as this requester's."""
+        return upload.evolve(owner_id=self.subject, owner_name=self.name or self.subject)
+
+
+REQUESTER = "requester"  # the key of the Requester in the request scope's state
+# No requester in the scope (a route the authentication did not see): owns nothing, may touch nothing.
+NOBODY = Requester(subject="")
+
+
+def requester_of(connection: HTTPConnection) -> Requester:
+    found = connection.scope.get("state", {}).get(REQUESTER)
+    return found if isinstance(found, Requester) else NOBODY
+
+
+@dataclass(frozen=True, slots=True)
 class TusOptions:
     base_path: str = "/files/"
     max_size: int = 5 << 30
@@ -119,10 +148,12 @@ class TusContext:
             return None
         return now + self.options.ttl
 
-    async def load(self, upload_id: str) -> Upload:
-        """The upload, or the error a client gets for it: 404 unknown, 410 terminated/expired."""
+    async def load(self, upload_id: str, requester: Requester) -> Upload:
+        """The upload, or the error a client gets for it: 404 unknown or not the requester's to
+        touch (so ids cannot be probed: the same answer, before its state says anything), 410
+        terminated/expired. Every request on an existing upload passes here (invariant 7)."""
         upload = await self.store.get(upload_id)
-        if upload is None:
+        if upload is None or not requester.may_touch(upload):
             raise UploadNotFound()
         if upload.state is UploadState.TERMINATED:
             raise UploadGone("upload was terminated")
@@ -150,13 +181,13 @@ class TusContext:
             raise UploadGone("upload changed while receiving; its state was kept")
         return committed
 
-    async def terminate(self, upload_id: str) -> None:
+    async def terminate(self, upload_id: str, requester: Requester) -> None:
         """Stop an upload for good and free its staged bytes (tus termination, draft cancellation).
 
         Takes the lock like any writer, so a running PATCH is asked to commit and let go first.
         """
         async with self.locker.lock(upload_id, timeout=self.options.lock_timeout):
-            upload = await self.load(upload_id)
+            upload = await self.load(upload_id, requester)
             if upload.completion_pending or (
                 upload.state is UploadState.COMPLETE and not await self.hooks.settled(upload)
             ):

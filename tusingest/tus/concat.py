@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.model import is_upload_id, new_upload_id, utcnow
-from tusingest.tus.base import TusContext, expires_header, partials_complete, tus_headers
+from tusingest.tus.base import TusContext, expires_header, partials_complete, requester_of, tus_headers
 from tusingest.tus.errors import BadRequest, TooLarge
 
 MAX_PARTS = 1000  # far above what a client splits a file into; bounds the lookup
@@ -104,10 +104,12 @@ async def create_final(ctx: TusContext, request: Request, concat: FinalConcat, m
         if not same_origin(url, own):
             raise BadRequest(f"Upload-Concat: {url} is not an upload of this server")
     partials = await ctx.store.get_many(list(dict.fromkeys(concat.parts)))
+    requester = requester_of(request)
     now = utcnow()
     for part_id, url in zip(concat.parts, concat.urls, strict=True):
         part = partials.get(part_id)
-        if part is None:
+        # Somebody else's partial is answered as an unknown one: a final folds only its creator's.
+        if part is None or not requester.may_touch(part):
             raise BadRequest(f"Upload-Concat: {url} is not a known upload")
         if part.kind is not UploadKind.PARTIAL:
             raise BadRequest(f"Upload-Concat: {url} is not a partial upload (create it with Upload-Concat: partial)")
@@ -133,6 +135,7 @@ async def create_final(ctx: TusContext, request: Request, concat: FinalConcat, m
         updated_at=now,
         expires_at=ctx.expires_at(now),
     )
+    final = requester.owning(final)
     await ctx.store.create(final)
     extra: dict[str, str] = {}
     if complete:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tusingest.tus.base import TusContext, tus_headers
+from tusingest.tus.base import TusContext, requester_of, tus_headers
 from tusingest.tus.errors import MethodNotAllowed
 
 
@@ -16,5 +16,5 @@ class DeleteHandler:
     async def handle(self, request: Request, upload_id: str) -> Response:
         if not self.ctx.options.has("termination"):
             raise MethodNotAllowed("termination is not enabled")
-        await self.ctx.terminate(upload_id)
+        await self.ctx.terminate(upload_id, requester_of(request))
         return Response(status_code=204, headers=tus_headers())

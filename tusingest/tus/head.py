@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tusingest.sessions import UploadKind, UploadState
-from tusingest.tus.base import TusContext, expires_header, tus_headers
+from tusingest.tus.base import TusContext, expires_header, requester_of, tus_headers
 from tusingest.tus.concat import upload_concat_header
 
 
@@ -25,7 +25,7 @@ class HeadHandler:
 
     async def handle(self, request: Request, upload_id: str) -> Response:
         async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
-            upload = await self.ctx.load(upload_id)
+            upload = await self.ctx.load(upload_id, requester_of(request))
             if upload.completion_pending:
                 # Owed since a crash: a client that sees the full offset sends nothing more, so this
                 # HEAD is its last chance to set the completion going (recovery would, later).

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.model import new_upload_id, utcnow
 from tusingest.tus.append import AppendRules, RequestBody, append, create
-from tusingest.tus.base import TusContext
+from tusingest.tus.base import TusContext, requester_of
 from tusingest.tus.body import BodyEnd
 from tusingest.tus.errors import (
     BadRequest,
@@ -161,6 +161,7 @@ class IetfPostHandler:
         upload = Upload(
             id=new_upload_id(), length=length, created_at=now, updated_at=now, expires_at=self.ctx.expires_at(now)
         )
+        upload = requester_of(request).owning(upload)
         rules = IetfRules(None, length, complete, limit=upload_limit(self.ctx), inspect=False)
         upload = (await create(self.ctx, upload, RequestBody(request.receive, options.body_pace), rules)).upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
@@ -181,7 +182,7 @@ class IetfHeadHandler:
 
     async def handle(self, request: Request, upload_id: str) -> Response:
         async with self.ctx.locker.lock(upload_id, timeout=self.ctx.options.lock_timeout):
-            upload = await self.ctx.load(upload_id)
+            upload = await self.ctx.load(upload_id, requester_of(request))
             if upload.completion_pending:
                 await self.ctx.hand_over(upload)  # owed since a crash, as in the tus HEAD
         if upload.kind is UploadKind.FINAL and upload.state is UploadState.ACTIVE and not upload.is_complete:
@@ -213,7 +214,8 @@ class IetfPatchHandler:
 
         length = _declared_length(request, complete, offset)
         rules = IetfRules(offset, length, complete, limit=upload_limit(self.ctx), content_length=content_length)
-        appended = await append(self.ctx, upload_id, RequestBody(request.receive, self.ctx.options.body_pace), rules)
+        body = RequestBody(request.receive, self.ctx.options.body_pace)
+        appended = await append(self.ctx, upload_id, body, rules, requester_of(request))
         upload = appended.upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
         headers = draft_headers() | {
@@ -232,7 +234,7 @@ class IetfDeleteHandler:
     async def handle(self, request: Request, upload_id: str) -> Response:
         if not self.ctx.options.has("termination"):
             raise MethodNotAllowed("termination is not enabled")
-        await self.ctx.terminate(upload_id)
+        await self.ctx.terminate(upload_id, requester_of(request))
         return Response(status_code=204, headers=draft_headers())
 
 

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.tus.append import AppendRules, RequestBody, append
-from tusingest.tus.base import TusContext, expires_header, tus_headers
+from tusingest.tus.base import TusContext, expires_header, requester_of, tus_headers
 from tusingest.tus.checksum import BodyChecksum, request_checksum
 from tusingest.tus.errors import BadRequest, Forbidden, TooLarge, UnsupportedMediaType, UploadGone
 from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_non_negative
@@ -37,7 +37,8 @@ class PatchHandler:
         new_length = parse_non_negative("Upload-Length", request.headers.get("upload-length"), required=False)
         content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
         rules = PatchRules(offset, new_length, content_length, request_checksum(request, self.ctx.options))
-        appended = await append(self.ctx, upload_id, RequestBody(request.receive, self.ctx.options.body_pace), rules)
+        body = RequestBody(request.receive, self.ctx.options.body_pace)
+        appended = await append(self.ctx, upload_id, body, rules, requester_of(request))
         upload = appended.upload
         # The lock is free again: a HEAD answers at once while the completion runs.
         if appended.completed:

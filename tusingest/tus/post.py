@@ -12,7 +12,7 @@ from starlette.responses import Response
 from tusingest.sessions import Upload, UploadKind
 from tusingest.sessions.model import new_upload_id, utcnow
 from tusingest.tus.append import AppendRules, RequestBody, create
-from tusingest.tus.base import TusContext, expires_header, tus_headers
+from tusingest.tus.base import TusContext, expires_header, requester_of, tus_headers
 from tusingest.tus.checksum import request_checksum
 from tusingest.tus.concat import FinalConcat, create_final, parse_upload_concat
 from tusingest.tus.errors import BadRequest, MethodNotAllowed, TooLarge, UnsupportedMediaType
@@ -60,6 +60,7 @@ class PostHandler:
             updated_at=now,
             expires_at=self.ctx.expires_at(now),
         )
+        upload = requester_of(request).owning(upload)
         # Creation-with-upload takes the bytes the start inspector would want before the row exists;
         # the first PATCH inspects them (it reads back what is staged).
         rules = AppendRules(content_length=content_length, checksum=checksum, inspect=False)

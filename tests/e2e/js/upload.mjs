@@ -138,6 +138,7 @@ if (tus && spec) {
       emit(result, 0)
     },
   }
+  if (spec.headers) options.headers = spec.headers // e.g. Authorization: Bearer <token>
   if (spec.chunkSize != null) options.chunkSize = spec.chunkSize
   if (spec.uploadUrl) options.uploadUrl = spec.uploadUrl
   if (spec.urlStorage) {

@@ -50,9 +50,9 @@ async def test_the_background_task_expires_idle_uploads(start_server: ServerFact
     server = await start_server(upload_session_ttl_hours=0.0002, upload_session_cleanup_interval_hours=0.0001)
     upload_id = await create_with_bytes(server)
 
-    async def state() -> UploadState | None:
+    async def state_and_staging() -> tuple[UploadState | None, list[str]]:
         upload = await server.parts.store.get(upload_id)
-        return None if upload is None else upload.state
+        return (None if upload is None else upload.state), await server.parts.staging.list_upload_ids()
 
-    await eventually(state, lambda s: s is UploadState.EXPIRED, timeout=15)
-    assert await server.parts.staging.list_upload_ids() == []
+    # The sweep marks the upload EXPIRED, then removes its bytes: wait for both, not only the first.
+    await eventually(state_and_staging, lambda seen: seen == (UploadState.EXPIRED, []), timeout=15)

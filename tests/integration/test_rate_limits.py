@@ -1,8 +1,8 @@
 """Rate limits on a live server (tusingest/api/limits.py): creations per address and per subject,
 writes at once per subject, and the byte budget, in process memory and in a private Redis.
 
-Until an auth middleware stores an identity, the client address is the subject; the per-subject
-test stands in for auth with a wrapper that stores ``scope["state"]["identity"]`` from a header.
+Without a token the caller is the anonymous identity, so the per-address limits are what tell
+callers apart; the per-subject test signs real tokens for two subjects.
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tests.fixtures.jwt import rsa_key, token, write_pem
 from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.server import OCTETS, TUS, LiveServer, base_settings, live_server
 
@@ -33,11 +31,9 @@ def limit_storage(request: pytest.FixtureRequest) -> str | None:
 
 
 @asynccontextmanager
-async def limited_server(
-    tmp_path: Path, wrap: Callable[[Starlette], ASGIApp] | None = None, **limits: object
-) -> AsyncIterator[LiveServer]:
+async def limited_server(tmp_path: Path, **limits: object) -> AsyncIterator[LiveServer]:
     settings = base_settings(tmp_path, f"sqlite:///{tmp_path / 'sessions.db'}", **limits)
-    async with live_server(settings, wrap=wrap) as server:
+    async with live_server(settings) as server:
         yield server
 
 
@@ -88,33 +84,19 @@ async def test_facade_creations_beyond_the_limit_get_a_json_429(tmp_path: Path) 
         assert "Tus-Resumable" not in refused.headers
 
 
-@dataclass(frozen=True)
-class StandInIdentity:
-    subject: str
-
-
-def identity_from_header(app: Starlette) -> ASGIApp:
-    """Stands in for the auth middleware: the subject named by X-Test-Subject, as it stores it."""
-
-    async def with_identity(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            subject = dict(scope["headers"]).get(b"x-test-subject", b"nobody").decode()
-            scope.setdefault("state", {})["identity"] = StandInIdentity(subject)
-        await app(scope, receive, send)
-
-    return with_identity
-
-
 async def test_creations_are_limited_per_subject_not_per_connection(tmp_path: Path) -> None:
+    # Real tokens through the real auth middleware: the limit follows the token's subject.
+    keys = write_pem(tmp_path / "jwt-public.pem", rsa_key())
+    alice, bob = ({"Authorization": f"Bearer {token(rsa_key(), sub=name)}"} for name in ("alice", "bob"))
     async with (
-        limited_server(tmp_path, identity_from_header, rate_limit_creations_per_minute=1) as server,
+        limited_server(tmp_path, rate_limit_creations_per_minute=1, jwt_public_key_path=str(keys)) as server,
         server.client() as client,
     ):
-        assert (await create(client, server, **{"X-Test-Subject": "alice"})).status_code == 201
-        refused = await create(client, server, **{"X-Test-Subject": "alice"})
+        assert (await create(client, server, **alice)).status_code == 201
+        refused = await create(client, server, **alice)
         assert_retry_after(refused, at_most=60)
         assert "by this caller" in refused.text
-        assert (await create(client, server, **{"X-Test-Subject": "bob"})).status_code == 201
+        assert (await create(client, server, **bob)).status_code == 201
 
 
 async def test_a_second_concurrent_write_gets_429_and_the_tus_client_resumes_after_it(

@@ -8,11 +8,8 @@ as exactly one registered file with its attr.json, and nothing is left in stagin
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import asyncpg
@@ -21,8 +18,9 @@ import pytest
 
 from tests.e2e.test_saga_recovery import serving
 from tests.e2e.test_serve_cli import clean_env, free_port
-from tests.fixtures.rawhttp import eventually, open_request
+from tests.fixtures.rawhttp import eventually
 from tests.fixtures.server import OCTETS, TUS
+from tests.fixtures.tusnode import create_upload, kill, send_whole_patch
 from tusingest.app import open_database
 from tusingest.saga import SagaState
 from tusingest.sessions import SessionStore, Upload, UploadState
@@ -39,29 +37,6 @@ def node_env(tmp_path: Path, database_url: str, **values: str) -> dict[str, str]
         "LOCK_TIMEOUT_SECONDS": "1",  # also recovery's grace for a completion owed: short here
     }
     return clean_env(**(defaults | values))
-
-
-async def create(port: int, length: int) -> str:
-    async with httpx.AsyncClient() as client:
-        created = await client.post(
-            f"http://127.0.0.1:{port}/files/",
-            headers=TUS | {"Upload-Length": str(length), "Upload-Metadata": "filename b3dlZC5iaW4="},
-        )
-    assert created.status_code == 201, created.text
-    return created.headers["Location"]
-
-
-async def send_whole_body(url: str, payload: bytes) -> asyncio.StreamWriter:
-    headers = TUS | {"Upload-Offset": "0", "Content-Type": OCTETS, "Content-Length": str(len(payload))}
-    _, writer = await open_request(url, "PATCH", headers)
-    writer.write(payload)
-    await writer.drain()
-    return writer
-
-
-async def kill(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGKILL)
-    await asyncio.to_thread(process.wait, 10)
 
 
 async def owed_without_saga(store: SessionStore, database_url: str, upload_id: str) -> Upload:
@@ -122,9 +97,9 @@ async def strand_at_failpoint(
     """Upload ``payload`` whole to a node that pauses at the failpoint ``completed`` (its last byte
     committed, no saga yet), and SIGKILL it there; returns the upload's URL."""
     async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "completed=pause"}, port) as node:
-        url = await create(port, len(payload))
+        url = await create_upload(port, len(payload), metadata="filename b3dlZC5iaW4=")
         upload_id = url.rsplit("/", 1)[1]
-        writer = await send_whole_body(url, payload)
+        writer = await send_whole_patch(url, payload)
 
         async def pending() -> bool:
             upload = await store.get(upload_id)
@@ -208,12 +183,12 @@ async def test_a_node_killed_while_its_completing_commit_waits_on_the_database_s
     watcher = await asyncpg.connect(postgres_url)
     try:
         async with serving(tmp_path, env, port) as first:
-            url = await create(port, len(payload))
+            url = await create_upload(port, len(payload), metadata="filename b3dlZC5iaW4=")
             upload_id = url.rsplit("/", 1)[1]
             holding = blocker.transaction()
             await holding.start()
             await blocker.execute("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE", upload_id)
-            writer = await send_whole_body(url, payload)
+            writer = await send_whole_patch(url, payload)
 
             async def commit_waiting() -> int:
                 # Not on `blocker`: inside its transaction pg_stat_activity is a snapshot taken once.

@@ -15,14 +15,13 @@ import os
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.e2e.test_saga_recovery import keys_in, serving
 from tests.e2e.test_serve_cli import clean_env, free_port
-from tests.fixtures.rawhttp import eventually, open_request
+from tests.fixtures.rawhttp import eventually
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
-from tests.fixtures.server import OCTETS, TUS
+from tests.fixtures.tusnode import create_upload, send_whole_patch
 from tusingest.app import open_database
 from tusingest.elements.directory import is_temp_name
 from tusingest.saga import SagaState
@@ -97,16 +96,9 @@ async def test_a_put_killed_midway_leaves_nothing_once_the_next_node_finishes_th
     await sagas.open()
     try:
         async with serving(tmp_path, env | {"SAGA_FAILPOINTS": "put_midway=pause"}, port) as first:
-            async with httpx.AsyncClient() as client:
-                created = await client.post(
-                    f"http://127.0.0.1:{port}/files/", headers=TUS | {"Upload-Length": str(len(payload))}
-                )
-            url = created.headers["Location"]
+            url = await create_upload(port, len(payload))
             upload_id = url.rsplit("/", 1)[1]
-            headers = TUS | {"Upload-Offset": "0", "Content-Type": OCTETS, "Content-Length": str(len(payload))}
-            _, writer = await open_request(url, "PATCH", headers)
-            writer.write(payload)
-            await writer.drain()
+            writer = await send_whole_patch(url, payload)
 
             # Half the object is on the element when the put stops at the failpoint; kill it there.
             async def left() -> list[str]:

@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from tests.e2e.test_serve_cli import clean_env, free_port, running
-from tests.fixtures.rawhttp import eventually, open_request
+from tests.fixtures.rawhttp import eventually
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tests.fixtures.server import OCTETS, TUS, ServerFactory
+from tests.fixtures.tusnode import create_upload, send_whole_patch
 from tests.integration.test_outbox import WebhookReceiver
 from tusingest.app import open_database
 from tusingest.saga import SagaState
@@ -86,17 +87,10 @@ async def test_a_saga_cut_off_by_sigkill_is_finished_by_the_next_node(
     await sagas.open()
     try:
         async with serving(tmp_path, env | {"SAGA_FAILPOINTS": f"{point}=pause"}, port) as first:
-            async with httpx.AsyncClient() as client:
-                created = await client.post(
-                    f"http://127.0.0.1:{port}/files/", headers=TUS | {"Upload-Length": str(len(payload))}
-                )
-            url = created.headers["Location"]
+            url = await create_upload(port, len(payload))
             upload_id = url.rsplit("/", 1)[1]
             # The final PATCH: its bytes are committed, then the saga stops at the failpoint.
-            headers = TUS | {"Upload-Offset": "0", "Content-Type": OCTETS, "Content-Length": str(len(payload))}
-            _, writer = await open_request(url, "PATCH", headers)
-            writer.write(payload)
-            await writer.drain()
+            writer = await send_whole_patch(url, payload)
 
             async def step() -> str | None:
                 saga = await sagas.latest_saga("upload", upload_id)

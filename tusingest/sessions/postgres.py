@@ -115,39 +115,29 @@ class PostgresSessionStore(PostgresDatabase):
             "UPDATE uploads SET state = $1 WHERE id = $2 AND state = $3", state.value, upload_id, only_from.value
         )
 
-    async def list_expired(self, now: datetime, limit: int = 500) -> list[Upload]:
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM uploads WHERE state = 'active' AND expires_at IS NOT NULL "
-            "AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
-            now,
-            limit,
-        )
+    async def _select(self, where: str, *params: object) -> list[Upload]:
+        rows = await self.pool.fetch(f"SELECT {_COLUMNS} FROM uploads WHERE {where}", *params)
         return [_row_to_upload(r) for r in rows]
+
+    async def list_expired(self, now: datetime, limit: int = 500) -> list[Upload]:
+        return await self._select(
+            "state = 'active' AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2", now, limit
+        )
 
     async def list_final_uploads_with_part(self, partial_id: str) -> list[Upload]:
         # `parts @> ARRAY[...]` rather than `= ANY(parts)`: the containment form can use the GIN index.
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM uploads WHERE kind = 'final' AND parts @> ARRAY[$1::text]", partial_id
-        )
-        return [_row_to_upload(r) for r in rows]
+        return await self._select("kind = 'final' AND parts @> ARRAY[$1::text]", partial_id)
 
     async def list_expired_partials(self, now: datetime, limit: int = 500) -> list[Upload]:
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM uploads WHERE state = 'complete' AND kind = 'partial' "
-            "AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        return await self._select(
+            "state = 'complete' AND kind = 'partial' AND expires_at IS NOT NULL AND expires_at <= $1 "
+            "ORDER BY expires_at LIMIT $2",
             now,
             limit,
         )
-        return [_row_to_upload(r) for r in rows]
 
     async def completion_taken_over(self, upload_id: str) -> None:
         await self.pool.execute("UPDATE uploads SET completion_pending = false WHERE id = $1", upload_id)
 
     async def list_completion_pending(self, before: datetime, limit: int = 100) -> list[Upload]:
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM uploads WHERE completion_pending AND updated_at <= $1 "
-            "ORDER BY updated_at LIMIT $2",
-            before,
-            limit,
-        )
-        return [_row_to_upload(r) for r in rows]
+        return await self._select("completion_pending AND updated_at <= $1 ORDER BY updated_at LIMIT $2", before, limit)

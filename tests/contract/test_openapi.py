@@ -25,6 +25,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.routing import BaseRoute, Mount, Route
 
+from tests.fixtures.jwt import rsa_key, token
 from tests.fixtures.server import LiveServer, ServerFactory, base_settings
 from tusingest.api.models import TransferRequest
 from tusingest.api.openapi import ApiRoute, Operation, UndocumentedRoute, openapi_document
@@ -83,8 +84,9 @@ def app_document(tmp_path: Path, sqlite_url: str) -> dict[str, Any]:
     return openapi_document(build_app(base_settings(tmp_path, sqlite_url)).routes)
 
 
-def exercise(base_url: str, document: dict[str, Any]) -> list[str]:
-    """Run every documented operation against the server; one report per operation that broke the contract."""
+def exercise(base_url: str, document: dict[str, Any], headers: dict[str, str] | None = None) -> list[str]:
+    """Run every documented operation against the server (each request with ``headers``); one report per
+    operation that broke the contract."""
     schema = schemathesis.openapi.from_dict(document)
     reports: list[str] = []
     with requests.Session() as session:
@@ -97,7 +99,7 @@ def exercise(base_url: str, document: dict[str, Any]) -> list[str]:
             @EXAMPLES
             @hypothesis.given(case=operation.as_strategy())
             def call(case: Case[Any]) -> None:
-                response = case.call(base_url=base_url, session=session, timeout=10)
+                response = case.call(base_url=base_url, session=session, timeout=10, headers=headers)
                 case.validate_response(response, checks=CHECKS)
 
             try:
@@ -159,6 +161,36 @@ async def test_live_app_answers_every_operation_as_documented(
 
     if reports:
         pytest.fail("\n\n".join(reports), pytrace=False)
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [None, {"sub": "alice", "role": "USER"}, {"sub": "reader", "role": "READONLY"}, {"sub": "root", "role": "ADMIN"}],
+    ids=["no-token", "user", "readonly", "admin"],
+)
+async def test_a_server_with_a_key_answers_every_operation_as_documented_with_and_without_a_token(
+    keyed_server: LiveServer, tmp_path: Path, sqlite_url: str, identity: dict[str, str] | None
+) -> None:
+    headers = None if identity is None else {"Authorization": f"Bearer {token(rsa_key(), **identity)}"}
+
+    reports = await asyncio.to_thread(exercise, keyed_server.url, app_document(tmp_path, sqlite_url), headers)
+
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
+    if identity is None:  # and the guard really stood in front of every operation
+        async with keyed_server.client() as client:
+            refused = await client.delete("/api/files/0123456789abcdef0123456789abcdef")
+        assert (refused.status_code, refused.json()["error"]) == (401, "invalid_token")
+
+
+def test_the_document_says_every_operation_wants_a_bearer_token(tmp_path: Path, sqlite_url: str) -> None:
+    document = app_document(tmp_path, sqlite_url)
+
+    assert document["security"] == [{"bearerAuth": []}]
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert {"401", "403", "429"} <= set(operation["responses"]), f"{method.upper()} {path}"
 
 
 async def _endpoint(request: Any) -> Any:

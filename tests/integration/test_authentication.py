@@ -9,9 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.jwt import rsa_key, token, unsigned_token
-from tests.fixtures.server import OCTETS, TUS, LiveServer
-from tests.integration.test_finalise import upload
+from tests.fixtures.jwt import rsa_key, token, unsigned_token, write_pem
+from tests.fixtures.rawhttp import eventually
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
+from tests.integration.test_delete import directory_element
+from tests.integration.test_finalise import element_file, upload
 from tusingest.sessions import UploadState
 
 ALICE = {"sub": "alice", "name": "Alice", "role": "USER", "scope": "files:transfer"}
@@ -251,6 +253,34 @@ async def test_another_users_transfer_of_a_file_is_404_and_starts_nothing(server
         own = await http.post(f"/api/files/{file_id}/transfer", json=body)
     # The owner gets past the ownership check, to the next refusal: there is no such element.
     assert own.status_code == 400 and own.json()["error"] == "unknown_storage_element", own.text
+
+
+async def test_another_users_transfer_status_is_404_and_the_owner_and_an_admin_see_it(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    elements = [
+        directory_element(tmp_path, "se-1", "edit") | {"priority": 1},
+        directory_element(tmp_path, "se-2", "edit"),
+    ]
+    server = await start_server(
+        jwt_public_key_path=str(write_pem(tmp_path / "jwt-public.pem", rsa_key())),
+        service_discovery_fallback_config=element_file(tmp_path, *elements),
+    )
+    file_id = await alices_file(server)
+    async with client(server, **ALICE) as http:
+        accepted = await http.post(f"/api/files/{file_id}/transfer", json={"destination_storage_element_id": "se-2"})
+    assert accepted.status_code == 202, accepted.text
+    status_url = f"/api/files/transfer/{accepted.json()['transfer_id']}"
+
+    async with client(server, **BOB) as http:
+        probed = await http.get(status_url)
+    assert (probed.status_code, probed.json()["error"]) == (404, "transfer_not_found")
+    async with client(server, **ALICE) as http:
+        own = await eventually(lambda: http.get(status_url), lambda r: r.json().get("status") == "completed")
+    assert own.status_code == 200
+    async with client(server, **ADMIN) as http:
+        seen = await http.get(status_url)
+    assert seen.status_code == 200 and seen.json()["destination_storage_element_id"] == "se-2", seen.text
 
 
 async def test_an_admin_may_delete_anyones_file_and_is_the_recorded_actor(server: LiveServer) -> None:

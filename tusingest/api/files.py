@@ -130,7 +130,8 @@ class FilesApi:
     async def transfer_status(self, request: Request) -> Response:
         transfer_id = request.path_params["transfer_id"]
         # Transfer ids are saga ids, made like upload ids (saga.records.new_saga_id).
-        saga = await self.transfers.get(transfer_id) if is_upload_id(transfer_id) else None
+        actor = identity_in(request.scope.get("state", {}))
+        saga = await self.transfers.get(transfer_id, actor) if is_upload_id(transfer_id) else None
         if saga is None:
             raise ApiError(404, "transfer_not_found", f"no transfer {transfer_id}")
         return JSONResponse(models.dump(models.TransferStatus.model_validate(transfer_json(saga))))

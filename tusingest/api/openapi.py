@@ -26,6 +26,15 @@ from tusingest.api.models import ErrorBody
 TITLE = "tusingest — ArtStore Ingester API"
 API_PREFIX = "/api/"
 _PATH_PARAMETER = re.compile(r"\{(\w+)(?::\w+)?\}")
+# What any /api operation may answer before its handler runs: the authentication middleware (app.py) and
+# the rate limits (api/limits.py). An operation that declares one of these statuses itself keeps its own.
+GUARD_ERRORS: Mapping[int, str] = {
+    401: "invalid_token: no Bearer token, or one that is malformed, expired, not yet valid or badly signed",
+    403: "insufficient_scope: the token's role and scopes do not allow the operation",
+    429: "rate_limited: too many creations, concurrent uploads or bytes per second; see Retry-After",
+    503: "auth_unavailable: the key set cannot be had right now; see Retry-After",
+}
+BEARER = "bearerAuth"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +61,7 @@ class Operation:
         for _, model in self.responses.values():
             if model is not None:
                 yield model, "serialization"
-        if self.errors:
-            yield ErrorBody, "serialization"
+        yield ErrorBody, "serialization"  # the guards' refusals (GUARD_ERRORS), at the least
 
     def render(self) -> dict[str, Any]:
         rendered: dict[str, Any] = {"operationId": self.operation_id, "tags": [self.tag], "summary": self.summary}
@@ -67,9 +75,9 @@ class Operation:
         responses: dict[str, Any] = {}
         for status, (description, model) in self.responses.items():
             responses[str(status)] = {"description": description} if model is None else _json(description, model)
-        for status, description in self.errors.items():
+        for status, description in {**GUARD_ERRORS, **self.errors}.items():
             responses[str(status)] = _json(description, ErrorBody)
-        rendered["responses"] = responses
+        rendered["responses"] = dict(sorted(responses.items()))
         return rendered
 
 
@@ -155,7 +163,20 @@ def openapi_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
             {"name": "transfers", "description": "moving files between Storage Elements"},
         ],
         "paths": paths,
-        "components": {"schemas": _components(documented)},
+        # Every operation wants the token (without a key configured the server serves anonymous callers on
+        # loopback only, and ignores the header).
+        "security": [{BEARER: []}],
+        "components": {
+            "schemas": _components(documented),
+            "securitySchemes": {
+                BEARER: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "an ArtStore token: RS256 or ES256 (HS256 in development)",
+                }
+            },
+        },
     }
 
 

@@ -121,6 +121,7 @@ class TransferSagaData(SagaData):
     size: int = 0  # original size: what the verified copy decompresses to
     sha256: str = ""
     content_encoding: str | None = None
+    requested_by: str | None = None  # the token subject that asked for the move: who may see its status
     started_at: str | None = None  # ISO 8601, UTC
     completed_at: str | None = None
     # "server_side" or "streamed", once copied; kept under "copy", which is a BaseModel method's name
@@ -201,6 +202,7 @@ class TransferSagas:
             size=record.size_bytes,
             sha256=record.sha256,
             content_encoding=record.content_encoding,
+            requested_by=actor.subject,
         )
         try:
             saga, _ = await self.runner.start(file_id, data)
@@ -215,9 +217,13 @@ class TransferSagas:
     async def close(self) -> None:
         await self.runner.close()
 
-    async def get(self, transfer_id: str) -> Saga | None:
+    async def get(self, transfer_id: str, actor: Identity) -> Saga | None:
+        """The transfer, if ``actor`` asked for it or is an admin (invariant 7): None for anyone else,
+        so transfer ids cannot be probed."""
         saga = await self.store.get_saga(transfer_id)
-        return saga if saga is not None and saga.kind == KIND else None
+        if saga is None or saga.kind != KIND:
+            return None
+        return saga if is_owner_or_admin(actor, TransferSagaData.from_data(saga.data).requested_by) else None
 
     # -- the saga ----------------------------------------------------------------------------
 

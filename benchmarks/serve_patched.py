@@ -28,6 +28,10 @@ Patches (comma-separated):
 ``post1``
     creation-with-upload writes the upload row once, already COMPLETE when the body is the whole upload, instead of
     INSERT, then UPDATE (mark complete), then SELECT: one database round trip instead of three.
+``plainhooks``
+    The tus path only: the finaliser is swapped for ``tusingest.tus.PlainHooks``, so a complete upload is only
+    marked complete (no hashing, no placing, no registration). What ``benchmarks/compare.py`` calls "tus path";
+    a benchmark-only launcher, never a production setting.
 ``postfast``
     ``post1`` plus: the body of a creation-with-upload (at most the write buffer, 4 MiB) is gathered in memory and
     staged in one worker-thread call (mkdir, open, write, fsync file, fsync directory, fsync parent, close) instead
@@ -260,6 +264,16 @@ def patch_postfast() -> None:
     PostHandler.handle = _post_handle(fast=True)  # type: ignore[method-assign]
 
 
+def patch_plainhooks() -> None:
+    import tusingest.api.finaliser as finaliser_module
+    from tusingest.tus import PlainHooks
+
+    def plain(sagas: Any, store: Any, policy: Any, **_: Any) -> PlainHooks:
+        return PlainHooks(store)
+
+    finaliser_module.FinaliserHooks = plain  # type: ignore[assignment,misc]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "recv1m": patch_recv1m,
     "sfr": patch_sfr,
@@ -269,6 +283,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "pool32": patch_pool32,
     "post1": patch_post1,
     "postfast": patch_postfast,
+    "plainhooks": patch_plainhooks,
 }
 
 

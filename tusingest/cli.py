@@ -300,6 +300,8 @@ def upload(
     from tusingest.client.uploader import UploadSettings
 
     try:
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint {endpoint!r} is not an http:// or https:// URL")
         settings = UploadSettings(
             endpoint=endpoint,
             chunk_size=parse_size(chunk_size),
@@ -310,17 +312,21 @@ def upload(
     except ValueError as exc:
         typer.echo(f"tusingest upload: {exc}", err=True)
         raise typer.Exit(2) from None
-    code = asyncio.run(
-        run(
-            paths,
-            settings,
-            include=include or [],
-            exclude=exclude or [],
-            jobs=jobs,
-            state_file=state_file,
-            json_lines=json_lines,
+    try:
+        code = asyncio.run(
+            run(
+                paths,
+                settings,
+                include=include or [],
+                exclude=exclude or [],
+                jobs=jobs,
+                state_file=state_file,
+                json_lines=json_lines,
+            )
         )
-    )
+    except KeyboardInterrupt:
+        typer.echo("tusingest upload: interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(code)
 
 

@@ -7,16 +7,20 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fixtures.jwt import rsa_key, token
+from tests.fixtures.rawhttp import eventually
 from tests.fixtures.server import LiveServer, base_settings, live_server
 
 TUSINGEST = [sys.executable, "-m", "tusingest", "upload"]
@@ -225,3 +229,70 @@ async def test_token_is_sent_as_bearer_and_without_one_the_upload_fails_clearly(
     assert stdout.startswith("ok ")
     assert refused_code == 1
     assert refused_out.startswith("FAILED ") and "401" in refused_out
+
+
+NODE_REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "node_reference"
+
+
+@pytest.fixture
+async def tus_node_server(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """@tus/server with @tus/file-store (``benchmarks/node_reference``, ``npm ci`` there; .ci/run does):
+    its files URL and its directory, where each upload's bytes are ``<id>``."""
+    if shutil.which("node") is None:
+        pytest.fail("node is not installed: the @tus/server test needs Node >= 20")
+    if not (NODE_REFERENCE / "node_modules" / "@tus" / "server").is_dir():
+        pytest.fail(f"@tus/server is not installed: run `npm ci` in {NODE_REFERENCE}")
+    directory = tmp_path / "tusnode"
+    directory.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = await asyncio.create_subprocess_exec(
+        "node", str(NODE_REFERENCE / "server.mjs"), "--host", "127.0.0.1", "--port", str(port),
+        env=env(STAGING_DIR=str(directory)), stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        async def ready() -> bool:
+            try:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(base + "/health/ready")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(ready, bool, timeout=30)
+        yield base + "/files/", directory
+    finally:
+        node.kill()
+        await node.wait()
+
+
+async def test_upload_to_tus_node_server_completes_and_resumes_after_sigkill(
+    tus_node_server: tuple[str, Path], tmp_path: Path
+) -> None:
+    endpoint, directory = tus_node_server
+    digests = write_files(tmp_path / "n", {"one.bin": 3 << 20, "two.bin": 200_001})
+    state = tmp_path / "state.json"
+    args = [str(tmp_path / "n"), "--endpoint", endpoint, "--chunk-size", str(CHUNK), "--state-file", str(state)]
+    first = await asyncio.create_subprocess_exec(
+        *TUSINGEST, *args, "--jobs", "1", "--json", stdout=asyncio.subprocess.PIPE, env=env()
+    )
+    assert first.stdout is not None
+    while True:  # the first file has some bytes on the server
+        event = json.loads(await asyncio.wait_for(first.stdout.readline(), timeout=60))
+        if event["event"] == "progress":
+            break
+    first.kill()
+    await first.wait()
+
+    code, stdout, _ = await run_upload(*args, "--json")
+
+    assert code == 0, stdout
+    completed = {event["path"]: event for event in events(stdout, "completed")}
+    assert {path: event["sha256"] for path, event in completed.items()} == digests
+    assert int(str(completed[str(tmp_path / "n" / "one.bin")]["resumed_from"])) > 0
+    for path, event in completed.items():
+        assert event["status"] == "completed" and event["file_id"] is None  # no ArtStore answer from @tus/server
+        stored = directory / str(event["url"]).rsplit("/", 1)[1]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == digests[path]

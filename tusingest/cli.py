@@ -286,6 +286,9 @@ def upload(
     ] = None,
     chunk_size: Annotated[str, typer.Option(help="Bytes per PATCH, e.g. 8MiB, 512KiB.")] = "8MiB",
     jobs: Annotated[int, typer.Option(min=1, help="Files uploaded at once.")] = 2,
+    parallel: Annotated[
+        int, typer.Option(min=1, help="Parts of one file sent at once (when the server offers concatenation).")
+    ] = 1,
     include: Annotated[list[str] | None, typer.Option(help="Glob a file in a folder must match (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of files in folders to skip (repeatable).")] = None,
     metadata: Annotated[list[str] | None, typer.Option(help="Upload-Metadata key=value (repeatable).")] = None,
@@ -308,6 +311,7 @@ def upload(
             token=token or None,
             metadata=parse_metadata(metadata or []),
             retries=retries,
+            parallel=parallel,
         )
     except ValueError as exc:
         typer.echo(f"tusingest upload: {exc}", err=True)

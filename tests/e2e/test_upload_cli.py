@@ -22,6 +22,7 @@ import pytest
 from tests.fixtures.jwt import rsa_key, token
 from tests.fixtures.rawhttp import eventually
 from tests.fixtures.server import LiveServer, base_settings, live_server
+from tusingest.sessions import UploadKind
 
 TUSINGEST = [sys.executable, "-m", "tusingest", "upload"]
 CHUNK = 128 << 10
@@ -229,6 +230,30 @@ async def test_token_is_sent_as_bearer_and_without_one_the_upload_fails_clearly(
     assert stdout.startswith("ok ")
     assert refused_code == 1
     assert refused_out.startswith("FAILED ") and "401" in refused_out
+
+
+async def test_parallel_parts_are_joined_by_concatenation_and_resume_after_sigkill(
+    sqlite_server: LiveServer, tmp_path: Path
+) -> None:
+    digests = write_files(tmp_path / "p", {"parts.bin": (4 << 20) + 3})
+    args = [str(tmp_path / "p"), "--endpoint", sqlite_server.files_url, "--chunk-size", str(CHUNK)]
+    args += ["--parallel", "3", "--state-file", str(tmp_path / "state.json"), "--json"]
+    first = await asyncio.create_subprocess_exec(*TUSINGEST, *args, stdout=asyncio.subprocess.PIPE, env=env())
+    assert first.stdout is not None
+    while json.loads(await asyncio.wait_for(first.stdout.readline(), timeout=60))["event"] != "progress":
+        pass
+    first.kill()
+    await first.wait()
+
+    code, stdout, _ = await run_upload(*args)
+
+    assert code == 0, stdout
+    (event,) = events(stdout, "completed")
+    assert event["sha256"] == next(iter(digests.values())) and event["file_id"]
+    assert int(str(event["resumed_from"])) > 0
+    final = await sqlite_server.parts.store.get(str(event["url"]).rsplit("/", 1)[1])
+    assert final is not None and final.kind is UploadKind.FINAL
+    assert await registered_sha256(sqlite_server, str(event["url"])) == event["sha256"]
 
 
 NODE_REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "node_reference"

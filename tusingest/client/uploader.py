@@ -14,6 +14,7 @@ import mimetypes
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +32,7 @@ ELEMENT_HEADER = "ArtStore-Storage-Element-Id"
 SHA256_HEADER = "ArtStore-Sha256"
 STATUS_HEADER = "ArtStore-Upload-Status"
 ERROR_HEADER = "ArtStore-Error"
+_PARTS = "parts:"  # a fingerprint's entry while the file is still sent as partial uploads
 MIN_CHUNK_SIZE = 64 << 10  # the smallest a chunk shrinks to on a line that keeps breaking
 # Statuses worth another attempt: the server or the way to it had a moment (a lock still held, a stale
 # offset after a dropped connection, a checksum spoilt on the way, too many requests).
@@ -46,6 +48,7 @@ class UploadSettings:
     retries: int = 8  # further attempts of one step (a HEAD and a PATCH) before the file fails
     backoff_seconds: float = 0.5  # the first retry waits up to this long, each next one up to twice as long
     backoff_max_seconds: float = 30.0
+    parallel: int = 1  # partial uploads of one file sent at once (concatenation), when the server offers it
     finalise_wait_seconds: float = 300.0  # how long to ask (HEAD) after the last byte while the server finalises
     request_timeout_seconds: float = 120.0
 
@@ -161,27 +164,41 @@ class Uploader:
         size = fingerprint.size
         if self.abilities.max_size is not None and size > self.abilities.max_size:
             raise Refused(f"the file is {size} bytes; the server takes at most {self.abilities.max_size}")
-        url, offset, answer = await self._resume_or_create(path, fingerprint)
-        result.url, result.resumed_from = url, offset
-        self.observer.started(path, size, url, offset)
-
+        known = await self.fingerprints.find(fingerprint)
         fd = os.open(path, os.O_RDONLY)
         try:
-            hashed = _Sha256(fd)
-            length = self.settings.chunk_size
-            while offset < size:
-                offset, length, answer = await self._send_chunk(fd, url, offset, size, length, result)
-                await hashed.through(offset)
-                self.observer.advanced(path, offset, size)
+            parts = self._parts_for(size)
+            if (known is None and parts > 1) or (known is not None and known.startswith(_PARTS)):
+                url, answer = await self._send_in_parts(path, fingerprint, fd, known, parts, result)
+                hashed = _Sha256(fd)  # the parts finish in any order: the digest reads the file once more
+            else:
+                url, offset, answer = await self._resume_or_create(path, fingerprint, known)
+                result.url, result.resumed_from = url, offset
+                self.observer.started(path, size, url, offset)
+                hashed = _Sha256(fd)
+
+                async def advanced(offset: int) -> None:
+                    await hashed.through(offset)
+                    self.observer.advanced(path, offset, size)
+
+                answer = await self._send(fd, url, 0, offset, size, result, advanced) or answer
             await hashed.through(size)
         finally:
             os.close(fd)
         await self._settle(url, size, answer, hashed.hexdigest(), result)
         await self.fingerprints.forget(fingerprint)
 
-    async def _resume_or_create(self, path: Path, fingerprint: Fingerprint) -> tuple[str, int, Mapping[str, str]]:
+    def _parts_for(self, size: int) -> int:
+        """How many partial uploads to send at once: --parallel, when the server offers concatenation,
+        but no part shorter than a chunk."""
+        if self.settings.parallel < 2 or "concatenation" not in self.abilities.extensions:
+            return 1
+        return max(1, min(self.settings.parallel, size // self.settings.chunk_size))
+
+    async def _resume_or_create(
+        self, path: Path, fingerprint: Fingerprint, known: str | None
+    ) -> tuple[str, int, Mapping[str, str]]:
         """The upload this file began in an earlier run (and the server's offset), else a new one."""
-        known = await self.fingerprints.find(fingerprint)
         if known is not None:
             try:
                 offset, answer = await self._retrying(lambda: self._head(known, fingerprint.size))
@@ -192,8 +209,71 @@ class Uploader:
         await self.fingerprints.remember(fingerprint, url)
         return url, 0, answer
 
+    async def _send_in_parts(
+        self, path: Path, fingerprint: Fingerprint, fd: int, known: str | None, parts: int, result: UploadResult
+    ) -> tuple[str, Mapping[str, str]]:
+        """The file as ``parts`` partial uploads sent at once, then the final upload that joins them
+        (the concatenation extension). The store remembers the parts' URLs until the final exists."""
+        size = fingerprint.size
+        urls = known.removeprefix(_PARTS).split() if known is not None else []
+        parts = len(urls) or parts
+        bounds = [(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
+        offsets = [0] * parts
+        try:
+            for i, (url, (start, end)) in enumerate(zip(urls, bounds[: len(urls)], strict=True)):
+                offsets[i], _ = await self._retrying(partial(self._head, url, end - start))
+        except UploadGone:
+            urls = []
+        if not urls:
+            created = await asyncio.gather(
+                *(self._retrying(partial(self._create, path, end - start, concat="partial")) for start, end in bounds)
+            )
+            urls, offsets = [url for url, _ in created], [0] * parts
+            await self.fingerprints.remember(fingerprint, _PARTS + " ".join(urls))
+        result.resumed_from = sum(offsets)
+        self.observer.started(path, size, urls[0], result.resumed_from)
+
+        def advancer(i: int) -> Callable[[int], Awaitable[None]]:
+            async def advanced(offset: int) -> None:
+                offsets[i] = offset
+                self.observer.advanced(path, sum(offsets), size)
+
+            return advanced
+
+        await asyncio.gather(
+            *(
+                self._send(fd, url, start, offsets[i], end - start, result, advancer(i))
+                for i, (url, (start, end)) in enumerate(zip(urls, bounds, strict=True))
+            )
+        )
+        final = "final;" + " ".join(urls)
+        url, answer = await self._retrying(lambda: self._create(path, size, concat=final))
+        result.url = url
+        await self.fingerprints.remember(fingerprint, url)  # from now on, a HEAD of the final tells
+        if STATUS_HEADER not in answer:
+            _, answer = await self._retrying(lambda: self._head(url, size))
+        return url, answer
+
+    async def _send(
+        self,
+        fd: int,
+        url: str,
+        base: int,
+        offset: int,
+        size: int,
+        result: UploadResult,
+        advanced: Callable[[int], Awaitable[None]],
+    ) -> Mapping[str, str]:
+        """The bytes ``base + offset`` to ``base + size`` of the file to the upload at ``url``; the last answer."""
+        answer: Mapping[str, str] = {}
+        length = self.settings.chunk_size
+        while offset < size:
+            offset, length, answer = await self._send_chunk(fd, url, base, offset, size, length, result)
+            await advanced(offset)
+        return answer
+
     async def _send_chunk(
-        self, fd: int, url: str, offset: int, size: int, length: int, result: UploadResult
+        self, fd: int, url: str, base: int, offset: int, size: int, length: int, result: UploadResult
     ) -> tuple[int, int, Mapping[str, str]]:
         """One chunk from ``offset`` (re-asking the offset after a failure); the offset after it, and the
         chunk length to go on with: halved after a PATCH the server kept nothing of. A server that checks
@@ -209,7 +289,7 @@ class Uploader:
                         return known, length, answer
                     if known == failed_at:
                         length = max(length // 2, MIN_CHUNK_SIZE)
-                chunk = await asyncio.to_thread(os.pread, fd, min(length, size - known), known)
+                chunk = await asyncio.to_thread(os.pread, fd, min(length, size - known), base + known)
                 try:
                     result.sent_bytes += len(chunk)
                     new_offset, answer = await self._patch(url, known, chunk)
@@ -243,12 +323,19 @@ class Uploader:
 
     # One request each; every failure becomes Refused, Transient or UploadGone.
 
-    async def _create(self, path: Path, size: int) -> tuple[str, Mapping[str, str]]:
+    async def _create(self, path: Path, size: int, concat: str | None = None) -> tuple[str, Mapping[str, str]]:
+        """A new upload of ``size`` bytes; ``concat``: "partial" for a part, "final;<urls>" for the whole."""
         if "creation" not in self.abilities.extensions:
             raise Refused("the server does not offer the tus creation extension")
-        filetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        metadata = {"filename": path.name, "filetype": filetype, **self.settings.metadata}
-        headers = self.settings.headers() | {"Upload-Length": str(size), "Upload-Metadata": encode_metadata(metadata)}
+        headers = self.settings.headers()
+        if concat is not None:
+            headers["Upload-Concat"] = concat
+        if concat is None or concat.startswith("final;"):  # a part carries no metadata: the whole does
+            filetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            metadata = {"filename": path.name, "filetype": filetype, **self.settings.metadata}
+            headers["Upload-Metadata"] = encode_metadata(metadata)
+        if concat is None or concat == "partial":  # the final's length is its parts'
+            headers["Upload-Length"] = str(size)
         async with self._request("POST", self.settings.endpoint, headers=headers) as response:
             await _raise_for(response)
             location = response.headers.get("Location")

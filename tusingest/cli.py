@@ -1,4 +1,4 @@
-"""The `tusingest` command: serve, migrate, cleanup, elements."""
+"""The `tusingest` command: serve, migrate, cleanup, elements, upload."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -274,6 +275,63 @@ def _health(row: dict[str, object]) -> str:
     if row["healthy"]:
         return f"ok {row['latency_ms']} ms"
     return f"failing: {row.get('last_error')}"
+
+
+@cli.command()
+def upload(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders (folders recursively).", show_default=False)],
+    endpoint: Annotated[str, typer.Option(help="The tus endpoint, e.g. http://host:8000/files/.", show_default=False)],
+    token: Annotated[
+        str | None, typer.Option(envvar="TUSINGEST_TOKEN", help="Bearer token (TUSINGEST_TOKEN).", show_default=False)
+    ] = None,
+    chunk_size: Annotated[str, typer.Option(help="Bytes per PATCH, e.g. 8MiB, 512KiB.")] = "8MiB",
+    jobs: Annotated[int, typer.Option(min=1, help="Files uploaded at once.")] = 2,
+    parallel: Annotated[
+        int, typer.Option(min=1, help="Parts of one file sent at once (when the server offers concatenation).")
+    ] = 1,
+    include: Annotated[list[str] | None, typer.Option(help="Glob a file in a folder must match (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob of files in folders to skip (repeatable).")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="Upload-Metadata key=value (repeatable).")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="Further attempts of a failed step before a file fails.")] = 8,
+    state_file: Annotated[
+        Path, typer.Option(help="Where unfinished uploads are remembered, to resume them on the next run.")
+    ] = Path("~/.cache/tusingest/uploads.json"),
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per line, no progress bars.")] = False,
+) -> None:
+    """Upload files to a tus 1.0 server, resumably; exit 1 when any file failed (one line per file says why)."""
+    from tusingest.client.command import parse_metadata, parse_size, run
+    from tusingest.client.uploader import UploadSettings
+
+    try:
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint {endpoint!r} is not an http:// or https:// URL")
+        settings = UploadSettings(
+            endpoint=endpoint,
+            chunk_size=parse_size(chunk_size),
+            token=token or None,
+            metadata=parse_metadata(metadata or []),
+            retries=retries,
+            parallel=parallel,
+        )
+    except ValueError as exc:
+        typer.echo(f"tusingest upload: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        code = asyncio.run(
+            run(
+                paths,
+                settings,
+                include=include or [],
+                exclude=exclude or [],
+                jobs=jobs,
+                state_file=state_file,
+                json_lines=json_lines,
+            )
+        )
+    except KeyboardInterrupt:
+        typer.echo("tusingest upload: interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:

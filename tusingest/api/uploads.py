@@ -392,7 +392,7 @@ class FacadeUploads:
             return await append(self.ctx, session_id, rules.part, rules, requester)
         upload = await self._new_upload(session_id or new_upload_id(), rules.total, start, rules.options, requester)
         try:
-            return await create(self.ctx, upload, rules.part, rules, client_named=session_id is not None)
+            return await create(self.ctx, upload, rules.part, rules, requester, client_named=session_id is not None)
         except UploadExists:
             return await append(self.ctx, upload.id, rules.part, rules, requester)
 
@@ -527,7 +527,7 @@ class FacadeUploads:
         rules = FacadeRules(self, start, options, part, offset=None, total=None, resumable=False, batch=True)
         upload = await self._new_upload(new_upload_id(), None, start, options, requester)
         try:
-            return (await create(self.ctx, upload, part, rules)).upload
+            return (await create(self.ctx, upload, part, rules, requester)).upload
         except (FileTooLarge, UploadRefused) as refused:
             if not part.finished:
                 await part.skip()

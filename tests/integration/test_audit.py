@@ -112,9 +112,7 @@ async def test_a_scripted_session_leaves_one_audit_row_per_operation(
     assert seen["authorization.refused", completed].reason == "not_owner"
 
 
-async def test_a_missing_token_is_recorded_as_an_anonymous_refusal(
-    start_server: ServerFactory, tmp_path: Path
-) -> None:
+async def test_a_missing_token_is_recorded_as_an_anonymous_refusal(start_server: ServerFactory, tmp_path: Path) -> None:
     server = await keyed(start_server, tmp_path)
     since = datetime.now(UTC) - timedelta(seconds=1)
 

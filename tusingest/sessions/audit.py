@@ -15,7 +15,7 @@ import enum
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -100,13 +100,26 @@ def _from_row(values: Sequence[Any], element_ids: Sequence[str], at: datetime) -
     )
 
 
-def _where(subject: str | None, upload_id: str | None, mark: Any) -> tuple[str, list[object]]:
-    where, params = "", list[object]()
-    for column, value in (("subject", subject), ("upload_id", upload_id)):
-        if value is not None:
-            params.append(value)
-            where += f" AND {column} = {mark(len(params) + 2)}"
-    return where, params
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """What ``list_audit`` asks for: events at or after ``since`` and before ``until``, oldest first."""
+
+    since: datetime
+    until: datetime | None = None
+    limit: int = 1000
+    subject: str | None = None
+    upload_id: str | None = None
+
+    def select(self, mark: Callable[[int], str], time: Callable[[datetime], object]) -> tuple[str, list[object]]:
+        """The SELECT and its parameters, in a driver's placeholders (``mark(n)``) and time encoding."""
+        params: list[object] = [time(self.since), time(self.until or datetime.max.replace(tzinfo=UTC))]
+        where = f"at >= {mark(1)} AND at < {mark(2)}"
+        for column, value in (("subject", self.subject), ("upload_id", self.upload_id)):
+            if value is not None:
+                params.append(value)
+                where += f" AND {column} = {mark(len(params))}"
+        params.append(self.limit)
+        return f"SELECT {_COLUMNS} FROM audit_events WHERE {where} ORDER BY at, id LIMIT {mark(len(params))}", params
 
 
 # --- SQLite (both SQLite stores share one connection, sqlitedb.py) ---------------------------------
@@ -125,19 +138,8 @@ async def insert_sqlite(db: aiosqlite.Connection, event: AuditEvent) -> None:
     await db.execute(f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({marks})", [values[c] for c in _names()])
 
 
-async def list_sqlite(
-    db: aiosqlite.Connection,
-    since: datetime,
-    until: datetime | None,
-    limit: int,
-    subject: str | None = None,
-    upload_id: str | None = None,
-) -> list[AuditEvent]:
-    where, params = _where(subject, upload_id, lambda _: "?")
-    async with db.execute(
-        f"SELECT {_COLUMNS} FROM audit_events WHERE at >= ? AND at < ?{where} ORDER BY at, id LIMIT ?",
-        (_ts(since), _ts(until or datetime.max.replace(tzinfo=UTC)), *params, limit),
-    ) as cursor:
+async def list_sqlite(db: aiosqlite.Connection, query: AuditQuery) -> list[AuditEvent]:
+    async with db.execute(*query.select(lambda _: "?", _ts)) as cursor:
         rows = await cursor.fetchall()
     return [_from_row(tuple(r), json.loads(r[9]), datetime.fromisoformat(r[1])) for r in rows]
 
@@ -155,23 +157,9 @@ async def insert_postgres(
     await connection.execute(f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({marks})", *(values[c] for c in _names()))
 
 
-async def list_postgres(
-    pool: asyncpg.Pool,
-    since: datetime,
-    until: datetime | None,
-    limit: int,
-    subject: str | None = None,
-    upload_id: str | None = None,
-) -> list[AuditEvent]:
-    where, params = _where(subject, upload_id, lambda n: f"${n}")
-    limit_mark = f"${len(params) + 3}"
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM audit_events WHERE at >= $1 AND at < $2{where} ORDER BY at, id LIMIT {limit_mark}",
-        since,
-        until or datetime.max.replace(tzinfo=UTC),
-        *params,
-        limit,
-    )
+async def list_postgres(pool: asyncpg.Pool, query: AuditQuery) -> list[AuditEvent]:
+    sql, params = query.select(lambda n: f"${n}", lambda at: at)
+    rows = await pool.fetch(sql, *params)
     return [_from_row(tuple(r), r["element_ids"], r["at"]) for r in rows]
 
 

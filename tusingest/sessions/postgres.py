@@ -11,7 +11,7 @@ from datetime import datetime
 import asyncpg
 
 from tusingest.sessions import audit as audit_rows
-from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor
+from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.pgpool import PostgresDatabase
 from tusingest.sessions.store import StoreError
@@ -69,7 +69,7 @@ class PostgresSessionStore(PostgresDatabase):
         subject: str | None = None,
         upload_id: str | None = None,
     ) -> list[AuditEvent]:
-        return await audit_rows.list_postgres(self.pool, since, until, limit, subject, upload_id)
+        return await audit_rows.list_postgres(self.pool, AuditQuery(since, until, limit, subject, upload_id))
 
     async def create(self, upload: Upload, audit: AuditEvent | None = None) -> None:
         upload = upload.as_stored()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import aiosqlite
 
 from tusingest.sessions import audit as audit_rows
-from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor
+from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.sqlitedb import SQLiteDatabase
 from tusingest.sessions.store import StoreError
@@ -124,7 +124,7 @@ class SQLiteSessionStore:
         upload_id: str | None = None,
     ) -> list[AuditEvent]:
         async with self.database.lock:
-            return await audit_rows.list_sqlite(self.db, since, until, limit, subject, upload_id)
+            return await audit_rows.list_sqlite(self.db, AuditQuery(since, until, limit, subject, upload_id))
 
     async def create(self, upload: Upload, audit: AuditEvent | None = None) -> None:
         upload = upload.as_stored()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,8 @@ from tests.fixtures.redis import RedisServer
 from tests.fixtures.server import LiveServer, ServerFactory, _server_factory
 from tests.integration.test_delete import directory_element, stream
 from tests.integration.test_finalise import TUS, element_file, text_payload, upload
-from tusingest.sessions.audit import AuditEvent
+from tusingest.sessions.audit import Action, AuditEvent, Auditor
+from tusingest.sessions.expiry import expire_uploads
 
 KiB = 1 << 10
 PDF = b"%PDF-1.4\n" + os.urandom(64 * KiB)
@@ -130,6 +132,24 @@ async def test_a_missing_token_is_recorded_as_an_anonymous_refusal(start_server:
     assert row.reason is not None and row.reason.startswith("401 invalid_token") and "x.y.z" not in row.reason
 
 
+async def test_an_expired_upload_is_recorded_as_terminated_under_its_owner(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await keyed(start_server, tmp_path)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=bearer(ALICE, "Alice")) as client:
+        created = await client.post("/files/", headers=TUS | {"Upload-Length": "10"})
+    upload_id = upload_id_of(created.headers["Location"])
+    parts = server.parts
+
+    report = await expire_uploads(parts.store, parts.staging, parts.locker, now=datetime.now(UTC) + timedelta(days=2))
+
+    assert report.expired == 1
+    created_row, expired_row = await audit_rows(server, since, 2)
+    assert (created_row.action, expired_row.action) == ("upload.created", "upload.terminated")
+    assert (expired_row.upload_id, expired_row.subject, expired_row.reason) == (upload_id, ALICE, "expired")
+
+
 # --- store-independent: the log line, the Redis stream and the CLI (on SQLite only) -------------------
 
 
@@ -199,3 +219,18 @@ async def test_the_cli_refuses_a_since_it_cannot_read(sqlite_url: str) -> None:
     )
     _, err = await asyncio.wait_for(cli.communicate(), timeout=60)
     assert cli.returncode == 2 and "neither an ISO 8601 time" in err.decode()
+
+
+async def test_an_unreachable_redis_costs_a_warning_not_the_event(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as closed:  # a port nobody listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        auditor = Auditor(f"redis://127.0.0.1:{closed.getsockname()[1]}/0")
+        event = AuditEvent(Action.UPLOAD_CREATED, upload_id="a" * 32)
+        with caplog.at_level(logging.INFO):
+            await auditor.published(event)  # does not raise
+        await auditor.aclose()
+
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tusingest.audit"]
+    assert logged == [event.fields()]
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert event.id in warning.getMessage() and "artstore:audit" in warning.getMessage()

@@ -40,6 +40,7 @@ from tusingest.api.multipart import (
 from tusingest.api.openapi import ApiRoute, Operation, header_parameter
 from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import Upload, UploadState
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow
 from tusingest.tus.append import Appended, AppendRules, NoBody, UploadExists, append, create
 from tusingest.tus.base import Requester, TusContext, requester_of
@@ -442,7 +443,10 @@ class FacadeUploads:
     async def _drop(self, upload: Upload) -> None:
         """Forget a batch's file nobody can resume (a failed one keeps its state and reason)."""
         with contextlib.suppress(Exception):
-            await self.ctx.store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE)
+            dropped = AuditEvent.for_owner(Action.UPLOAD_TERMINATED, upload, reason="batch_file_refused")
+            await self.ctx.store.set_state(
+                upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE, audit=dropped
+            )
             await self.ctx.staging.remove(upload.id)
 
     async def _outcome(self, upload: Upload) -> UploadOutcome:

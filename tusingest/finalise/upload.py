@@ -652,18 +652,11 @@ class UploadSagas:
     async def _audit(
         self, upload_id: str, action: str, data: UploadSagaData, *, outcome: str = Outcome.OK, reason: str | None = None
     ) -> AuditEvent:
-        """The audit event of the upload's completion or failure, recorded under the upload's owner (the
-        token's subject that created it), never the metadata's claim."""
-        upload = await self.sessions.get(upload_id)
-        return AuditEvent(
-            action,
-            outcome,
-            subject=(upload.owner_id if upload else None) or ANONYMOUS_SUBJECT,
-            subject_name=upload.owner_name if upload else None,
-            upload_id=upload_id,
-            file_id=data.file_id,
-            element_ids=(data.element_id,) if data.element_id else (),
-            reason=reason,
+        """The audit event of the upload's completion or failure, under the upload's owner."""
+        upload = await self.sessions.get(upload_id) or Upload(id=upload_id, length=None)
+        elements = (data.element_id,) if data.element_id else ()
+        return AuditEvent.for_owner(
+            action, upload, outcome=outcome, file_id=data.file_id, element_ids=elements, reason=reason
         )
 
     async def _remove_from(self, element_id: str, key: str) -> bool:

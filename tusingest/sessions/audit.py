@@ -25,6 +25,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from asyncpg.pool import PoolConnectionProxy
 
+from tusingest.sessions.model import Upload
+
 audit_log = logging.getLogger("tusingest.audit")
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,13 @@ class AuditEvent:
     request_id: str | None = None
     at: datetime = field(default_factory=_now)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def for_owner(cls, action: str, upload: Upload, *, outcome: str = Outcome.OK, **fields: Any) -> AuditEvent:
+        """An event nobody's request makes now (expiry, finalisation): recorded under the upload's owner,
+        the token subject that created it (never what its metadata claims)."""
+        subject = upload.owner_id or ANONYMOUS
+        return cls(action, outcome, subject, upload.owner_name, upload_id=upload.id, **fields)
 
     def fields(self) -> dict[str, Any]:
         """The event as JSON-ready fields (the log line, the stream entry, ``tusingest audit --json``)."""

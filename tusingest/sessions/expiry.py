@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tusingest.sessions.audit import ANONYMOUS, Action, AuditEvent
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import Upload, UploadState, utcnow
 from tusingest.sessions.store import SessionStore
@@ -38,17 +38,6 @@ class CleanupReport:
     staging_removed: int = 0
 
 
-def _expired(upload: Upload) -> AuditEvent:
-    """An expiry terminates an upload on nobody's request: recorded under its owner, with the reason."""
-    return AuditEvent(
-        Action.UPLOAD_TERMINATED,
-        subject=upload.owner_id or ANONYMOUS,
-        subject_name=upload.owner_name,
-        upload_id=upload.id,
-        reason="expired",
-    )
-
-
 async def expire_uploads(
     store: SessionStore,
     staging: DirectoryStaging,
@@ -65,7 +54,7 @@ async def expire_uploads(
             seen.add(upload.id)
             try:
                 async with locker.lock(upload.id, timeout=0, ask_holder=False):
-                    audit = _expired(upload)
+                    audit = AuditEvent.for_owner(Action.UPLOAD_TERMINATED, upload, reason="expired")
                     if await store.set_state(upload.id, UploadState.EXPIRED, only_from=UploadState.ACTIVE, audit=audit):
                         await staging.remove(upload.id)
                         expired += 1
@@ -152,7 +141,7 @@ async def expire_partials(
                 continue
             try:
                 async with locker.lock(partial.id, timeout=0, ask_holder=False):
-                    audit = _expired(partial)
+                    audit = AuditEvent.for_owner(Action.UPLOAD_TERMINATED, partial, reason="expired")
                     if await store.set_state(
                         partial.id, UploadState.EXPIRED, only_from=UploadState.COMPLETE, audit=audit
                     ):

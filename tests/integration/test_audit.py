@@ -104,8 +104,9 @@ async def test_a_scripted_session_leaves_one_audit_row_per_operation(
         owner = row.action != "authorization.refused"
         assert (row.subject, row.subject_name) == ((ALICE, "Alice") if owner else (BOB, "Bob")), row
         assert row.outcome == {"upload.failed": "failed", "authorization.refused": "refused"}.get(row.action, "ok")
-    for action in ("upload.created", "upload.terminated", "authorization.refused"):
-        assert all(r.client_address == "127.0.0.1" for r in rows if r.action == action)
+    # The saga-side rows of the upload (completed, failed) run on no request: no address. The rest have it.
+    assert {r.action for r in rows if r.client_address != "127.0.0.1"} == {"upload.completed", "upload.failed"}
+    assert all(r.client_address is None for r in rows if r.action in ("upload.completed", "upload.failed"))
     assert seen["upload.completed", completed].file_id == file_id
     assert seen["upload.completed", completed].element_ids == ("se-a",)
     assert seen["upload.failed", failed].reason == "mime_type_not_allowed"
@@ -234,3 +235,24 @@ async def test_an_unreachable_redis_costs_a_warning_not_the_event(caplog: pytest
     assert logged == [event.fields()]
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert event.id in warning.getMessage() and "artstore:audit" in warning.getMessage()
+
+
+async def test_a_second_users_delete_and_transfer_of_a_file_are_recorded_as_refused(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await keyed(start_server, tmp_path)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=bearer(ALICE, "Alice")) as client:
+        _, last = await upload(client, PDF, "report.pdf")
+    file_id = last.headers["ArtStore-File-Id"]
+    since = datetime.now(UTC)
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=bearer(BOB, "Bob")) as client:
+        assert (await client.delete(f"/api/files/{file_id}")).status_code == 404
+        moved = await client.post(f"/api/files/{file_id}/transfer", json={"destination_storage_element_id": "se-b"})
+        assert moved.status_code == 404
+
+    rows = await audit_rows(server, since, 2)
+    assert [(r.action, r.outcome, r.subject, r.file_id, r.reason, r.client_address) for r in rows] == [
+        ("authorization.refused", "refused", BOB, file_id, "not_owner", "127.0.0.1")
+    ] * 2
+    assert await server.parts.saga_store.get_file(file_id) is not None

@@ -71,11 +71,12 @@ class DeleteSagaData(SagaData):
     size_bytes: int = 0
     actor: str = "anonymous"  # the subject of the token that asked for the delete
     actor_name: str | None = None
+    actor_address: str | None = None
     owner_id: str | None = None  # the file's created_by_id: who else may join this delete
     requested_at: str = ""  # ISO 8601, UTC
 
     @classmethod
-    def of(cls, record: FileRecord, actor: Identity) -> DeleteSagaData:
+    def of(cls, record: FileRecord, actor: Identity, address: str | None) -> DeleteSagaData:
         return cls(
             file_id=record.file_id,
             element_id=record.storage_element_id,
@@ -85,6 +86,7 @@ class DeleteSagaData(SagaData):
             size_bytes=record.size_bytes,
             actor=actor.subject,
             actor_name=actor.name or None,
+            actor_address=address,
             owner_id=record.created_by_id,
             requested_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         )
@@ -120,7 +122,7 @@ class DeleteSagas:
         self.failpoints = failpoints or Failpoints()
         self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
-    async def delete(self, file_id: str, *, actor: Identity, wait: float) -> DeleteOutcome:
+    async def delete(self, file_id: str, *, actor: Identity, wait: float, address: str | None = None) -> DeleteOutcome:
         """Delete the file (or join the delete already under way) and wait up to ``wait`` seconds for the outcome.
 
         Raises a ``Refused`` when the file cannot be deleted. A file deleted before answers "deleted" again.
@@ -130,7 +132,7 @@ class DeleteSagas:
         owner_before = DeleteSagaData.from_data(latest.data).owner_id if latest is not None else None
         if latest is not None and not latest.state.is_finished:
             if not is_owner_or_admin(actor, owner_before):
-                raise await not_owner(self.record_audit, actor.subject, actor.name, file_id)
+                raise await not_owner(self.record_audit, actor.subject, actor.name, address, file_id)
             return await self._wait(latest, wait)
         record = await self.store.get_file(file_id)
         if record is None:
@@ -138,7 +140,7 @@ class DeleteSagas:
                 return DeleteOutcome("deleted")
             raise FileNotFound(file_id)
         if not is_owner_or_admin(actor, record.created_by_id):
-            raise await not_owner(self.record_audit, actor.subject, actor.name, file_id)
+            raise await not_owner(self.record_audit, actor.subject, actor.name, address, file_id)
         await self._refuse_if_moving(file_id)
         try:
             element = self.pool.state(record.storage_element_id).element
@@ -147,7 +149,7 @@ class DeleteSagas:
         if not element.mode.allows_delete:
             raise FileInReadonlyStorage(file_id, element.element_id, element.mode.value)
         try:
-            saga, _ = await self.runner.start(file_id, DeleteSagaData.of(record, actor))
+            saga, _ = await self.runner.start(file_id, DeleteSagaData.of(record, actor, address))
         except DuplicateSaga:
             # Another request (here or on another node) started the same delete a moment ago: join it.
             existing = await self.store.latest_saga(KIND, file_id)
@@ -248,6 +250,7 @@ class DeleteSagas:
             Action.FILE_DELETED,
             subject=data.actor,
             subject_name=data.actor_name,
+            client_address=data.actor_address,
             file_id=data.file_id,
             element_ids=(data.element_id,),
         )

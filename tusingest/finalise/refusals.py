@@ -39,11 +39,13 @@ class FileNotFound(Refused):
         super().__init__(f"no file {file_id} in the registry")
 
 
-async def not_owner(record_audit: AuditRecorder | None, subject: str, name: str, file_id: str) -> FileNotFound:
+async def not_owner(
+    record_audit: AuditRecorder | None, subject: str, name: str, address: str | None, file_id: str
+) -> FileNotFound:
     """Somebody else's file is answered as an unknown one (invariant 7); the refusal goes to the audit log."""
     if record_audit is not None:
         refusal = AuditEvent(
-            Action.REFUSED, Outcome.REFUSED, subject, name or None, file_id=file_id, reason="not_owner"
+            Action.REFUSED, Outcome.REFUSED, subject, name or None, address, file_id=file_id, reason="not_owner"
         )
         await record_audit(refusal)
     return FileNotFound(file_id)

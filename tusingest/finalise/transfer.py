@@ -130,6 +130,7 @@ class TransferSagaData(SagaData):
     copied_by: str | None = Field(default=None, alias="copy")
     actor: str = "anonymous"  # the subject of the token that asked for the transfer, for the audit row
     actor_name: str | None = None
+    actor_address: str | None = None
 
 
 def estimated_seconds(size: int) -> int:
@@ -166,7 +167,14 @@ class TransferSagas:
         self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
     async def start(
-        self, file_id: str, *, actor: Identity, destination_id: str, delete_source: bool, verify_checksum: bool
+        self,
+        file_id: str,
+        *,
+        actor: Identity,
+        destination_id: str,
+        delete_source: bool,
+        verify_checksum: bool,
+        address: str | None = None,
     ) -> Saga:
         """Check the request, record the saga and start it here; the saga id is the transfer id.
 
@@ -177,7 +185,7 @@ class TransferSagas:
         if record is None:
             raise FileNotFound(file_id)
         if not is_owner_or_admin(actor, record.created_by_id):
-            raise await not_owner(self.record_audit, actor.subject, actor.name, file_id)
+            raise await not_owner(self.record_audit, actor.subject, actor.name, address, file_id)
         deleting = await self.store.latest_saga("delete", file_id)
         if deleting is not None and not deleting.state.is_finished:
             raise DeleteInProgress(file_id)
@@ -212,6 +220,7 @@ class TransferSagas:
             content_encoding=record.content_encoding,
             actor=actor.subject,
             actor_name=actor.name or None,
+            actor_address=address,
         )
         try:
             saga, _ = await self.runner.start(file_id, data)
@@ -302,6 +311,7 @@ class TransferSagas:
             Action.FILE_TRANSFERRED,
             subject=data.actor,
             subject_name=data.actor_name,
+            client_address=data.actor_address,
             file_id=data.file_id,
             element_ids=(source_id, destination_id),
         )

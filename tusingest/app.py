@@ -51,7 +51,7 @@ from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.runtime import StorageElements
 from tusingest.elements.settings import DiscoverySettings, ElementSettings, S3Settings
 from tusingest.finalise.clamd import ClamdScanner
-from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
+from tusingest.finalise.delete import DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
@@ -62,6 +62,7 @@ from tusingest.saga.runner import SagaSettings, cancel_and_wait
 from tusingest.saga.store import SagaStore
 from tusingest.serving import RequestHeadLimit
 from tusingest.sessions import SessionStore
+from tusingest.sessions.audit import Action, AuditEvent, Auditor, Outcome
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
 from tusingest.staging import DirectoryStaging
@@ -206,6 +207,8 @@ def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ
 def build_parts(settings: Settings) -> Parts:
     database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds)
     store = database.sessions
+    # One auditor for both stores: each publishes the audit events it commits (log line, Redis stream).
+    store.auditor = database.sagas.auditor = Auditor(settings.redis_url)
     staging = DirectoryStaging(
         settings.staging_dir,
         chunk_max_bytes=settings.staging_chunk_max_mb << 20,
@@ -261,7 +264,6 @@ def build_parts(settings: Settings) -> Parts:
         timeout=settings.saga_timeout_seconds,
         webhook_urls=settings.webhook_urls,
         events_stream=settings.file_events_stream if settings.redis_url else None,
-        audit_stream=AUDIT_STREAM if settings.redis_url else None,
         default_username=settings.default_username,
         concurrency=settings.finalise_concurrency,
     )
@@ -278,9 +280,20 @@ def build_parts(settings: Settings) -> Parts:
         failpoints=failpoints,
     )
     deletes = DeleteSagas(
-        store=saga_store, pool=elements.pool, relay=relay, settings=saga_settings, failpoints=failpoints
+        store=saga_store,
+        pool=elements.pool,
+        relay=relay,
+        settings=saga_settings,
+        failpoints=failpoints,
+        record_audit=store.record_audit,
     )
-    transfers = TransferSagas(store=saga_store, pool=elements.pool, settings=saga_settings, failpoints=failpoints)
+    transfers = TransferSagas(
+        store=saga_store,
+        pool=elements.pool,
+        settings=saga_settings,
+        failpoints=failpoints,
+        record_audit=store.record_audit,
+    )
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
     tus = TusServer(options, store, staging, locker, hooks)
     files_api = FilesApi(deletes, transfers, verify_checksum_default=settings.transfer_verify_checksum_default)
@@ -370,6 +383,7 @@ def build_app(settings: Settings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(parts.staging.close)
             stack.push_async_callback(parts.store.close)
+            stack.push_async_callback(parts.store.auditor.aclose)
             stack.push_async_callback(parts.auth.aclose)
             await parts.locker.open()
             stack.push_async_callback(parts.locker.close)
@@ -444,7 +458,9 @@ def build_app(settings: Settings) -> Starlette:
             max_age=86400,
         ),
         # Inside CORS, so a refusal still carries the CORS headers a browser needs to read it.
-        Middleware(Authentication, auth=parts.auth, tus_base_path=settings.tus_base_path),
+        Middleware(
+            Authentication, auth=parts.auth, tus_base_path=settings.tus_base_path, record_audit=parts.store.record_audit
+        ),
         # Last, so after authentication: it reads the caller's identity from the scope state.
         Middleware(
             RateLimits, limiter=RateLimiter(rate_limit_settings(settings)), tus_base_path=settings.tus_base_path
@@ -464,10 +480,17 @@ class Authentication:
     scopes do not grant 403. Otherwise the Identity and the tus layer's Requester go into the
     request scope's state. /health/*, /openapi.json and CORS preflights are not guarded."""
 
-    def __init__(self, app: ASGIApp, auth: Authenticator, tus_base_path: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: Authenticator,
+        tus_base_path: str,
+        record_audit: Callable[[AuditEvent], Awaitable[None]] | None = None,
+    ) -> None:
         self.app = app
         self.auth = auth
         self.tus_base = tus_base_path
+        self.record_audit = record_audit  # every 401 and 403 goes to the audit log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -480,10 +503,18 @@ class Authentication:
         if method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers:
             await self.app(scope, receive, send)  # a CORS preflight carries no credentials
             return
+        client = scope.get("client")
+        address = str(client[0]) if client else None
         try:
             identity = await self.auth.authenticate(headers.get("authorization"))
         except AuthError as error:
             answer = _refusal(401, "invalid_token", error.reason, {"WWW-Authenticate": www_authenticate(error)}, is_tus)
+            # The subject of a refused token is not known (nor trusted): recorded as anonymous.
+            await self._audit_refusal(
+                AuditEvent(
+                    Action.REFUSED, Outcome.REFUSED, client_address=address, reason=f"401 invalid_token: {error.reason}"
+                )
+            )
         except AuthUnavailable as down:
             answer = _refusal(503, "auth_unavailable", down.reason, {"Retry-After": str(down.retry_after)}, is_tus)
         else:
@@ -491,17 +522,42 @@ class Authentication:
             if operation is None or may(identity, operation):
                 state = scope.setdefault("state", {})
                 state[IDENTITY_STATE] = identity
-                state[REQUESTER] = _requester(identity)
+                state[REQUESTER] = _requester(identity, address)
                 await self.app(scope, receive, send)
                 return
             why = f"the token does not allow {operation.value}"
             refused = {"WWW-Authenticate": www_authenticate_insufficient_scope(operation)}
             answer = _refusal(403, "insufficient_scope", why, refused, is_tus)
+            await self._audit_refusal(
+                AuditEvent(
+                    Action.REFUSED,
+                    Outcome.REFUSED,
+                    identity.subject,
+                    identity.name or None,
+                    address,
+                    upload_id=_upload_in(path, self.tus_base) if is_tus else None,
+                    reason=f"403 insufficient_scope: {why}",
+                )
+            )
         await answer(scope, receive, send)
 
+    async def _audit_refusal(self, event: AuditEvent) -> None:
+        """Best effort: a store that cannot take the row costs a warning, not the (already refused) answer."""
+        if self.record_audit is None:
+            return
+        try:
+            await self.record_audit(event)
+        except Exception as exc:  # any store's failure; the client is refused either way
+            log.warning("cannot record the refusal in the audit log: %s", exc)
 
-def _requester(identity: Identity) -> Requester:
-    return Requester(subject=identity.subject, name=identity.name, admin=is_admin(identity))
+
+def _requester(identity: Identity, address: str | None = None) -> Requester:
+    return Requester(subject=identity.subject, name=identity.name, admin=is_admin(identity), address=address)
+
+
+def _upload_in(path: str, tus_base: str) -> str | None:
+    """The upload id of a tus URL (None for the creation endpoint)."""
+    return path.removeprefix(tus_base).strip("/") or None
 
 
 def _method(method: str, headers: Headers, is_tus: bool) -> str:

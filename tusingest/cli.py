@@ -1,13 +1,15 @@
-"""The `tusingest` command: serve, migrate, cleanup, elements, upload."""
+"""The `tusingest` command: serve, migrate, cleanup, elements, audit, upload."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
+import re
 import signal
 import socket
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -235,6 +237,81 @@ async def _probe_elements_here(settings: Settings) -> dict[str, object]:
         }
     finally:
         await storage.close()
+
+
+@cli.command()
+def audit(
+    since: Annotated[
+        str, typer.Option(help="From when: an ISO 8601 time (UTC unless it says otherwise) or an age: 30m, 1h, 2d.")
+    ],
+    until: Annotated[str | None, typer.Option(help="Up to when (excluded), in the same forms.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Only this subject's events (the token's sub).")] = None,
+    upload: Annotated[str | None, typer.Option(help="Only the events of this upload id.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many events, oldest first.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object a line instead of a table.")] = False,
+) -> None:
+    """Show the audit log: every upload created, completed, failed or terminated, every file deleted or
+    transferred, and every refused authorization, read from DATABASE_URL's audit_events table."""
+    import json
+
+    settings = _settings()
+    try:
+        start, end = _when(since), None if until is None else _when(until)
+    except ValueError as exc:
+        typer.echo(f"tusingest audit: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def run() -> list[dict[str, object]]:
+        from tusingest.app import open_database
+
+        store = open_database(settings.database_url).sessions
+        await store.open()
+        try:
+            events = await store.list_audit(start, end, limit, subject=subject, upload_id=upload)
+        finally:
+            await store.close()
+        return [event.fields() for event in events]
+
+    try:
+        rows = asyncio.run(run())
+    except Exception as exc:  # the store's errors say what is wrong with the database
+        typer.echo(f"tusingest audit: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False, sort_keys=True))
+    else:
+        _print_audit(rows)
+
+
+_AGE = re.compile(r"(\d+)\s*([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _when(text: str, now: datetime | None = None) -> datetime:
+    """A point in time from the command line: ``30m``/``1h``/``2d`` ago, or ISO 8601 (naive means UTC)."""
+    value = text.strip()
+    if (age := _AGE.fullmatch(value)) is not None:
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[age[2]]: int(age[1])})
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO 8601 time (2026-12-01T00:00) nor an age (30m, 1h, 2d)") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _print_audit(rows: list[dict[str, object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Audit log ({len(rows)} event(s))")
+    columns = ("at", "action", "outcome", "subject", "client_address", "upload_id", "file_id", "element_ids", "reason")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        cells = [row.get(column) for column in columns]
+        table.add_row(*("" if c is None else ",".join(c) if isinstance(c, list) else str(c) for c in cells))
+    Console().print(table)
 
 
 def _print_elements(report: dict[str, object]) -> None:

@@ -35,6 +35,7 @@ from tusingest.saga import (
 )
 from tusingest.saga.postgres import PostgresSagaStore
 from tusingest.sessions import migrations
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.model import Upload, new_upload_id
 from tusingest.sessions.store import DatabaseNotMigrated, StoreError
 
@@ -167,6 +168,69 @@ async def release(database_url: str, saga_id: str) -> None:
             await connection.execute("UPDATE sagas SET owner = NULL WHERE saga_id = $1", saga_id)
         finally:
             await connection.close()
+
+
+# --- the audit log: its row is written with the change, and never without it ----------------------
+
+
+async def audit_rows(database_url: str) -> list[AuditEvent]:
+    """The audit table, read through the session store (which owns list_audit) on the same database."""
+    sessions = open_database(database_url).sessions
+    await sessions.open()
+    try:
+        return await sessions.list_audit(T0 - timedelta(days=1))
+    finally:
+        await sessions.close()
+
+
+async def test_register_file_writes_the_audit_row_once_with_the_registry_row(
+    store: SagaStore, database_url: str
+) -> None:
+    saga = await started(store)
+    record = make_record(upload_id=saga.subject_id)
+    event = AuditEvent(Action.UPLOAD_COMPLETED, upload_id=saga.subject_id, file_id=record.file_id, at=T0)
+    registration = dict(
+        owner=NODE_A, record=record, messages=[], data_update={}, lease_seconds=LEASE, now=T0, audit=event
+    )
+
+    await store.register_file(saga.saga_id, step="registered", **registration)  # type: ignore[arg-type]
+    await store.register_file(saga.saga_id, step="registered-again", **registration)  # type: ignore[arg-type]
+
+    assert await audit_rows(database_url) == [event]
+
+
+async def test_register_file_refused_writes_no_audit_row(store: SagaStore, database_url: str) -> None:
+    _, record = await registered(store, await started(store))
+    other = await started(store)
+    event = AuditEvent(Action.UPLOAD_COMPLETED, upload_id=other.subject_id, file_id=record.file_id)
+
+    with pytest.raises(DuplicateFile):
+        await store.register_file(
+            other.saga_id,
+            owner=NODE_A,
+            record=make_record(file_id=record.file_id, upload_id=other.subject_id),
+            messages=[],
+            step="registered",
+            data_update={},
+            lease_seconds=LEASE,
+            audit=event,
+        )
+
+    assert await audit_rows(database_url) == []
+
+
+async def test_set_state_writes_the_audit_row_with_the_state_and_not_when_refused(
+    store: SagaStore, database_url: str
+) -> None:
+    saga = await started(store)
+    event = AuditEvent(Action.FILE_DELETED, file_id="f" * 32, element_ids=("se-01",), at=T0)
+
+    with pytest.raises(SagaOwnershipLost):
+        await store.set_state(saga.saga_id, owner=NODE_B, state=SagaState.COMPLETED, audit=event)
+    assert await audit_rows(database_url) == []
+
+    await store.set_state(saga.saga_id, owner=NODE_A, state=SagaState.COMPLETED, audit=event)
+    assert await audit_rows(database_url) == [event]
 
 
 # --- create_saga / get_saga ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import asyncpg
 import pytest
 
 from tusingest.sessions import migrations
+from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.model import Upload, UploadKind, UploadState, new_upload_id
 from tusingest.sessions.postgres import PostgresSessionStore
 from tusingest.sessions.sqlite import SQLiteSessionStore
@@ -47,6 +49,71 @@ async def stored(store: SessionStore, **changes: object) -> Upload:
     upload = make_upload(**changes)
     await store.create(upload)
     return upload
+
+
+# --- the audit log: its row is written with the change, and never without it ----------------------
+
+
+def audit_event(action: str, upload_id: str, **changes: object) -> AuditEvent:
+    event = AuditEvent(
+        action=action, subject="user-7", subject_name="Ada", client_address="10.0.0.9", upload_id=upload_id
+    )
+    return dataclasses.replace(event, **changes)  # type: ignore[arg-type]
+
+
+async def audit_rows(store: SessionStore) -> list[AuditEvent]:
+    return await store.list_audit(T0 - timedelta(days=1))
+
+
+async def test_create_with_an_audit_event_writes_its_row_with_every_field(store: SessionStore) -> None:
+    upload = make_upload()
+    event = audit_event(Action.UPLOAD_CREATED, upload.id, element_ids=("se-01", "se-02"), reason="why", at=T0)
+    event = dataclasses.replace(event, request_id="req-1")
+
+    await store.create(upload, audit=event)
+
+    assert await audit_rows(store) == [event]
+    assert await store.get(upload.id) is not None
+
+
+async def test_create_that_fails_writes_no_audit_row(store: SessionStore) -> None:
+    upload = await stored(store)
+
+    with pytest.raises(StoreError):
+        await store.create(upload, audit=audit_event(Action.UPLOAD_CREATED, upload.id))
+
+    assert await audit_rows(store) == []
+
+
+async def test_set_state_writes_the_audit_row_only_when_the_state_changes(store: SessionStore) -> None:
+    upload = await stored(store)
+    terminated = audit_event(Action.UPLOAD_TERMINATED, upload.id)
+
+    assert (
+        await store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.COMPLETE, audit=terminated)
+        is None
+    )
+    assert await audit_rows(store) == []
+    assert await store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE, audit=terminated)
+    assert await audit_rows(store) == [terminated]
+
+
+async def test_record_audit_writes_a_refusal_and_list_audit_filters_by_time_subject_and_upload(
+    store: SessionStore,
+) -> None:
+    first = audit_event(Action.REFUSED, "a" * 32, outcome=Outcome.REFUSED, reason="not_owner", at=T0)
+    second = audit_event(
+        Action.REFUSED, "b" * 32, outcome=Outcome.REFUSED, subject="anonymous", at=T0 + timedelta(hours=1)
+    )
+    for event in (second, first):
+        await store.record_audit(event)
+
+    assert await audit_rows(store) == [first, second]
+    assert await store.list_audit(T0 + timedelta(minutes=1)) == [second]
+    assert await store.list_audit(T0 - timedelta(days=1), until=T0 + timedelta(minutes=1)) == [first]
+    assert await store.list_audit(T0 - timedelta(days=1), subject="anonymous") == [second]
+    assert await store.list_audit(T0 - timedelta(days=1), upload_id="a" * 32) == [first]
+    assert await store.list_audit(T0 - timedelta(days=1), limit=1) == [first]
 
 
 # --- create / get ---------------------------------------------------------------------------------

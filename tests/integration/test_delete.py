@@ -122,11 +122,14 @@ async def test_a_file_on_an_edit_element_is_deleted_with_its_sidecar_row_and_a_f
     (deleted,) = [e for e in events if e["event_type"] == "file:deleted"]
     assert deleted["file_id"] == file_id and deleted["storage_element_id"] == "se-edit"
     assert deleted["deleted_by"] == "bob"
-    (audited,) = await eventually(lambda: stream(redis_client, "audit-events"), lambda entries: len(entries) == 1)
-    assert audited["action"] == "file.delete" and audited["file_id"] == file_id and audited["actor"] == "bob"
+    entries = await eventually(
+        lambda: stream(redis_client, "artstore:audit"), lambda found: any("file.deleted" in e["event"] for e in found)
+    )
+    (deleted_entry,) = [json.loads(e["event"]) for e in entries if "file.deleted" in e["event"]]
+    assert deleted_entry["file_id"] == file_id and deleted_entry["subject"] == "bob"
+    assert deleted_entry["element_ids"] == ["se-edit"] and deleted_entry["outcome"] == "ok"
     (line,) = [record for record in caplog.records if record.name == "tusingest.audit"]
-    assert json.loads(line.getMessage()) == audited
-    assert audited["element"] == "se-edit"
+    assert json.loads(line.getMessage()) == deleted_entry
 
 
 async def test_a_file_on_an_rw_element_is_not_deleted_and_nothing_is_removed(

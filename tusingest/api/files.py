@@ -101,7 +101,8 @@ class FilesApi:
             raise FileNotFound(file_id)
         # The token says who deletes (app.py's authentication put it in the state), never a header.
         actor = identity_in(request.scope.get("state", {}))
-        outcome = await self.deletes.delete(file_id, actor=actor, wait=self.delete_wait_seconds)  # may be Refused
+        wait, address = self.delete_wait_seconds, _client_address(request)
+        outcome = await self.deletes.delete(file_id, actor=actor, wait=wait, address=address)  # may be Refused
         if outcome.status == "deleted":
             return Response(status_code=204)
         code = outcome.error_code or "storage_element_unavailable"
@@ -116,6 +117,7 @@ class FilesApi:
         saga = await self.transfers.start(  # may be Refused
             file_id,
             actor=identity_in(request.scope.get("state", {})),
+            address=_client_address(request),
             destination_id=body.destination_storage_element_id,
             delete_source=body.delete_source,
             verify_checksum=verify,
@@ -167,3 +169,8 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(part) for part in problem["loc"]) or "body"
         problems.append(f"{where}: {problem['msg']}")
     return "; ".join(problems)
+
+
+def _client_address(request: Request) -> str | None:
+    """The client's address, for the audit rows of its delete or transfer."""
+    return request.client.host if request.client else None

@@ -40,6 +40,7 @@ from tusingest.api.multipart import (
 from tusingest.api.openapi import ApiRoute, Operation, header_parameter
 from tusingest.finalise.upload import UploadOutcome, UploadSagas, file_json
 from tusingest.sessions import Upload, UploadState
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.model import UPLOAD_ID_RULE, is_upload_id, new_upload_id, utcnow
 from tusingest.tus.append import Appended, AppendRules, NoBody, UploadExists, append, create
 from tusingest.tus.base import Requester, TusContext, requester_of
@@ -392,7 +393,7 @@ class FacadeUploads:
             return await append(self.ctx, session_id, rules.part, rules, requester)
         upload = await self._new_upload(session_id or new_upload_id(), rules.total, start, rules.options, requester)
         try:
-            return await create(self.ctx, upload, rules.part, rules, client_named=session_id is not None)
+            return await create(self.ctx, upload, rules.part, rules, requester, client_named=session_id is not None)
         except UploadExists:
             return await append(self.ctx, upload.id, rules.part, rules, requester)
 
@@ -442,7 +443,10 @@ class FacadeUploads:
     async def _drop(self, upload: Upload) -> None:
         """Forget a batch's file nobody can resume (a failed one keeps its state and reason)."""
         with contextlib.suppress(Exception):
-            await self.ctx.store.set_state(upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE)
+            dropped = AuditEvent.for_owner(Action.UPLOAD_TERMINATED, upload, reason="batch_file_refused")
+            await self.ctx.store.set_state(
+                upload.id, UploadState.TERMINATED, only_from=UploadState.ACTIVE, audit=dropped
+            )
             await self.ctx.staging.remove(upload.id)
 
     async def _outcome(self, upload: Upload) -> UploadOutcome:
@@ -527,7 +531,7 @@ class FacadeUploads:
         rules = FacadeRules(self, start, options, part, offset=None, total=None, resumable=False, batch=True)
         upload = await self._new_upload(new_upload_id(), None, start, options, requester)
         try:
-            return (await create(self.ctx, upload, part, rules)).upload
+            return (await create(self.ctx, upload, part, rules, requester)).upload
         except (FileTooLarge, UploadRefused) as refused:
             if not part.finished:
                 await part.skip()

@@ -1,27 +1,29 @@
 """The delete saga: a file on an edit Storage Element is removed for good (object, attr.json, registry row), and a
-``file:deleted`` event and an audit entry say so. Its steps run on ``saga.runner.SagaRunner``.
+``file:deleted`` event and an audit row (written with the saga's completion) say so. Its steps run on
+``saga.runner.SagaRunner``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from tusingest.auth import Identity, is_owner_or_admin
 from tusingest.elements.backend import BackendError
 from tusingest.elements.pool import ElementPool, ElementUnavailable
 from tusingest.finalise.naming import sidecar_key
 from tusingest.finalise.refusals import (
+    AuditRecorder,
     DeleteInProgress,
     FileNotFound,
     Refused,
     StorageElementUnknown,
     TransferInProgress,
+    not_owner,
 )
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
@@ -29,14 +31,13 @@ from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaData,
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings, no_admission
 from tusingest.saga.store import DuplicateSaga, SagaStore
 from tusingest.saga.webhooks import FILE_DELETED, file_event_message
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.store import StoreError
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("tusingest.audit")
 
 KIND: Final = "delete"
 STEPS: Final = ("object_deleted", "sidecar_deleted", "announced", "unregistered")
-AUDIT_STREAM: Final = "audit-events"
 ELEMENT_UNAVAILABLE: Final = "storage_element_unavailable"
 _POLL_SECONDS = 0.05
 
@@ -60,7 +61,7 @@ class DeleteOutcome:
 
 
 class DeleteSagaData(SagaData):
-    """The delete saga's working memory: where the file is, and what the event and the audit entry say."""
+    """The delete saga's working memory: where the file is, and what the event and the audit row say."""
 
     file_id: str = ""
     element_id: str = ""
@@ -69,11 +70,13 @@ class DeleteSagaData(SagaData):
     original_filename: str = ""
     size_bytes: int = 0
     actor: str = "anonymous"  # the subject of the token that asked for the delete
+    actor_name: str | None = None
+    actor_address: str | None = None
     owner_id: str | None = None  # the file's created_by_id: who else may join this delete
     requested_at: str = ""  # ISO 8601, UTC
 
     @classmethod
-    def of(cls, record: FileRecord, actor: str) -> DeleteSagaData:
+    def of(cls, record: FileRecord, actor: Identity, address: str | None) -> DeleteSagaData:
         return cls(
             file_id=record.file_id,
             element_id=record.storage_element_id,
@@ -81,7 +84,9 @@ class DeleteSagaData(SagaData):
             storage_filename=record.storage_filename,
             original_filename=record.original_filename,
             size_bytes=record.size_bytes,
-            actor=actor,
+            actor=actor.subject,
+            actor_name=actor.name or None,
+            actor_address=address,
             owner_id=record.created_by_id,
             requested_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         )
@@ -92,7 +97,7 @@ _TRANSIENT = (BackendError, ElementUnavailable, StoreError, OSError)
 
 class DeleteSagas:
     """Steps, each recorded in the saga log before the next begins: ``object_deleted`` → ``sidecar_deleted`` →
-    ``announced`` (the file event and the audit message queued in the outbox) → ``unregistered`` (the registry row
+    ``announced`` (the file event queued in the outbox) → ``unregistered`` (the registry row
     removed). Deleting is idempotent, so after a crash a step is simply done again. The saga never rolls back: an
     element that cannot be reached is tried again with backoff, then by recovery, until the file is gone.
     """
@@ -107,16 +112,17 @@ class DeleteSagas:
         relay: OutboxRelay | None,
         settings: SagaSettings,
         failpoints: Failpoints | None = None,
+        record_audit: AuditRecorder | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
         self.relay = relay
         self.settings = settings
-        self.audit_stream = settings.audit_stream  # None: no Redis, the audit entry goes to the log only
+        self.record_audit = record_audit  # where a refusal goes (the file is somebody else's)
         self.failpoints = failpoints or Failpoints()
         self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
-    async def delete(self, file_id: str, *, actor: Identity, wait: float) -> DeleteOutcome:
+    async def delete(self, file_id: str, *, actor: Identity, wait: float, address: str | None = None) -> DeleteOutcome:
         """Delete the file (or join the delete already under way) and wait up to ``wait`` seconds for the outcome.
 
         Raises a ``Refused`` when the file cannot be deleted. A file deleted before answers "deleted" again.
@@ -126,7 +132,7 @@ class DeleteSagas:
         owner_before = DeleteSagaData.from_data(latest.data).owner_id if latest is not None else None
         if latest is not None and not latest.state.is_finished:
             if not is_owner_or_admin(actor, owner_before):
-                raise FileNotFound(file_id)
+                raise await not_owner(self.record_audit, actor.subject, actor.name, address, file_id)
             return await self._wait(latest, wait)
         record = await self.store.get_file(file_id)
         if record is None:
@@ -134,7 +140,7 @@ class DeleteSagas:
                 return DeleteOutcome("deleted")
             raise FileNotFound(file_id)
         if not is_owner_or_admin(actor, record.created_by_id):
-            raise FileNotFound(file_id)
+            raise await not_owner(self.record_audit, actor.subject, actor.name, address, file_id)
         await self._refuse_if_moving(file_id)
         try:
             element = self.pool.state(record.storage_element_id).element
@@ -143,7 +149,7 @@ class DeleteSagas:
         if not element.mode.allows_delete:
             raise FileInReadonlyStorage(file_id, element.element_id, element.mode.value)
         try:
-            saga, _ = await self.runner.start(file_id, DeleteSagaData.of(record, actor.subject))
+            saga, _ = await self.runner.start(file_id, DeleteSagaData.of(record, actor, address))
         except DuplicateSaga:
             # Another request (here or on another node) started the same delete a moment ago: join it.
             existing = await self.store.latest_saga(KIND, file_id)
@@ -240,8 +246,15 @@ class DeleteSagas:
         if done <= 3:
             await self._unregister(data)
             saga = await self._advance(saga, "unregistered", data)
-        _audit(data)
-        await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
+        deleted = AuditEvent(
+            Action.FILE_DELETED,
+            subject=data.actor,
+            subject_name=data.actor_name,
+            client_address=data.actor_address,
+            file_id=data.file_id,
+            element_ids=(data.element_id,),
+        )
+        await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED, audit=deleted)
 
     async def _delete_object(self, element_id: str, key: str) -> None:
         await self.pool.call(element_id, lambda backend: backend.delete(key))
@@ -268,8 +281,6 @@ class DeleteSagas:
                 "deleted_by": data.actor,
             }
             messages.append(file_event_message(FILE_DELETED, fields, self.settings.events_stream))
-        if self.audit_stream:
-            messages.append(NewOutboxMessage("redis_stream", self.audit_stream, _audit_entry(data)))
         return messages
 
     async def _advance(self, saga: Saga, step: str, data: DeleteSagaData) -> Saga:
@@ -277,20 +288,3 @@ class DeleteSagas:
         saga = await self.runner.advance(saga, step)
         await self.failpoints.reach(f"delete_{step}", data.element_id)
         return saga
-
-
-def _audit_entry(data: DeleteSagaData) -> dict[str, Any]:
-    return {
-        "action": "file.delete",
-        "file_id": data.file_id,
-        "element": data.element_id,
-        "actor": data.actor,
-        "storage_filename": data.storage_filename,
-        "requested_at": data.requested_at,
-    }
-
-
-def _audit(data: DeleteSagaData) -> None:
-    entry = _audit_entry(data)
-    # One JSON object per line for log shippers; ``extra`` for handlers that want the fields themselves.
-    audit_log.info(json.dumps(entry, ensure_ascii=False, sort_keys=True), extra={"audit": entry})

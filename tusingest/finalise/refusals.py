@@ -8,6 +8,12 @@ map it in one place each: api/errors.py for /api, api/finaliser.py (``UploadRefu
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+from tusingest.sessions.audit import Action, AuditEvent, Outcome
+
+AuditRecorder = Callable[[AuditEvent], Awaitable[None]]  # SessionStore.record_audit
+
 
 class Refused(Exception):
     """A request refused, or a file rejected; ``status`` and ``code`` are what the client is told.
@@ -31,6 +37,18 @@ class FileNotFound(Refused):
 
     def __init__(self, file_id: str) -> None:
         super().__init__(f"no file {file_id} in the registry")
+
+
+async def not_owner(
+    record_audit: AuditRecorder | None, subject: str, name: str, address: str | None, file_id: str
+) -> FileNotFound:
+    """Somebody else's file is answered as an unknown one (invariant 7); the refusal goes to the audit log."""
+    if record_audit is not None:
+        refusal = AuditEvent(
+            Action.REFUSED, Outcome.REFUSED, subject, name or None, address, file_id=file_id, reason="not_owner"
+        )
+        await record_audit(refusal)
+    return FileNotFound(file_id)
 
 
 class StorageElementUnknown(Refused):

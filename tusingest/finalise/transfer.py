@@ -24,16 +24,19 @@ from tusingest.elements.pool import ElementPool, ElementUnavailable
 from tusingest.finalise.compression import open_decompressor
 from tusingest.finalise.naming import sidecar_document, sidecar_key
 from tusingest.finalise.refusals import (
+    AuditRecorder,
     DeleteInProgress,
     FileNotFound,
     Refused,
     StorageElementUnknown,
     TransferInProgress,
+    not_owner,
 )
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.records import FileRecord, Saga, SagaData, SagaState
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings
 from tusingest.saga.store import DuplicateSaga, SagaStore
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -121,11 +124,15 @@ class TransferSagaData(SagaData):
     size: int = 0  # original size: what the verified copy decompresses to
     sha256: str = ""
     content_encoding: str | None = None
-    requested_by: str | None = None  # the token subject that asked for the move: who may see its status
     started_at: str | None = None  # ISO 8601, UTC
     completed_at: str | None = None
     # "server_side" or "streamed", once copied; kept under "copy", which is a BaseModel method's name
     copied_by: str | None = Field(default=None, alias="copy")
+    actor: str = (
+        "anonymous"  # the token subject that asked for the transfer: the audit row's, and who may see its status
+    )
+    actor_name: str | None = None
+    actor_address: str | None = None
 
 
 def estimated_seconds(size: int) -> int:
@@ -151,7 +158,9 @@ class TransferSagas:
         settings: SagaSettings,
         failpoints: Failpoints | None = None,
         max_concurrent: int = MAX_CONCURRENT,
+        record_audit: AuditRecorder | None = None,
     ) -> None:
+        self.record_audit = record_audit  # where a refusal goes (the file is somebody else's)
         self.store = store
         self.pool = pool
         self.settings = settings
@@ -160,7 +169,14 @@ class TransferSagas:
         self.runner: SagaRunner[None] = SagaRunner(self, store, settings)
 
     async def start(
-        self, file_id: str, *, actor: Identity, destination_id: str, delete_source: bool, verify_checksum: bool
+        self,
+        file_id: str,
+        *,
+        actor: Identity,
+        destination_id: str,
+        delete_source: bool,
+        verify_checksum: bool,
+        address: str | None = None,
     ) -> Saga:
         """Check the request, record the saga and start it here; the saga id is the transfer id.
 
@@ -168,8 +184,10 @@ class TransferSagas:
         may move it (invariant 7): anyone else is told it does not exist.
         """
         record = await self.store.get_file(file_id)
-        if record is None or not is_owner_or_admin(actor, record.created_by_id):
+        if record is None:
             raise FileNotFound(file_id)
+        if not is_owner_or_admin(actor, record.created_by_id):
+            raise await not_owner(self.record_audit, actor.subject, actor.name, address, file_id)
         deleting = await self.store.latest_saga("delete", file_id)
         if deleting is not None and not deleting.state.is_finished:
             raise DeleteInProgress(file_id)
@@ -202,7 +220,9 @@ class TransferSagas:
             size=record.size_bytes,
             sha256=record.sha256,
             content_encoding=record.content_encoding,
-            requested_by=actor.subject,
+            actor=actor.subject,
+            actor_name=actor.name or None,
+            actor_address=address,
         )
         try:
             saga, _ = await self.runner.start(file_id, data)
@@ -223,7 +243,7 @@ class TransferSagas:
         saga = await self.store.get_saga(transfer_id)
         if saga is None or saga.kind != KIND:
             return None
-        return saga if is_owner_or_admin(actor, TransferSagaData.from_data(saga.data).requested_by) else None
+        return saga if is_owner_or_admin(actor, TransferSagaData.from_data(saga.data).actor) else None
 
     # -- the saga ----------------------------------------------------------------------------
 
@@ -293,7 +313,17 @@ class TransferSagas:
             saga = await self._advance(saga, "source_deleted", data)
         data.completed_at = _now()
         saga = await self._advance(saga, saga.step or COMMIT_STEP, data)
-        await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
+        transferred = AuditEvent(
+            Action.FILE_TRANSFERRED,
+            subject=data.actor,
+            subject_name=data.actor_name,
+            client_address=data.actor_address,
+            file_id=data.file_id,
+            element_ids=(source_id, destination_id),
+        )
+        await self.store.set_state(
+            saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED, audit=transferred
+        )
         log.info("transfer %s: file %s is on %s now", saga.saga_id, data.file_id, destination_id)
 
     async def _copy(self, saga: Saga, data: TransferSagaData) -> Saga:

@@ -59,6 +59,7 @@ from tusingest.saga.webhooks import (
     webhook_messages,
 )
 from tusingest.sessions import SessionStore, Upload, UploadState
+from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.content import read_upload
 from tusingest.sessions.metadata import metadata_text
 from tusingest.sessions.store import StoreError
@@ -550,6 +551,7 @@ class UploadSagas:
             step="registered",
             data_update={},
             lease_seconds=self.settings.lease_seconds,
+            audit=await self._audit(saga.subject_id, Action.UPLOAD_COMPLETED, data),
         )
         if self.relay is not None:
             self.relay.notify()
@@ -638,13 +640,24 @@ class UploadSagas:
         )
         if self.relay is not None:
             self.relay.notify()
-        await self.sessions.set_state(saga.subject_id, UploadState.FAILED)
+        failed = await self._audit(saga.subject_id, Action.UPLOAD_FAILED, data, outcome=Outcome.FAILED, reason=code)
+        await self.sessions.set_state(saga.subject_id, UploadState.FAILED, audit=failed)
         await self._remove_staging(saga.subject_id)
         await self.sagas.set_state(
             saga.saga_id, owner=owner, state=SagaState.COMPENSATED, error_code=code, error=message
         )
         log.info("upload %s failed: %s (%s)", saga.subject_id, message, code)
         return UploadOutcome("failed", refusal=Refused(message, code=code, status=http_status))
+
+    async def _audit(
+        self, upload_id: str, action: str, data: UploadSagaData, *, outcome: str = Outcome.OK, reason: str | None = None
+    ) -> AuditEvent:
+        """The audit event of the upload's completion or failure, under the upload's owner."""
+        upload = await self.sessions.get(upload_id) or Upload(id=upload_id, length=None)
+        elements = (data.element_id,) if data.element_id else ()
+        return AuditEvent.for_owner(
+            action, upload, outcome=outcome, file_id=data.file_id, element_ids=elements, reason=reason
+        )
 
     async def _remove_from(self, element_id: str, key: str) -> bool:
         """Delete the object and its sidecar from an element; False when the element cannot be reached."""

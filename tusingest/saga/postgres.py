@@ -25,6 +25,8 @@ from tusingest.saga.records import (
     new_saga_id,
 )
 from tusingest.saga.store import DuplicateFile, DuplicateSaga, SagaNotFound, SagaOwnershipLost
+from tusingest.sessions import audit as audit_rows
+from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor
 from tusingest.sessions.pgpool import PostgresDatabase
 
 _SAGA_COLUMNS = (
@@ -111,6 +113,7 @@ def _row_to_message(row: asyncpg.Record) -> OutboxMessage:
 class PostgresSagaStore(PostgresDatabase):
     what = "saga store"
     default_max_size = 5
+    auditor: Auditor = LOG_ONLY  # app.py hands over the one it built
 
     # --- plumbing ----------------------------------------------------------------------------------
 
@@ -121,16 +124,24 @@ class PostgresSagaStore(PostgresDatabase):
             return SagaNotFound(saga_id)
         return SagaOwnershipLost(saga_id, owner, row["owner"])
 
-    async def _fenced_update(self, saga_id: str, owner: str, assignments: str, *params: object) -> Saga:
-        """``UPDATE sagas SET <assignments>`` where $1 is the saga id and $2 its owner; refused otherwise."""
-        row = await self.pool.fetchrow(
-            f"UPDATE sagas SET {assignments} WHERE saga_id = $1 AND owner = $2 RETURNING {_SAGA_COLUMNS}",
-            saga_id,
-            owner,
-            *params,
-        )
+    async def _fenced_update(
+        self, saga_id: str, owner: str, assignments: str, *params: object, audit: AuditEvent | None = None
+    ) -> Saga:
+        """``UPDATE sagas SET <assignments>`` where $1 is the saga id and $2 its owner; refused otherwise.
+
+        With ``audit``, its row is written in the same transaction and published once that commits."""
+        sql = f"UPDATE sagas SET {assignments} WHERE saga_id = $1 AND owner = $2 RETURNING {_SAGA_COLUMNS}"
+        if audit is None:
+            row = await self.pool.fetchrow(sql, saga_id, owner, *params)
+        else:
+            async with self.pool.acquire() as connection, connection.transaction():
+                row = await connection.fetchrow(sql, saga_id, owner, *params)
+                if row is not None:
+                    await audit_rows.insert_postgres(connection, audit)
         if row is None:
             raise await self._refusal(saga_id, owner)
+        if audit is not None:
+            await self.auditor.published(audit)
         return _row_to_saga(row)
 
     # --- the saga log --------------------------------------------------------------------------------
@@ -210,6 +221,7 @@ class PostgresSagaStore(PostgresDatabase):
         error_code: str | None = None,
         error: str | None = None,
         now: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> Saga:
         now = _now(now)
         try:
@@ -223,6 +235,7 @@ class PostgresSagaStore(PostgresDatabase):
                 error,
                 now,
                 state.is_finished,
+                audit=audit,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != _ONE_UNFINISHED_INDEX:
@@ -299,8 +312,10 @@ class PostgresSagaStore(PostgresDatabase):
         data_update: Mapping[str, Any],
         lease_seconds: float,
         now: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> Saga:
         now = _now(now)
+        audited = False
         # Encoded before the transaction opens: a payload that is not JSON fails without touching anything.
         outbox_rows = [(m.kind, m.destination, _json(m.payload), now) for m in messages]
         metadata, update = _json(record.metadata), _json(data_update)
@@ -344,12 +359,16 @@ class PostgresSagaStore(PostgresDatabase):
                 )
                 if not same_upload:
                     raise DuplicateFile(record.file_id)
-            elif outbox_rows:
-                await connection.executemany(
-                    "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) "
-                    "VALUES ($1, $2, $3::jsonb, $4, $4)",
-                    outbox_rows,
-                )
+            else:
+                if outbox_rows:
+                    await connection.executemany(
+                        "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) "
+                        "VALUES ($1, $2, $3::jsonb, $4, $4)",
+                        outbox_rows,
+                    )
+                if audit is not None:
+                    await audit_rows.insert_postgres(connection, audit)
+                    audited = True
             row = await connection.fetchrow(
                 "UPDATE sagas SET step = $2, data = data || $3::jsonb, lease_expires_at = $4, updated_at = $5 "
                 f"WHERE saga_id = $1 RETURNING {_SAGA_COLUMNS}",
@@ -360,6 +379,8 @@ class PostgresSagaStore(PostgresDatabase):
                 now,
             )
         assert row is not None  # the row is locked by this transaction, so it is still there
+        if audited and audit is not None:
+            await self.auditor.published(audit)
         return _row_to_saga(row)
 
     async def enqueue(self, messages: Sequence[NewOutboxMessage], *, now: datetime | None = None) -> None:

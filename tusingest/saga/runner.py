@@ -40,7 +40,6 @@ class SagaSettings:
     timeout: float = 3600.0
     webhook_urls: tuple[str, ...] = ()
     events_stream: str | None = None  # None: no Redis, no file events
-    audit_stream: str | None = None  # None: no Redis, audit entries go to the log only
     default_username: str = "anonymous"
     concurrency: int = 4  # upload sagas reading, scanning, compressing and putting at once; the others queue
 

@@ -26,6 +26,8 @@ from tusingest.saga.records import (
     new_saga_id,
 )
 from tusingest.saga.store import DuplicateFile, DuplicateSaga, SagaNotFound, SagaOwnershipLost
+from tusingest.sessions import audit as audit_rows
+from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor
 from tusingest.sessions.sqlitedb import SQLiteDatabase
 from tusingest.sessions.store import StoreError
 
@@ -165,6 +167,7 @@ class SQLiteSagaStore:
     def __init__(self, database: str | SQLiteDatabase) -> None:
         self.database = SQLiteDatabase(database) if isinstance(database, str) else database
         self._open = False
+        self.auditor: Auditor = LOG_ONLY  # app.py hands over the one it built
         # The database's lock, held by every statement: one issued while another coroutine's BEGIN IMMEDIATE
         # is open would silently join (and roll back with) that transaction.
         self._lock = self.database.lock
@@ -315,13 +318,14 @@ class SQLiteSagaStore:
         error_code: str | None = None,
         error: str | None = None,
         now: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> Saga:
         now = _now(now)
         async with self._transaction():
             saga = await self._owned(saga_id, owner)
             lease = None if state.is_finished else _opt_ts(saga.lease_expires_at)
             try:
-                return await self._update_saga(
+                changed = await self._update_saga(
                     saga_id,
                     "state = ?, error_code = ?, error = ?, lease_expires_at = ?, updated_at = ?",
                     (state.value, error_code, error, lease, _ts(now)),
@@ -330,6 +334,11 @@ class SQLiteSagaStore:
                 if _is_unfinished_saga_conflict(exc):
                     raise DuplicateSaga(saga.kind, saga.subject_id) from exc
                 raise
+            if audit is not None:
+                await audit_rows.insert_sqlite(self.db, audit)
+        if audit is not None:
+            await self.auditor.published(audit)
+        return changed
 
     async def bump_attempts(self, saga_id: str, *, owner: str, now: datetime | None = None) -> Saga:
         now = _now(now)
@@ -395,10 +404,12 @@ class SQLiteSagaStore:
         data_update: Mapping[str, Any],
         lease_seconds: float,
         now: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> Saga:
         now = _now(now)
         # Encoded before the transaction opens: a payload that is not JSON fails without touching anything.
         outbox_rows = [(m.kind, m.destination, _json(m.payload), _ts(now), _ts(now)) for m in messages]
+        audited = False
         async with self._transaction():
             saga = await self._owned(saga_id, owner)
             if saga.step == step:
@@ -412,12 +423,20 @@ class SQLiteSagaStore:
                 existing = await self._fetchone("SELECT upload_id FROM files WHERE file_id = ?", (record.file_id,))
                 if existing is None or existing[0] != record.upload_id:
                     raise DuplicateFile(record.file_id)
-            elif outbox_rows:
-                await self.db.executemany(
-                    "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) VALUES (?,?,?,?,?)",
-                    outbox_rows,
-                )
-            return await self._advance(saga, step, data_update, lease_seconds, now)
+            else:
+                if outbox_rows:
+                    await self.db.executemany(
+                        "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) "
+                        "VALUES (?,?,?,?,?)",
+                        outbox_rows,
+                    )
+                if audit is not None:
+                    await audit_rows.insert_sqlite(self.db, audit)
+                    audited = True
+            saga = await self._advance(saga, step, data_update, lease_seconds, now)
+        if audited and audit is not None:
+            await self.auditor.published(audit)
+        return saga
 
     async def enqueue(self, messages: Sequence[NewOutboxMessage], *, now: datetime | None = None) -> None:
         now = _now(now)

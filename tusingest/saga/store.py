@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from tusingest.saga.records import FileRecord, NewOutboxMessage, OutboxMessage, Saga, SagaKind, SagaState
+from tusingest.sessions.audit import AuditEvent, Auditor
 
 # Times: every method that stamps or compares a time takes ``now`` (default: this node's clock, UTC), so
 # callers and tests decide what "now" is and leases expire without anyone sleeping. Opening raises
@@ -55,6 +56,8 @@ class DuplicateFile(SagaStoreError):
 
 
 class SagaStore(Protocol):
+    auditor: Auditor  # publishes each committed audit event (app.py sets the one it built)
+
     async def open(self) -> None:
         """Connect (and on PostgreSQL check the schema revision); raise StoreError with an operator-facing message."""
 
@@ -109,8 +112,11 @@ class SagaStore(Protocol):
         error_code: str | None = None,
         error: str | None = None,
         now: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> Saga:
         """Move the saga to ``state`` with the given error (None clears it); a finished state drops the lease.
+
+        With ``audit`` (a delete or transfer saga done), its row is written in the same transaction.
 
         Fenced like ``advance``. Raises DuplicateSaga when moving back to an unfinished state would make
         a second unfinished saga for the subject.
@@ -153,8 +159,10 @@ class SagaStore(Protocol):
         data_update: Mapping[str, Any],
         lease_seconds: float,
         now: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> Saga:
-        """In one transaction: add ``record`` to the registry, queue ``messages`` in the outbox and ``advance``.
+        """In one transaction: add ``record`` to the registry, queue ``messages`` in the outbox, write the
+        ``audit`` row (upload completed) and ``advance``. The audit row goes with the registry row: written once.
 
         Idempotent: when the saga's step is ``step`` already nothing is written; when ``record.file_id`` is
         registered for the same upload already, neither the row nor the messages are written again (the

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import Upload, UploadState, utcnow
 from tusingest.sessions.store import SessionStore
@@ -53,7 +54,8 @@ async def expire_uploads(
             seen.add(upload.id)
             try:
                 async with locker.lock(upload.id, timeout=0, ask_holder=False):
-                    if await store.set_state(upload.id, UploadState.EXPIRED, only_from=UploadState.ACTIVE):
+                    audit = AuditEvent.for_owner(Action.UPLOAD_TERMINATED, upload, reason="expired")
+                    if await store.set_state(upload.id, UploadState.EXPIRED, only_from=UploadState.ACTIVE, audit=audit):
                         await staging.remove(upload.id)
                         expired += 1
             except LockTimeout:
@@ -139,7 +141,10 @@ async def expire_partials(
                 continue
             try:
                 async with locker.lock(partial.id, timeout=0, ask_holder=False):
-                    if await store.set_state(partial.id, UploadState.EXPIRED, only_from=UploadState.COMPLETE):
+                    audit = AuditEvent.for_owner(Action.UPLOAD_TERMINATED, partial, reason="expired")
+                    if await store.set_state(
+                        partial.id, UploadState.EXPIRED, only_from=UploadState.COMPLETE, audit=audit
+                    ):
                         await staging.remove(partial.id)
                         freed += 1
             except LockTimeout:

@@ -10,6 +10,8 @@ from datetime import datetime
 
 import asyncpg
 
+from tusingest.sessions import audit as audit_rows
+from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.pgpool import PostgresDatabase
 from tusingest.sessions.store import StoreError
@@ -41,26 +43,57 @@ def _row_to_upload(row: asyncpg.Record) -> Upload:
 class PostgresSessionStore(PostgresDatabase):
     what = "session store"
     default_max_size = 10
+    auditor: Auditor = LOG_ONLY  # app.py hands over the one it built
 
-    async def create(self, upload: Upload) -> None:
+    async def _audited(self, event: AuditEvent, sql: str, *params: object) -> asyncpg.Record | None:
+        """Run ``sql`` and write ``event``'s row in one transaction; publish the event once it is committed
+        (and only when the statement changed something: it returned a row)."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            row: asyncpg.Record | None = await connection.fetchrow(sql, *params)
+            if row is not None:
+                await audit_rows.insert_postgres(connection, event)
+        if row is not None:
+            await self.auditor.published(event)
+        return row
+
+    async def record_audit(self, event: AuditEvent) -> None:
+        await audit_rows.insert_postgres(self.pool, event)
+        await self.auditor.published(event)
+
+    async def list_audit(
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        limit: int = 1000,
+        *,
+        subject: str | None = None,
+        upload_id: str | None = None,
+    ) -> list[AuditEvent]:
+        return await audit_rows.list_postgres(self.pool, AuditQuery(since, until, limit, subject, upload_id))
+
+    async def create(self, upload: Upload, audit: AuditEvent | None = None) -> None:
         upload = upload.as_stored()
+        sql = f"INSERT INTO uploads ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        params = (
+            upload.id,
+            upload.length,
+            upload.offset,
+            upload.metadata,
+            upload.state.value,
+            upload.kind.value,
+            list(upload.parts),
+            upload.created_at,
+            upload.updated_at,
+            upload.expires_at,
+            upload.completion_pending,
+            upload.owner_id,
+            upload.owner_name,
+        )
         try:
-            await self.pool.execute(
-                f"INSERT INTO uploads ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                upload.id,
-                upload.length,
-                upload.offset,
-                upload.metadata,
-                upload.state.value,
-                upload.kind.value,
-                list(upload.parts),
-                upload.created_at,
-                upload.updated_at,
-                upload.expires_at,
-                upload.completion_pending,
-                upload.owner_id,
-                upload.owner_name,
-            )
+            if audit is None:
+                await self.pool.execute(sql, *params)
+            else:
+                await self._audited(audit, f"{sql} RETURNING id", *params)
         except asyncpg.UniqueViolationError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
 
@@ -107,13 +140,20 @@ class PostgresSessionStore(PostgresDatabase):
         )
 
     async def set_state(
-        self, upload_id: str, state: UploadState, *, only_from: UploadState | None = None
+        self,
+        upload_id: str,
+        state: UploadState,
+        *,
+        only_from: UploadState | None = None,
+        audit: AuditEvent | None = None,
     ) -> Upload | None:
-        if only_from is None:
-            return await self._update_returning("UPDATE uploads SET state = $1 WHERE id = $2", state.value, upload_id)
-        return await self._update_returning(
-            "UPDATE uploads SET state = $1 WHERE id = $2 AND state = $3", state.value, upload_id, only_from.value
-        )
+        sql, params = "UPDATE uploads SET state = $1 WHERE id = $2", [state.value, upload_id]
+        if only_from is not None:
+            sql, params = f"{sql} AND state = $3", [*params, only_from.value]
+        if audit is None:
+            return await self._update_returning(sql, *params)
+        row = await self._audited(audit, f"{sql} RETURNING {_COLUMNS}", *params)
+        return None if row is None else _row_to_upload(row)
 
     async def _select(self, where: str, *params: object) -> list[Upload]:
         rows = await self.pool.fetch(f"SELECT {_COLUMNS} FROM uploads WHERE {where}", *params)

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 
 import aiosqlite
 
+from tusingest.sessions import audit as audit_rows
+from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.sqlitedb import SQLiteDatabase
 from tusingest.sessions.store import StoreError
@@ -57,6 +59,7 @@ class SQLiteSessionStore:
     def __init__(self, database: str | SQLiteDatabase) -> None:
         self.database = SQLiteDatabase(database) if isinstance(database, str) else database
         self._open = False
+        self.auditor: Auditor = LOG_ONLY  # app.py hands over the one it built
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -94,7 +97,36 @@ class SQLiteSessionStore:
             rows = await cursor.fetchall()
         return [_row_to_upload(r) for r in rows]
 
-    async def create(self, upload: Upload) -> None:
+    async def _audited(self, event: AuditEvent, sql: str, params: tuple[object, ...]) -> sqlite3.Row | None:
+        """Run ``sql`` and write ``event``'s row in one transaction; publish the event once it is committed
+        (and only when the statement changed something: it returned a row)."""
+        async with self.database.transaction(lambda: self.db) as db:
+            async with db.execute(sql, params) as cursor:
+                row: sqlite3.Row | None = await cursor.fetchone()
+            if row is not None:
+                await audit_rows.insert_sqlite(db, event)
+        if row is not None:
+            await self.auditor.published(event)
+        return row
+
+    async def record_audit(self, event: AuditEvent) -> None:
+        async with self.database.transaction(lambda: self.db) as db:
+            await audit_rows.insert_sqlite(db, event)
+        await self.auditor.published(event)
+
+    async def list_audit(
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        limit: int = 1000,
+        *,
+        subject: str | None = None,
+        upload_id: str | None = None,
+    ) -> list[AuditEvent]:
+        async with self.database.lock:
+            return await audit_rows.list_sqlite(self.db, AuditQuery(since, until, limit, subject, upload_id))
+
+    async def create(self, upload: Upload, audit: AuditEvent | None = None) -> None:
         upload = upload.as_stored()
         values = (
             upload.id,
@@ -112,8 +144,12 @@ class SQLiteSessionStore:
             upload.owner_name,
         )
 
+        sql = f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         try:
-            await self._fetchone(f"INSERT INTO uploads ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
+            if audit is None:
+                await self._fetchone(sql, values)
+            else:
+                await self._audited(audit, f"{sql} RETURNING id", values)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
 
@@ -153,13 +189,21 @@ class SQLiteSessionStore:
         )
 
     async def set_state(
-        self, upload_id: str, state: UploadState, *, only_from: UploadState | None = None
+        self,
+        upload_id: str,
+        state: UploadState,
+        *,
+        only_from: UploadState | None = None,
+        audit: AuditEvent | None = None,
     ) -> Upload | None:
-        if only_from is None:
-            return await self._update_returning("UPDATE uploads SET state = ? WHERE id = ?", (state.value, upload_id))
-        return await self._update_returning(
-            "UPDATE uploads SET state = ? WHERE id = ? AND state = ?", (state.value, upload_id, only_from.value)
-        )
+        sql, params = "UPDATE uploads SET state = ? WHERE id = ?", (state.value, upload_id)
+        params_: tuple[object, ...] = params
+        if only_from is not None:
+            sql, params_ = f"{sql} AND state = ?", (*params, only_from.value)
+        if audit is None:
+            return await self._update_returning(sql, params_)
+        row = await self._audited(audit, f"{sql} RETURNING {_COLUMNS}", params_)
+        return None if row is None else _row_to_upload(row)
 
     async def list_expired(self, now: datetime, limit: int = 500) -> list[Upload]:
         return await self._fetchall(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
+from tusingest.sessions.audit import AuditEvent, Auditor
 from tusingest.sessions.model import Upload, UploadState
 
 
@@ -22,6 +23,8 @@ class DatabaseNotMigrated(StoreError):
 
 
 class SessionStore(Protocol):
+    auditor: Auditor  # publishes each committed audit event (app.py sets the one it built)
+
     async def open(self) -> None:
         """Connect and check the schema; raise StoreError with an operator-facing message."""
 
@@ -30,8 +33,10 @@ class SessionStore(Protocol):
     async def ping(self) -> bool:
         """True when the store answers (readiness probe)."""
 
-    async def create(self, upload: Upload) -> None:
-        """Insert a new upload; its id is unique (collisions raise StoreError)."""
+    async def create(self, upload: Upload, audit: AuditEvent | None = None) -> None:
+        """Insert a new upload; its id is unique (collisions raise StoreError).
+
+        With ``audit``, its row is written in the same transaction (and published once committed)."""
 
     async def get(self, upload_id: str) -> Upload | None: ...
 
@@ -56,9 +61,30 @@ class SessionStore(Protocol):
         A length equal to the offset completes the upload in the same statement, as in ``commit_offset``."""
 
     async def set_state(
-        self, upload_id: str, state: UploadState, *, only_from: UploadState | None = None
+        self,
+        upload_id: str,
+        state: UploadState,
+        *,
+        only_from: UploadState | None = None,
+        audit: AuditEvent | None = None,
     ) -> Upload | None:
-        """Move to ``state`` (optionally only from ``only_from``); None if nothing changed."""
+        """Move to ``state`` (optionally only from ``only_from``); None if nothing changed.
+
+        With ``audit``, its row is written in the same transaction, and only when the state changed."""
+
+    async def record_audit(self, event: AuditEvent) -> None:
+        """Write an audit row that records no change (a refused authorization), then publish it."""
+
+    async def list_audit(
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        limit: int = 1000,
+        *,
+        subject: str | None = None,
+        upload_id: str | None = None,
+    ) -> list[AuditEvent]:
+        """Audit events at or after ``since`` (and before ``until``), oldest first."""
 
     async def list_expired(self, now: datetime, limit: int = 500) -> list[Upload]:
         """ACTIVE uploads whose expires_at has passed."""

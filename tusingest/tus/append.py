@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from tusingest.sessions import Upload, UploadKind, UploadState
+from tusingest.sessions.audit import Action
 from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
@@ -174,7 +175,13 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
 
 
 async def create(
-    ctx: TusContext, upload: Upload, body: Body | None, rules: AppendRules, *, client_named: bool = False
+    ctx: TusContext,
+    upload: Upload,
+    body: Body | None,
+    rules: AppendRules,
+    requester: Requester,
+    *,
+    client_named: bool = False,
 ) -> Appended:
     """Create ``upload`` with ``body`` as its first bytes: staged first, then the row written once,
     with its offset (one database round trip for a small file).
@@ -206,7 +213,7 @@ async def create(
         except BaseException:
             await ctx.staging.remove(upload.id)  # no row names these bytes: nobody could resume them
             raise
-        await ctx.store.create(upload)
+        await ctx.store.create(upload, audit=requester.audit(Action.UPLOAD_CREATED, upload))
         upload = upload.as_stored()
         completing = upload.is_complete and rules.hand_on()
         if completing:

@@ -12,6 +12,7 @@ from typing import Protocol
 from starlette.requests import HTTPConnection, Request
 
 from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
+from tusingest.sessions.audit import ANONYMOUS, Action, AuditEvent, Outcome
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
 from tusingest.staging import DirectoryStaging
@@ -101,6 +102,25 @@ class Requester:
     subject: str
     name: str = ""
     admin: bool = False
+    address: str | None = None  # the client's, for the audit log
+
+    def audit(
+        self, action: str, upload: Upload | str, *, outcome: str = Outcome.OK, reason: str | None = None
+    ) -> AuditEvent:
+        """The audit event of what this requester does to ``upload`` (or the upload of that id)."""
+        return AuditEvent(
+            action,
+            outcome,
+            subject=self.subject or ANONYMOUS,
+            subject_name=self.name or None,
+            client_address=self.address,
+            upload_id=upload if isinstance(upload, str) else upload.id,
+            reason=reason,
+        )
+
+    async def refused(self, store: SessionStore, upload_id: str, reason: str = "not_owner") -> None:
+        """Record that this requester was refused the upload: it is somebody else's (answered 404)."""
+        await store.record_audit(self.audit(Action.REFUSED, upload_id, outcome=Outcome.REFUSED, reason=reason))
 
     def may_touch(self, upload: Upload) -> bool:
         """Invariant 7: an upload is its owner's or an admin's (one made before owners: admin only)."""
@@ -153,7 +173,10 @@ class TusContext:
         touch (so ids cannot be probed: the same answer, before its state says anything), 410
         terminated/expired. Every request on an existing upload passes here (invariant 7)."""
         upload = await self.store.get(upload_id)
-        if upload is None or not requester.may_touch(upload):
+        if upload is None:
+            raise UploadNotFound()
+        if not requester.may_touch(upload):
+            await requester.refused(self.store, upload_id)
             raise UploadNotFound()
         if upload.state is UploadState.TERMINATED:
             raise UploadGone("upload was terminated")
@@ -193,7 +216,11 @@ class TusContext:
             ):
                 retry = str(max(1, round(self.options.lock_timeout)))
                 raise UploadLocked("the upload is being finalised; retry once that ends", {"Retry-After": retry})
-            if await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state) is None:
+            terminated = requester.audit(Action.UPLOAD_TERMINATED, upload, reason="terminated")
+            if (
+                await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state, audit=terminated)
+                is None
+            ):
                 raise UploadGone("upload changed state while being terminated")
             await self.staging.remove(upload.id)
 

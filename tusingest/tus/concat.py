@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
+from tusingest.sessions.audit import Action
 from tusingest.sessions.model import is_upload_id, new_upload_id, utcnow
 from tusingest.tus.base import TusContext, expires_header, partials_complete, requester_of, tus_headers
 from tusingest.tus.errors import BadRequest, TooLarge
@@ -109,7 +110,10 @@ async def create_final(ctx: TusContext, request: Request, concat: FinalConcat, m
     for part_id, url in zip(concat.parts, concat.urls, strict=True):
         part = partials.get(part_id)
         # Somebody else's partial is answered as an unknown one: a final folds only its creator's.
-        if part is None or not requester.may_touch(part):
+        if part is not None and not requester.may_touch(part):
+            await requester.refused(ctx.store, part_id)
+            part = None
+        if part is None:
             raise BadRequest(f"Upload-Concat: {url} is not a known upload")
         if part.kind is not UploadKind.PARTIAL:
             raise BadRequest(f"Upload-Concat: {url} is not a partial upload (create it with Upload-Concat: partial)")
@@ -136,7 +140,7 @@ async def create_final(ctx: TusContext, request: Request, concat: FinalConcat, m
         expires_at=ctx.expires_at(now),
     )
     final = requester.owning(final)
-    await ctx.store.create(final)
+    await ctx.store.create(final, audit=requester.audit(Action.UPLOAD_CREATED, final))
     extra: dict[str, str] = {}
     if complete:
         async with ctx.locker.lock(final.id):

@@ -161,9 +161,11 @@ class IetfPostHandler:
         upload = Upload(
             id=new_upload_id(), length=length, created_at=now, updated_at=now, expires_at=self.ctx.expires_at(now)
         )
-        upload = requester_of(request).owning(upload)
+        requester = requester_of(request)
+        upload = requester.owning(upload)
         rules = IetfRules(None, length, complete, limit=upload_limit(self.ctx), inspect=False)
-        upload = (await create(self.ctx, upload, RequestBody(request.receive, options.body_pace), rules)).upload
+        body = RequestBody(request.receive, options.body_pace)
+        upload = (await create(self.ctx, upload, body, rules, requester)).upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
 
         headers = draft_headers() | {

@@ -60,12 +60,13 @@ class PostHandler:
             updated_at=now,
             expires_at=self.ctx.expires_at(now),
         )
-        upload = requester_of(request).owning(upload)
+        requester = requester_of(request)
+        upload = requester.owning(upload)
         # Creation-with-upload takes the bytes the start inspector would want before the row exists;
         # the first PATCH inspects them (it reads back what is staged).
         rules = AppendRules(content_length=content_length, checksum=checksum, inspect=False)
         body = RequestBody(request.receive, options.body_pace) if with_body else None
-        upload = (await create(self.ctx, upload, body, rules)).upload
+        upload = (await create(self.ctx, upload, body, rules, requester)).upload
         extra = await self.ctx.result(upload) if upload.is_complete else {}
 
         headers = tus_headers() | {"Location": self.ctx.location(request, upload.id)}

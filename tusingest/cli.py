@@ -7,7 +7,6 @@ import errno
 import logging
 import signal
 import socket
-import sys
 from typing import Annotated
 
 import typer
@@ -26,11 +25,9 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from tusingest.observability.logs import LogSettings, configure
+
+    configure(LogSettings(level=settings.log_level, format=settings.log_format))
 
 
 @cli.command()

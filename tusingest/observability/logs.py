@@ -64,7 +64,17 @@ def _add_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 def configure(settings: LogSettings) -> None:
     """Route the root logger through structlog's ProcessorFormatter onto stderr (replacing its handlers)."""
     json_lines = settings.format == "json" or (settings.format is None and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(json_lines=json_lines))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level.upper())
+
+
+def formatter(*, json_lines: bool) -> logging.Formatter:
+    """The formatter that turns a stdlib record into one JSON object (or one readable line)."""
     shared: list[structlog.types.Processor] = [
+        structlog.stdlib.ExtraAdder(),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -73,19 +83,14 @@ def configure(settings: LogSettings) -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if json_lines else _keep,
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.level.upper())
 
 
 def _keep(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -179,4 +184,4 @@ def _route_template(path: str, path_params: dict[str, Any]) -> str:
     return path
 
 
-__all__ = ["ACCESS_LOGGER", "LogSettings", "RequestFacts", "RequestTelemetry", "configure", "note_upload"]
+__all__ = ["ACCESS_LOGGER", "LogSettings", "RequestFacts", "RequestTelemetry", "configure", "formatter", "note_upload"]

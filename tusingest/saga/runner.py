@@ -162,6 +162,13 @@ class SagaRunner[R]:
 
     async def advance(self, saga: Saga, step: str, data: SagaData | None = None) -> Saga:
         """Record ``step`` as done, with the saga's data as it is now (None: unchanged); renews the lease. Fenced."""
+        log.info(
+            "%s saga %s: step %s done",
+            self.kind,
+            saga.saga_id,
+            step,
+            extra={"saga": self.kind, "saga_id": saga.saga_id, "step": step},
+        )
         return await self.store.advance(
             saga.saga_id,
             owner=self.settings.owner,
@@ -240,6 +247,7 @@ class SagaRunner[R]:
                 with attempt:
                     return await self._attempt(await self._latest(saga), attempt.retry_state.attempt_number)
         except _Transient as exhausted:
+            self._log_compensation(exhausted.saga, exhausted.error)
             return await self.steps.failed(exhausted.saga, exhausted.error, exhausted.attempts)
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
@@ -258,11 +266,22 @@ class SagaRunner[R]:
             if saga.state.is_finished:
                 return await self.steps.current(saga)
             if failure is Failure.PERMANENT:
+                self._log_compensation(saga, exc)
                 return await self.steps.failed(saga, exc, attempts)
             if not isinstance(exc, StoreError):  # when the store failed there is nowhere to count the attempt
                 saga = await self.store.bump_attempts(saga.saga_id, owner=self.settings.owner)
             await self.steps.failing(saga, exc)
             raise _Transient(saga, exc, attempts) from exc
+
+    def _log_compensation(self, saga: Saga, error: Exception) -> None:
+        log.warning(
+            "%s saga %s failed at step %s (%s); compensating",
+            self.kind,
+            saga.saga_id,
+            saga.step,
+            type(error).__name__,
+            extra={"saga": self.kind, "saga_id": saga.saga_id, "step": saga.step, "outcome": "compensating"},
+        )
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None

@@ -30,7 +30,7 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
 
 async def test_every_line_is_json_and_the_patch_access_line_has_its_upload_and_trace(tmp_path: Path) -> None:
     port, stderr_path = free_port(), tmp_path / "stderr.log"
-    env = clean_env(LOG_FORMAT="json", LOG_LEVEL="info")
+    env = clean_env(LOG_FORMAT="json", LOG_LEVEL="debug")  # debug: the saga step lines too
     with stderr_path.open("wb") as stderr:
         async with running(tmp_path, env, port, stderr=stderr):
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -62,7 +62,7 @@ async def test_every_line_is_json_and_the_patch_access_line_has_its_upload_and_t
     (post,) = [entry for entry in access if entry["method"] == "POST"]
     assert post["upload_id"] == upload_id and post["status"] == 201 and post["route"] == "/files/"
     assert post["trace_id"] != CLIENT_TRACE
-    # Lines written inside the request's saga carry the upload and the same trace.
+    # Lines written inside the request's saga (its steps, at debug) carry the upload and the same trace.
     steps = [entry for entry in entries if entry.get("step") and entry.get("upload_id") == upload_id]
     assert steps and all(entry["trace_id"] == CLIENT_TRACE for entry in steps)
 

@@ -147,7 +147,8 @@ class RequestTelemetry:
                 sizes[1] += len(message.get("body", b""))
             await send(message)
 
-        name = tracing.UPLOAD if path.startswith(self.upload_paths) else f"{method} {path}"
+        is_upload = path.startswith(self.upload_paths)
+        name = tracing.UPLOAD if is_upload else method  # other requests are named by route once it is known
         attributes = {"http.request.method": method, "url.path": path}
         parent = tracing.incoming_context(Headers(scope=scope))
         with tracing.span(name, attributes, parent=parent, kind=SpanKind.SERVER) as current:
@@ -156,6 +157,8 @@ class RequestTelemetry:
             finally:
                 route = _route_template(path, scope.get("path_params") or {})
                 current.set_attribute("http.route", route)
+                if not is_upload:
+                    current.update_name(f"{method} {route}")
                 current.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     current.set_status(Status(StatusCode.ERROR))

@@ -162,7 +162,8 @@ class SagaRunner[R]:
 
     async def advance(self, saga: Saga, step: str, data: SagaData | None = None) -> Saga:
         """Record ``step`` as done, with the saga's data as it is now (None: unchanged); renews the lease. Fenced."""
-        log.info(
+        # debug: four lines per upload at info would cost more than the rest of the instrumentation together.
+        log.debug(
             "%s saga %s: step %s done",
             self.kind,
             saga.saga_id,

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from tusingest.observability import tracing
 from tusingest.saga.records import UNFINISHED_STATES, Saga, SagaData, SagaKind
 from tusingest.saga.store import SagaOwnershipLost, SagaStore
 from tusingest.sessions.store import StoreError
@@ -209,6 +210,14 @@ class SagaRunner[R]:
     # -- one run ----------------------------------------------------------------------------
 
     async def _run(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
+        if tracing.current_ids() is not None:  # started by a request: its spans are children of the request's
+            return await self._run_here(saga, work)
+        # Recovery (its node died, or its attempts rested): a trace of its own, holding this run's spans.
+        attributes = {"saga.kind": self.kind, "saga.id": saga.saga_id, "saga.subject": saga.subject_id}
+        with tracing.span(f"saga.{self.kind}", attributes | {"saga.step": saga.step}):
+            return await self._run_here(saga, work)
+
+    async def _run_here(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
         keeper = asyncio.create_task(self._keep_lease(saga.saga_id), name=f"{saga.kind}-lease-{saga.saga_id}")
         try:
             async with self.steps.admission(saga):

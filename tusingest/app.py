@@ -457,7 +457,7 @@ def build_app(settings: Settings) -> Starlette:
         # Outermost: every answer, refusals included, is in the request's span and access line.
         Middleware(
             RequestTelemetry,
-            tracing_=parts.tracing,
+            traces=parts.tracing,
             upload_paths=(settings.tus_base_path.rstrip("/") or "/", "/api/files/upload", "/api/files/batch/upload"),
             subject_of=_subject,
         ),

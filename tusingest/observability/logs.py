@@ -108,12 +108,12 @@ class RequestTelemetry:
     def __init__(
         self,
         app: ASGIApp,
-        tracing_: tracing.Tracing,
+        traces: tracing.Tracing,
         upload_paths: tuple[str, ...],
         subject_of: Callable[[Scope], str | None],
     ) -> None:
         self.app = app
-        self.tracing = tracing_
+        self.traces = traces
         self.upload_paths = upload_paths
         self.subject_of = subject_of
 
@@ -121,7 +121,7 @@ class RequestTelemetry:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        self.tracing.activate()
+        self.traces.activate()
         facts = RequestFacts()
         _REQUEST.set(facts)
         path: str = scope.get("path", "")

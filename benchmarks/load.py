@@ -258,7 +258,8 @@ def run_server(args: argparse.Namespace, database_url: str, workdir: Path, max_f
         "DEFAULT_ELEMENT_DIR": str(workdir / "elements"),
         "SERVICE_DISCOVERY_CACHE_FILE": str(workdir / "storage_elements.json"),
         "MAX_FILE_SIZE_MB": str(max_file_mb),
-        "LOG_LEVEL": "warning",
+        # Quiet unless asked: LOG_LEVEL=info measures the access lines too (the observability A/B).
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "warning"),
     }
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

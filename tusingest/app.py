@@ -55,6 +55,8 @@ from tusingest.finalise.delete import DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
+from tusingest.observability.logs import RequestTelemetry
+from tusingest.observability.tracing import Tracing, TracingSettings
 from tusingest.ratelimit import RateLimiter, RateLimitSettings
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
@@ -112,6 +114,7 @@ class Parts:
     transfers: TransferSagas
     files_api: FilesApi
     auth: Authenticator
+    tracing: Tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,8 +301,28 @@ def build_parts(settings: Settings) -> Parts:
     tus = TusServer(options, store, staging, locker, hooks)
     files_api = FilesApi(deletes, transfers, verify_checksum_default=settings.transfer_verify_checksum_default)
     auth = Authenticator(auth_settings(settings))
+    tracing = Tracing(
+        TracingSettings(
+            enabled=settings.opentelemetry_enabled,
+            otlp_endpoint=settings.otel_exporter_otlp_endpoint,
+            service_name=settings.otel_service_name,
+        )
+    )
     return Parts(
-        settings, store, staging, locker, tus, elements, saga_store, relay, sagas, deletes, transfers, files_api, auth
+        settings,
+        store,
+        staging,
+        locker,
+        tus,
+        elements,
+        saga_store,
+        relay,
+        sagas,
+        deletes,
+        transfers,
+        files_api,
+        auth,
+        tracing,
     )
 
 
@@ -378,9 +401,11 @@ def build_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        parts.tracing.activate()  # the tasks started here (recovery, outbox) trace into this app's provider
         await asyncio.to_thread(Path(settings.staging_dir).mkdir, parents=True, exist_ok=True)
         await parts.store.open()
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(parts.tracing.shutdown)
             stack.callback(parts.staging.close)
             stack.push_async_callback(parts.store.close)
             stack.push_async_callback(parts.store.auditor.aclose)
@@ -443,6 +468,13 @@ def build_app(settings: Settings) -> Starlette:
     if not settings.resumable_uploads_enabled:
         routes = _without_resumable_uploads(routes, settings.tus_base_path)
     middleware = [
+        # Outermost: every answer, refusals included, is in the request's span and access line.
+        Middleware(
+            RequestTelemetry,
+            traces=parts.tracing,
+            upload_paths=(settings.tus_base_path.rstrip("/") or "/", "/api/files/upload", "/api/files/batch/upload"),
+            subject_of=_subject,
+        ),
         Middleware(UnreadBodyGuard),
         Middleware(
             RequestHeadLimit,
@@ -549,6 +581,12 @@ class Authentication:
             await self.record_audit(event)
         except Exception as exc:  # any store's failure; the client is refused either way
             log.warning("cannot record the refusal in the audit log: %s", exc)
+
+
+def _subject(scope: Scope) -> str | None:
+    """The authenticated caller of a request, for its access line (None before or without authentication)."""
+    requester = scope.get("state", {}).get(REQUESTER)
+    return requester.subject if isinstance(requester, Requester) and requester.subject else None
 
 
 def _requester(identity: Identity, address: str | None = None) -> Requester:

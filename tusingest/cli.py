@@ -8,7 +8,6 @@ import logging
 import re
 import signal
 import socket
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -29,11 +28,9 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from tusingest.observability.logs import LogSettings, configure
+
+    configure(LogSettings(level=settings.log_level, format=settings.log_format))
 
 
 @cli.command()

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8020, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # json | console; unset: console when stderr is a terminal, else JSON lines.
+    log_format: Literal["json", "console"] | None = None
+    # Spans are made when true (logs carry trace ids); exported over OTLP/HTTP only with an endpoint.
+    opentelemetry_enabled: bool = True
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "artstore-ingester"
 
     database_url: str = "sqlite:///./data/tusingest.db"
     staging_dir: str = "./data/staging"

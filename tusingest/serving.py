@@ -3,6 +3,7 @@ on a request head (size, field count, time to arrive) that Hypercorn and the app
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from hypercorn.config import Config
@@ -43,8 +44,9 @@ def hypercorn_config(settings: ServingSettings, bind: str | None = None) -> Conf
     config = Config()
     config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_seconds
-    config.accesslog = None
-    config.errorlog = "-"
+    config.accesslog = None  # the app writes its own access line (observability/logs.py)
+    # A logger, not "-": its records go to the root handler, so they too are JSON lines.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.max_app_queue_size = 8
     # h11 refuses (431, empty body) a head that is still incomplete past this size: a head
     # trickled or sent in pieces never grows beyond it. A head that arrives whole within one

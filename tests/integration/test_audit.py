@@ -133,6 +133,24 @@ async def test_a_missing_token_is_recorded_as_an_anonymous_refusal(start_server:
     assert row.reason is not None and row.reason.startswith("401 invalid_token") and "x.y.z" not in row.reason
 
 
+async def test_an_audit_row_carries_the_trace_id_of_the_request_that_made_it(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await keyed(start_server, tmp_path)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    trace_id = os.urandom(16).hex()
+    traceparent = f"00-{trace_id}-{os.urandom(8).hex()}-01"
+
+    async with server.client() as client:
+        created = await client.post(
+            "/files/", headers=TUS | {"Upload-Length": "10", "traceparent": traceparent} | bearer(ALICE, "Alice")
+        )
+
+    assert created.status_code == 201, created.text
+    (row,) = await audit_rows(server, since, 1)
+    assert (row.action, row.request_id) == ("upload.created", trace_id)
+
+
 async def test_an_expired_upload_is_recorded_as_terminated_under_its_owner(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:

@@ -11,11 +11,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tusingest.app import open_database
 from tusingest.finalise.delete import DeleteSagaData
 from tusingest.finalise.transfer import TransferSagaData
 from tusingest.finalise.upload import UploadSagaData
+from tusingest.observability.tracing import Tracing, TracingSettings
 from tusingest.saga import SagaState, SagaStore
 from tusingest.saga.records import Saga, SagaData, SagaKind
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings, cancel_and_wait, no_admission
@@ -166,6 +169,24 @@ async def test_recovery_resumes_a_saga_this_node_owns_that_no_task_runs(store: S
 
     assert task is not None and await task == "done"
     assert await runner.recover() == 0  # finished: nothing left to resume
+
+
+async def test_a_recovered_saga_runs_in_a_trace_of_its_own(store: SagaStore) -> None:
+    tracing = Tracing(TracingSettings())
+    assert tracing.provider is not None
+    exporter = InMemorySpanExporter()
+    tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.activate()
+    runner = SagaRunner(ScriptedSteps(store, "node-a"), store, settings())
+    saga = await store.create_saga("delete", "file-1", Counted().to_data(), owner="node-a", lease_seconds=30.0)
+
+    assert await runner.recover() == 1
+    task = runner.task(saga.saga_id)
+    assert task is not None and await task == "done"
+
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "saga.delete" and span.parent is None
+    assert span.attributes is not None and span.attributes["saga.id"] == saga.saga_id
 
 
 async def test_close_stops_running_sagas_and_leaves_them_to_recovery(store: SagaStore) -> None:

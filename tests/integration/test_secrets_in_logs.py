@@ -17,6 +17,7 @@ from tests.fixtures.rawhttp import eventually
 from tests.fixtures.redis import free_port
 from tests.fixtures.s3 import MotoServer
 from tests.fixtures.server import OCTETS, TUS, base_settings, live_server
+from tusingest.observability.logs import formatter
 
 JWT_SECRET = "jwt-secret-0123456789abcdef0123456789abcdef"
 WEBHOOK_SECRET = "webhook-secret-5f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -69,7 +70,10 @@ async def test_no_token_or_secret_appears_in_the_logs_when_things_fail(
         await eventually(failed_deliveries, lambda failed: failed > 0, timeout=30)
         assert (await server.parts.elements.pool.probe_all())["se-broken"] is False  # S3 refuses: no bucket
 
-    logged = caplog.text
+    # The lines as an operator sees them: JSON with every field (access lines, saga steps, trace ids).
+    as_json = formatter(json_lines=True)
+    logged = caplog.text + "\n".join(as_json.format(record) for record in caplog.records)
+    assert '"logger": "tusingest.access"' in logged and '"subject": "alice"' in logged
     # The failures were logged, so the check below looked at them.
     assert "is failing" in logged
     assert "se-broken" in logged

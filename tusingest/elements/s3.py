@@ -36,6 +36,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound, ObjectRefused
 from tusingest.elements.keys import check_key, check_prefix
+from tusingest.observability import tracing
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -355,10 +356,12 @@ class S3Backend:
         return await self._clients.client(self.access)
 
     async def _call[T](self, operation: str, key: str | None, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except Exception as exc:
-            raise s3_error(exc, element_id=self.element_id, operation=operation, key=key) from exc
+        attributes = {"rpc.system": "aws-api", "rpc.method": operation, "element.id": self.element_id, "s3.key": key}
+        with tracing.span(f"S3.{operation}", attributes, kind=tracing.CLIENT):
+            try:
+                return await call
+            except Exception as exc:
+                raise s3_error(exc, element_id=self.element_id, operation=operation, key=key) from exc
 
     async def put(
         self,

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tusingest.finalise.compression import (
 )
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime, mime_allowed
 from tusingest.finalise.refusals import Refused
+from tusingest.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,7 @@ async def inspect(
         await asyncio.to_thread(spool_path.parent.mkdir, parents=True, exist_ok=True)
         spool = await asyncio.to_thread(open, spool_path, "wb")
     work = _Pass(compressor, spool)
+    started = time.time_ns()
     scanned, scan_note = scanner is not None, None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -226,7 +229,15 @@ async def inspect(
 
     compression = None
     if compressor is not None:
-        if worth_keeping(work.size, stored_size, policy.compression_min_saving):
+        kept = worth_keeping(work.size, stored_size, policy.compression_min_saving)
+        attributes: tracing.Attributes = {
+            "compression.algorithm": compressor.algorithm,
+            "compression.kept": kept,
+            "size.original": work.size,
+            "size.stored": stored_size,
+        }
+        tracing.record(tracing.COMPRESSION, started, attributes)
+        if kept:
             compression = Compressed(compressor.algorithm, str(spool_path), stored_size)
         else:
             await asyncio.to_thread(spool_path.unlink, True)

@@ -32,6 +32,7 @@ from tusingest.finalise.refusals import (
     TransferInProgress,
     not_owner,
 )
+from tusingest.observability import tracing
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.records import FileRecord, Saga, SagaData, SagaState
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings
@@ -276,10 +277,18 @@ class TransferSagas:
         return None
 
     async def forward(self, saga: Saga) -> None:
-        if saga.state is SagaState.COMPENSATING:
-            await self._compensate(saga)
-        else:
-            await self._forward(saga)
+        data = TransferSagaData.from_data(saga.data)
+        attributes = {
+            "transfer.id": saga.saga_id,
+            "file.id": saga.subject_id,
+            "element.id": data.destination_element_id,
+            "source_element.id": data.source_element_id,
+        }
+        with tracing.span(tracing.TRANSFER, attributes):
+            if saga.state is SagaState.COMPENSATING:
+                await self._compensate(saga)
+            else:
+                await self._forward(saga)
 
     async def _forward(self, saga: Saga) -> None:
         data = TransferSagaData.from_data(saga.data)

@@ -45,6 +45,7 @@ from tusingest.finalise.pipeline import (
     inspect,
 )
 from tusingest.finalise.refusals import Refused
+from tusingest.observability import tracing
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaData, SagaState
@@ -349,31 +350,37 @@ class UploadSagas:
         repeated = step in ("placing", "placed")
 
         if step in (None, "inspected") and not self._inspection_usable(saga.step, data):
-            if not await self._single_pass_head(upload, data):
-                data.inspected(await self._inspect(upload, data))
+            with tracing.span(tracing.VALIDATION, {"upload.id": upload.id, "upload.size": upload.length}) as checked:
+                if not await self._single_pass_head(upload, data):
+                    data.inspected(await self._inspect(upload, data))
+                checked.set_attributes({"content_type": data.content_type or "", "single_pass": data.single_pass})
             saga = await self._advance(saga, "inspected", data)
             step = "inspected"
         await self.failpoints.reach("inspected")
 
         while step in ("inspected", "placing", "placed"):
             if step == "inspected" or data.element_id in data.tried:
-                data.element_id = self._choose(data)
+                with tracing.span(tracing.STORAGE_SELECTION, {"upload.id": upload.id}) as selecting:
+                    data.element_id = self._choose(data)
+                    selecting.set_attribute("element.id", data.element_id)
                 saga = await self._advance(saga, "placing", data)
                 step = "placing"
             element_id = data.element_id
             assert element_id is not None  # chosen just now or recorded with the step
+            placing: tracing.Attributes = {"upload.id": upload.id, "element.id": element_id, "size.original": data.size}
             try:
-                if step == "placing":
-                    info, hashed = await self._put_object(saga.subject_id, data, element_id, repeated=repeated)
-                    data.stored_size = info.size
-                    saga = await self._advance(saga, "placed", data)
-                    step = "placed"
-                    if hashed:
-                        self._check_single_pass(data)
-                    await self.failpoints.reach("placed", element_id)
-                await self._put_sidecar(data, element_id, repeated=repeated)
-                saga = await self._advance(saga, "sidecar_written", data)
-                step = "sidecar_written"
+                with tracing.span(tracing.TRANSFER, {**placing, "size.stored": data.placed_size()}):
+                    if step == "placing":
+                        info, hashed = await self._put_object(saga.subject_id, data, element_id, repeated=repeated)
+                        data.stored_size = info.size
+                        saga = await self._advance(saga, "placed", data)
+                        step = "placed"
+                        if hashed:
+                            self._check_single_pass(data)
+                        await self.failpoints.reach("placed", element_id)
+                    await self._put_sidecar(data, element_id, repeated=repeated)
+                    saga = await self._advance(saga, "sidecar_written", data)
+                    step = "sidecar_written"
             except (ObjectRefused, InvalidKey) as exc:
                 # The file's own fault (its name, its sidecar): another element would refuse it
                 # too, and this one is not failing. The upload fails; compensation removes the object.

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
+from tusingest.observability import tracing
 from tusingest.saga.records import OutboxMessage
 from tusingest.saga.runner import cancel_and_wait
 from tusingest.saga.store import SagaStore
@@ -281,12 +282,16 @@ class OutboxRelay:
             self._warned_unsigned = True
         try:
             # Redirects are not followed: a POST would turn into a GET, and the body would be lost on the way.
-            async with self._http.post(message.destination, data=body, headers=headers, allow_redirects=False) as r:
-                if 200 <= r.status < 300:
-                    return None
-                excerpt = (await r.content.read(_ERROR_BODY_CHARS)).decode(errors="replace").strip()
-                error = f"HTTP {r.status} {r.reason or ''}".rstrip() + (f": {excerpt}" if excerpt else "")
-                return _Failure(error, destination_down=False, status=r.status)
+            attributes = {"http.request.method": "POST", "webhook.event": event_type, "outbox.id": message.message_id}
+            with tracing.span("webhook.deliver", attributes, kind=tracing.CLIENT) as delivery:
+                post = self._http.post(message.destination, data=body, headers=headers, allow_redirects=False)
+                async with post as r:
+                    delivery.set_attribute("http.response.status_code", r.status)
+                    if 200 <= r.status < 300:
+                        return None
+                    excerpt = (await r.content.read(_ERROR_BODY_CHARS)).decode(errors="replace").strip()
+                    error = f"HTTP {r.status} {r.reason or ''}".rstrip() + (f": {excerpt}" if excerpt else "")
+                    return _Failure(error, destination_down=False, status=r.status)
         except TimeoutError:
             return _Failure(f"no answer within {self._timeout:g} s", destination_down=True)
         except (aiohttp.ClientError, OSError) as exc:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from tusingest.observability import tracing
 from tusingest.saga.records import UNFINISHED_STATES, Saga, SagaData, SagaKind
 from tusingest.saga.store import SagaOwnershipLost, SagaStore
 from tusingest.sessions.store import StoreError
@@ -161,6 +162,14 @@ class SagaRunner[R]:
 
     async def advance(self, saga: Saga, step: str, data: SagaData | None = None) -> Saga:
         """Record ``step`` as done, with the saga's data as it is now (None: unchanged); renews the lease. Fenced."""
+        # debug: four lines per upload at info would cost more than the rest of the instrumentation together.
+        log.debug(
+            "%s saga %s: step %s done",
+            self.kind,
+            saga.saga_id,
+            step,
+            extra={"saga": self.kind, "saga_id": saga.saga_id, "step": step},
+        )
         return await self.store.advance(
             saga.saga_id,
             owner=self.settings.owner,
@@ -200,6 +209,14 @@ class SagaRunner[R]:
     # -- one run ----------------------------------------------------------------------------
 
     async def _run(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
+        if tracing.current_ids() is not None:  # started by a request: its spans are children of the request's
+            return await self._run_here(saga, work)
+        # Recovery (its node died, or its attempts rested): a trace of its own, holding this run's spans.
+        attributes = {"saga.kind": self.kind, "saga.id": saga.saga_id, "saga.subject": saga.subject_id}
+        with tracing.span(f"saga.{self.kind}", attributes | {"saga.step": saga.step}):
+            return await self._run_here(saga, work)
+
+    async def _run_here(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
         keeper = asyncio.create_task(self._keep_lease(saga.saga_id), name=f"{saga.kind}-lease-{saga.saga_id}")
         try:
             async with self.steps.admission(saga):
@@ -239,6 +256,7 @@ class SagaRunner[R]:
                 with attempt:
                     return await self._attempt(await self._latest(saga), attempt.retry_state.attempt_number)
         except _Transient as exhausted:
+            self._log_compensation(exhausted.saga, exhausted.error)
             return await self.steps.failed(exhausted.saga, exhausted.error, exhausted.attempts)
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
@@ -257,11 +275,22 @@ class SagaRunner[R]:
             if saga.state.is_finished:
                 return await self.steps.current(saga)
             if failure is Failure.PERMANENT:
+                self._log_compensation(saga, exc)
                 return await self.steps.failed(saga, exc, attempts)
             if not isinstance(exc, StoreError):  # when the store failed there is nowhere to count the attempt
                 saga = await self.store.bump_attempts(saga.saga_id, owner=self.settings.owner)
             await self.steps.failing(saga, exc)
             raise _Transient(saga, exc, attempts) from exc
+
+    def _log_compensation(self, saga: Saga, error: Exception) -> None:
+        log.warning(
+            "%s saga %s failed at step %s (%s); compensating",
+            self.kind,
+            saga.saga_id,
+            saga.step,
+            type(error).__name__,
+            extra={"saga": self.kind, "saga_id": saga.saga_id, "step": saga.step, "outcome": "compensating"},
+        )
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None

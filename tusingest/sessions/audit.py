@@ -25,6 +25,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from asyncpg.pool import PoolConnectionProxy
 
+from tusingest.observability.tracing import current_ids
 from tusingest.sessions.model import Upload
 
 audit_log = logging.getLogger("tusingest.audit")
@@ -55,6 +56,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _trace_id() -> str | None:
+    ids = current_ids()
+    return ids[0] if ids else None
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     action: str
@@ -66,7 +72,7 @@ class AuditEvent:
     file_id: str | None = None
     element_ids: tuple[str, ...] = ()
     reason: str | None = None  # an error code or why
-    request_id: str | None = None
+    request_id: str | None = field(default_factory=_trace_id)  # the trace of the request (or saga) that made it
     at: datetime = field(default_factory=_now)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
+from tusingest.observability.logs import note_upload
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action
 from tusingest.tus.base import Requester, TusContext
@@ -190,6 +191,7 @@ async def create(
     stop its body). A ``client_named`` one (the facade's X-Upload-Session-ID) may be sent to any
     node at once: it takes the real lock and raises ``UploadExists`` if the upload exists by then.
     """
+    note_upload(upload.id)
     interrupt = Interrupt()
     claim = (
         ctx.locker.lock(upload.id, on_release_request=interrupt.fire, timeout=ctx.options.lock_timeout)

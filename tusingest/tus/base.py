@@ -11,6 +11,7 @@ from typing import Protocol
 
 from starlette.requests import HTTPConnection, Request
 
+from tusingest.observability.logs import note_upload
 from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.audit import ANONYMOUS, Action, AuditEvent, Outcome
 from tusingest.sessions.locks import Locker, LockTimeout
@@ -172,6 +173,7 @@ class TusContext:
         """The upload, or the error a client gets for it: 404 unknown or not the requester's to
         touch (so ids cannot be probed: the same answer, before its state says anything), 410
         terminated/expired. Every request on an existing upload passes here (invariant 7)."""
+        note_upload(upload_id)  # its span and log lines name the upload from here on
         upload = await self.store.get(upload_id)
         if upload is None:
             raise UploadNotFound()

@@ -55,6 +55,7 @@ from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
+from tusingest.observability.metrics import CONTENT_TYPE, BreakerStates, Metrics, RequestMetrics
 from tusingest.ratelimit import RateLimiter, RateLimitSettings
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
@@ -111,6 +112,7 @@ class Parts:
     transfers: TransferSagas
     files_api: FilesApi
     auth: Authenticator
+    metrics: Metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,7 @@ def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ
 
 
 def build_parts(settings: Settings) -> Parts:
+    metrics = Metrics()
     database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds)
     store = database.sessions
     staging = DirectoryStaging(
@@ -227,6 +230,7 @@ def build_parts(settings: Settings) -> Parts:
         ),
     )
     elements = StorageElements.from_settings(element_settings(settings))
+    metrics.watch(BreakerStates(lambda: ((row.element_id, row.breaker) for row in elements.pool.statuses())))
     saga_store = database.sagas
     relay = OutboxRelay(
         saga_store,
@@ -276,17 +280,31 @@ def build_parts(settings: Settings) -> Parts:
         policy=policy,
         settings=saga_settings,
         failpoints=failpoints,
+        metrics=metrics,
     )
     deletes = DeleteSagas(
         store=saga_store, pool=elements.pool, relay=relay, settings=saga_settings, failpoints=failpoints
     )
     transfers = TransferSagas(store=saga_store, pool=elements.pool, settings=saga_settings, failpoints=failpoints)
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
-    tus = TusServer(options, store, staging, locker, hooks)
+    tus = TusServer(options, store, staging, locker, hooks, metrics)
     files_api = FilesApi(deletes, transfers, verify_checksum_default=settings.transfer_verify_checksum_default)
     auth = Authenticator(auth_settings(settings))
     return Parts(
-        settings, store, staging, locker, tus, elements, saga_store, relay, sagas, deletes, transfers, files_api, auth
+        settings,
+        store,
+        staging,
+        locker,
+        tus,
+        elements,
+        saga_store,
+        relay,
+        sagas,
+        deletes,
+        transfers,
+        files_api,
+        auth,
+        metrics,
     )
 
 
@@ -305,6 +323,13 @@ def auth_settings(settings: Settings) -> AuthSettings:
         tls_min_version=settings.tls_min_version,
         anonymous_name=settings.default_username,
     )
+
+
+def metrics_auth(settings: Settings) -> str:
+    """METRICS_AUTH, or its default: "token" when a JWT key is configured, "open" in anonymous mode."""
+    if settings.metrics_auth is not None:
+        return settings.metrics_auth
+    return "token" if auth_settings(settings).enabled else "open"
 
 
 def node_id() -> str:
@@ -402,6 +427,9 @@ def build_app(settings: Settings) -> Starlette:
             {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
         )
 
+    async def metrics(request: Request) -> Response:
+        return Response(parts.metrics.render(), media_type=CONTENT_TYPE)
+
     async def elements(request: Request) -> JSONResponse:
         discovery = parts.elements.discovery
         return JSONResponse(
@@ -422,6 +450,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/health/live", live),
         Route("/health/ready", ready),
         Route("/health/elements", elements),
+        *([Route("/metrics", metrics)] if settings.prometheus_metrics_enabled else []),
         *api_routes,
         *openapi_routes(api_routes),  # the document of exactly these routes
         *parts.tus.routes(),
@@ -429,6 +458,7 @@ def build_app(settings: Settings) -> Starlette:
     if not settings.resumable_uploads_enabled:
         routes = _without_resumable_uploads(routes, settings.tus_base_path)
     middleware = [
+        Middleware(RequestMetrics, metrics=parts.metrics),
         Middleware(UnreadBodyGuard),
         Middleware(
             RequestHeadLimit,
@@ -444,7 +474,12 @@ def build_app(settings: Settings) -> Starlette:
             max_age=86400,
         ),
         # Inside CORS, so a refusal still carries the CORS headers a browser needs to read it.
-        Middleware(Authentication, auth=parts.auth, tus_base_path=settings.tus_base_path),
+        Middleware(
+            Authentication,
+            auth=parts.auth,
+            tus_base_path=settings.tus_base_path,
+            guard_metrics=metrics_auth(settings) == "token",
+        ),
         # Last, so after authentication: it reads the caller's identity from the scope state.
         Middleware(
             RateLimits, limiter=RateLimiter(rate_limit_settings(settings)), tus_base_path=settings.tus_base_path
@@ -464,15 +499,17 @@ class Authentication:
     scopes do not grant 403. Otherwise the Identity and the tus layer's Requester go into the
     request scope's state. /health/*, /openapi.json and CORS preflights are not guarded."""
 
-    def __init__(self, app: ASGIApp, auth: Authenticator, tus_base_path: str) -> None:
+    def __init__(self, app: ASGIApp, auth: Authenticator, tus_base_path: str, guard_metrics: bool = False) -> None:
         self.app = app
         self.auth = auth
         self.tus_base = tus_base_path
+        self.guard_metrics = guard_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         is_tus = path == self.tus_base.rstrip("/") or path.startswith(self.tus_base)
-        if scope["type"] != "http" or not (is_tus or path.startswith("/api/")):
+        guarded = is_tus or path.startswith("/api/") or (self.guard_metrics and path == "/metrics")
+        if scope["type"] != "http" or not guarded:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -523,6 +560,8 @@ def _operation(method: str, path: str, is_tus: bool) -> Operation | None:
     """What a request does, for the role and scope policy (None: nothing an operation guards)."""
     if is_tus:
         return _TUS_OPERATIONS.get(method)
+    if path == "/metrics":
+        return Operation.METRICS
     if method == "GET":
         return Operation.READ
     if method == "DELETE":

@@ -373,7 +373,7 @@ def who(role: str | None = None, scopes: set[str] | None = None, subject: str = 
     [
         ("ADMIN", None, ALL),
         ("USER", None, WRITER),
-        ("AUDITOR", None, {Operation.READ, Operation.AUDIT}),
+        ("AUDITOR", None, {Operation.READ, Operation.AUDIT, Operation.METRICS}),
         ("READONLY", None, {Operation.READ}),
         ("SUPERUSER", None, {Operation.READ}),
         (None, None, {Operation.READ}),
@@ -381,11 +381,12 @@ def who(role: str | None = None, scopes: set[str] | None = None, subject: str = 
         (None, {"files:delete"}, {Operation.READ, Operation.DELETE}),
         (None, {"files:transfer"}, {Operation.READ, Operation.TRANSFER}),
         (None, {"files:everything", "admin"}, {Operation.READ}),
+        (None, {"metrics:read"}, {Operation.READ, Operation.METRICS}),
         ("READONLY", {"files:write"}, {Operation.READ, Operation.CREATE, Operation.APPEND, Operation.TERMINATE}),
     ],
     ids=[
         "admin", "user", "auditor", "readonly", "unknown-role", "no-role", "write-scope", "delete-scope",
-        "transfer-scope", "unknown-scopes", "readonly-plus-write-scope",
+        "transfer-scope", "unknown-scopes", "metrics-scope", "readonly-plus-write-scope",
     ],
 )  # fmt: skip
 def test_roles_and_scopes_map_to_operations(

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from starlette.requests import HTTPConnection, Request
 
+from tusingest.observability.metrics import Metrics
 from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
@@ -142,6 +143,7 @@ class TusContext:
     staging: DirectoryStaging
     locker: Locker
     hooks: UploadHooks
+    metrics: Metrics = field(default_factory=Metrics)
 
     def expires_at(self, now: datetime) -> datetime | None:
         if self.options.ttl is None or not self.options.has("expiration"):
@@ -196,6 +198,7 @@ class TusContext:
             if await self.store.set_state(upload.id, UploadState.TERMINATED, only_from=upload.state) is None:
                 raise UploadGone("upload changed state while being terminated")
             await self.staging.remove(upload.id)
+        self.metrics.tus_uploads.labels("terminated").inc()
 
     async def complete(self, upload: Upload) -> None:
         """Run under the upload's lock once ``upload`` holds all its bytes (its commit made it COMPLETE).
@@ -206,6 +209,7 @@ class TusContext:
         """
         if upload.kind is not UploadKind.PARTIAL:
             await self.hand_over(upload)
+            self.metrics.tus_uploads.labels("completed").inc()
             return
         for final in await self.store.list_final_uploads_with_part(upload.id):
             if final.state is not UploadState.ACTIVE or final.is_complete:

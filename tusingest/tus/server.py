@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tusingest.observability.metrics import Metrics
 from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import is_upload_id
@@ -52,8 +53,9 @@ class TusServer:
         staging: DirectoryStaging,
         locker: Locker,
         hooks: UploadHooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.ctx = TusContext(options, store, staging, locker, hooks or PlainHooks(store))
+        self.ctx = TusContext(options, store, staging, locker, hooks or PlainHooks(store), metrics or Metrics())
         self.options_handler = OptionsHandler(self.ctx)
         self.post = PostHandler(self.ctx)
         self.head = HeadHandler(self.ctx)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -417,12 +418,18 @@ def build_app(settings: Settings) -> Starlette:
 
     async def ready(request: Request) -> JSONResponse:
         checks = {
-            "session_store": await parts.store.ping(),
-            "saga_store": await parts.saga_store.ping(),
-            "staging": _writable(parts.staging.root),
-            "writable_storage_element": parts.elements.pool.has_writable_element(),
+            "session_store": _check(await parts.store.ping(), "database does not answer"),
+            "saga_store": _check(await parts.saga_store.ping(), "database does not answer"),
+            "staging": await asyncio.to_thread(_staging_check, parts.staging.root, settings.staging_min_free_mb),
+            "writable_storage_element": _check(
+                parts.elements.pool.has_writable_element(), "no writable storage element can take a file"
+            ),
         }
-        ok = all(checks.values())
+        if settings.redis_url:
+            checks["redis"] = _check_reason(await parts.relay.ping_redis())
+        if parts.sagas.scanner is not None:
+            checks["clamd"] = _check_reason(await _clamd_down(parts.sagas.scanner))
+        ok = all(check["ok"] for check in checks.values())
         return JSONResponse(
             {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
         )
@@ -618,6 +625,31 @@ def _refusing_upload_sessions(
         return await endpoint(request)
 
     return upload
+
+
+def _check(ok: bool, failing: str) -> dict[str, object]:
+    return {"ok": ok, "detail": "ok" if ok else failing}
+
+
+def _check_reason(reason: str | None) -> dict[str, object]:
+    return {"ok": reason is None, "detail": reason or "ok"}
+
+
+async def _clamd_down(scanner: ClamdScanner) -> str | None:
+    try:
+        await scanner.ping()
+    except Exception as exc:  # any failure to answer PING means not ready; the reason goes in the detail
+        return f"clamd does not answer: {exc}"
+    return None
+
+
+def _staging_check(root: Path, min_free_mb: int) -> dict[str, object]:
+    if not _writable(root):
+        return {"ok": False, "detail": f"staging directory {root} is not writable"}
+    free_mb = shutil.disk_usage(root).free >> 20
+    if free_mb < min_free_mb:
+        return {"ok": False, "detail": f"{free_mb} MiB free, below STAGING_MIN_FREE_MB={min_free_mb}"}
+    return {"ok": True, "detail": f"{free_mb} MiB free"}
 
 
 def _writable(path: Path) -> bool:

@@ -240,6 +240,7 @@ class Settings(BaseSettings):
     auth_metrics_required: bool = False
     # Observability (issue 13). METRICS_AUTH unset: "token" when a JWT key is configured, else "open".
     prometheus_metrics_enabled: bool = True
+    staging_min_free_mb: int = Field(1024, ge=0)  # /health/ready: not ready below this much free staging space
     metrics_auth: Literal["token", "open"] | None = None
     rate_limit_creations_per_minute: int = Field(0, ge=0, le=1_000_000)  # per token subject
     rate_limit_creations_per_minute_per_address: int = Field(0, ge=0, le=1_000_000)  # per client address

@@ -13,6 +13,7 @@ import pytest
 from tests.fixtures.clamd import EICAR, Clamd
 from tests.fixtures.jwt import rsa_key, token, write_pem
 from tests.fixtures.rawhttp import eventually
+from tests.fixtures.redis import RedisServer
 from tests.fixtures.server import TUS, LiveServer, ServerFactory, _server_factory, base_settings, live_server
 from tests.integration.test_finalise import jpeg_payload, text_payload, upload
 from tests.metrics_text import samples
@@ -115,3 +116,47 @@ async def test_metrics_can_be_left_open_or_turned_off(start: ServerFactory) -> N
         assert (await client.get("/metrics")).status_code == 200
     async with closed.client() as client:
         assert (await client.get("/metrics")).status_code == 404
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+async def ready(server: LiveServer) -> tuple[int, dict[str, dict[str, object]]]:
+    async with server.client() as client:
+        response = await client.get("/health/ready")
+    body = response.json()
+    assert body["status"] == ("ready" if response.status_code == 200 else "not_ready")
+    return response.status_code, body["checks"]
+
+
+async def test_readiness_follows_redis_down_and_back(start: ServerFactory, redis_server: RedisServer) -> None:
+    server = await start(redis_url=redis_server.url)
+    status, checks = await ready(server)
+    assert status == 200 and checks["redis"] == {"ok": True, "detail": "ok"}
+    assert "clamd" not in checks  # not enabled, not checked
+    redis_server.stop()
+    status, checks = await ready(server)
+    assert status == 503 and checks["redis"]["ok"] is False and checks["session_store"]["ok"] is True
+    redis_server.start()
+    status, checks = await eventually(lambda: ready(server), lambda answer: answer[0] == 200)
+    assert checks["redis"]["ok"] is True
+
+
+async def test_readiness_wants_free_staging_space(start: ServerFactory) -> None:
+    server = await start(staging_min_free_mb=1 << 40)  # more than any disk has
+    status, checks = await ready(server)
+    assert status == 503 and checks["staging"]["ok"] is False
+    assert "STAGING_MIN_FREE_MB" in str(checks["staging"]["detail"])
+
+
+async def test_readiness_follows_the_only_element_going_down_and_back(start: ServerFactory) -> None:
+    server = await start()
+    assert (await ready(server))[0] == 200
+    pool = server.parts.elements.pool
+    breaker = pool._states["local"].breaker  # the element's own breaker, as failed backend calls feed it
+    for _ in range(10):
+        breaker.record_failure("test: the element is down")
+    status, checks = await ready(server)
+    assert status == 503 and checks["writable_storage_element"]["ok"] is False
+    found = await scrape(server)
+    assert value(found, "artstore_ingester_circuit_breaker_state", element="local") == 2

@@ -155,6 +155,16 @@ class OutboxRelay:
             await self._redis.aclose()
             self._redis = None
 
+    async def ping_redis(self) -> str | None:
+        """For readiness: None when Redis answers (or none is configured), else why not."""
+        if self._redis is None:
+            return None if self._redis_url is None else "not connected"
+        try:
+            await self._redis.ping()  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            return f"redis does not answer: {type(exc).__name__}"
+        return None
+
     def notify(self) -> None:
         """Deliver now: called after a transaction that queued messages committed, so they need not wait a poll."""
         self._wake.set()

@@ -56,7 +56,7 @@ from tusingest.finalise.delete import AUDIT_STREAM, DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
-from tusingest.observability.metrics import CONTENT_TYPE, BreakerStates, Metrics, RequestMetrics
+from tusingest.observability.metrics import CONTENT_TYPE, BreakerStates, Metrics, ReadGauge, RequestMetrics
 from tusingest.ratelimit import RateLimiter, RateLimitSettings
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
@@ -216,6 +216,11 @@ def build_parts(settings: Settings) -> Parts:
         write_buffer_bytes=settings.staging_write_buffer_kb << 10,
     )
     locker = database.locker
+    metrics.watch(
+        ReadGauge(
+            "staging_free_bytes", "Free bytes on the staging volume", lambda: shutil.disk_usage(staging.root).free
+        )
+    )
 
     options = TusOptions(
         base_path=settings.tus_base_path,
@@ -241,6 +246,7 @@ def build_parts(settings: Settings) -> Parts:
         retry_max_seconds=settings.webhook_retry_max_seconds,
         poll_interval=settings.outbox_poll_interval_seconds,
         tls_min_version=settings.tls_min_version,
+        metrics=metrics,
     )
     policy = FinalisePolicy(
         max_size=settings.max_file_size,

@@ -105,6 +105,9 @@ class Metrics:
             registry=r,
         )
         self.virus_detections = Counter(PREFIX + "virus_detections_total", "Uploads refused as infected", registry=r)
+        self.outbox_backlog = Gauge(
+            PREFIX + "outbox_backlog", "Outbox messages not delivered yet (after the relay's last round)", registry=r
+        )
         self.webhook_failures = Counter(
             PREFIX + "webhook_delivery_failures_total", "Webhook deliveries that failed", registry=r
         )
@@ -130,6 +133,20 @@ class BreakerStates(Collector):
         for element, state in self._states():
             family.add_metric([element], BREAKER_VALUES.get(state, 2))
         yield family
+
+
+class ReadGauge(Collector):
+    """A gauge read when scraped (e.g. artstore_ingester_staging_free_bytes); a failing read omits it."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._documentation, self._read = PREFIX + name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            reading = self._read()
+        except OSError:
+            return
+        yield GaugeMetricFamily(self._name, self._documentation, value=reading)
 
 
 class RequestMetrics:

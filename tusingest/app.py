@@ -336,7 +336,7 @@ def metrics_auth(settings: Settings) -> str:
     """METRICS_AUTH, or its default: "token" when a JWT key is configured, "open" in anonymous mode."""
     if settings.metrics_auth is not None:
         return settings.metrics_auth
-    return "token" if auth_settings(settings).enabled else "open"
+    return "token" if auth_settings(settings).enabled or settings.auth_metrics_required else "open"
 
 
 def node_id() -> str:

@@ -350,7 +350,8 @@ async def _expire_periodically(parts: Parts) -> None:
         try:
             # A staging folder no session knows, untouched for the TTL, belongs to no live creation.
             grace = timedelta(hours=parts.settings.upload_session_ttl_hours)
-            await expire_uploads(parts.store, parts.staging, parts.locker, staging_grace=grace)
+            report = await expire_uploads(parts.store, parts.staging, parts.locker, staging_grace=grace)
+            parts.metrics.tus_uploads.labels("expired").inc(report.expired)
             await free_partials(parts)
             await purge_outbox(parts)
         except Exception:  # a failed sweep must not end the task; the next one retries

@@ -69,6 +69,8 @@ async def test_scripted_uploads_give_exact_counts(start: ServerFactory) -> None:
     assert value(found, "artstore_ingester_tus_bytes_received_total") == len(good)
     assert value(found, "artstore_ingester_upload_size_bytes_count") == 1
     assert value(found, "artstore_ingester_upload_size_bytes_sum") == len(good)
+    assert value(found, "artstore_ingester_storage_selection_duration_seconds_count") == 1
+    assert value(found, "artstore_ingester_compression_ratio_count") == 0  # a JPEG is stored as received
     # Route templates, never raw paths with ids.
     patches = {
         labels: count
@@ -79,6 +81,16 @@ async def test_scripted_uploads_give_exact_counts(start: ServerFactory) -> None:
     assert sum(patches.values()) == 2
     assert value(found, "artstore_ingester_http_requests_total", method="POST", route="/files/", status="201") == 3
     assert value(found, "artstore_ingester_circuit_breaker_state", element="local") == 0
+
+
+async def test_a_compressed_file_records_its_ratio(start: ServerFactory) -> None:
+    server = await start()
+    async with server.client() as client:
+        _, ok = await upload(client, text_payload(2 << 20), "log.txt")
+    assert ok.status_code == 204
+    found = await settled_counts(server, 1)
+    assert value(found, "artstore_ingester_compression_ratio_count") == 1
+    assert 0 < value(found, "artstore_ingester_compression_ratio_sum") < 0.5  # log text shrinks well
 
 
 async def test_a_virus_is_counted(start: ServerFactory, clamd: Clamd) -> None:

@@ -415,9 +415,10 @@ class UploadSagas:
 
     def _choose(self, data: UploadSagaData) -> str:
         try:
-            state = self.pool.select(
-                data.placed_size(), retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
-            )
+            with self.metrics.storage_selection.time():
+                state = self.pool.select(
+                    data.placed_size(), retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
+                )
         except NoElementAvailable as exc:
             if data.tried:
                 raise _GiveUp("storage_unavailable", str(exc)) from exc
@@ -608,13 +609,17 @@ class UploadSagas:
         if saga.step != "cleaned":
             saga = await self._advance(saga, "cleaned", data)
         await self.sagas.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
-        self._settled(saga, "success", data.size)
+        self._settled(saga, "success", data.size, data.compression)
         return UploadOutcome("completed", file=await self.sagas.get_file(data.file_id or ""))
 
-    def _settled(self, saga: Saga, status: str, size: int | None = None) -> None:
+    def _settled(
+        self, saga: Saga, status: str, size: int | None = None, compression: Compression | None = None
+    ) -> None:
         """Count a settled upload saga (artstore_ingester_uploads_total and the saga series)."""
         self.metrics.uploads.labels(status).inc()
         self.metrics.saga_transactions.labels(KIND, "completed" if status == "success" else "compensated").inc()
+        if compression is not None and size:
+            self.metrics.compression_ratio.observe(compression.stored_size / size)
         if size is not None:
             self.metrics.upload_size.observe(size)
             self.metrics.upload_duration.observe((utcnow() - saga.created_at).total_seconds())

@@ -102,6 +102,7 @@ class TusServer:
         except TusError as error:
             return self.error_response(error)
         except LockTimeout:
+            self.ctx.metrics.lock_timeouts.inc()
             retry = str(max(1, round(self.ctx.options.lock_timeout)))
             return self.error_response(UploadLocked(headers={"Retry-After": retry}))
         except StagingError as exc:

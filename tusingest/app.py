@@ -471,8 +471,10 @@ def build_app(settings: Settings) -> Starlette:
     ]
     if not settings.resumable_uploads_enabled:
         routes = _without_resumable_uploads(routes, settings.tus_base_path)
+    # With metrics off the per-request middleware is left out; the few counters elsewhere stay (unread).
+    measured = [Middleware(RequestMetrics, metrics=parts.metrics)] if settings.prometheus_metrics_enabled else []
     middleware = [
-        Middleware(RequestMetrics, metrics=parts.metrics),
+        *measured,
         Middleware(UnreadBodyGuard),
         Middleware(
             RequestHeadLimit,

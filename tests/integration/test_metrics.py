@@ -12,6 +12,7 @@ import pytest
 
 from tests.fixtures.clamd import EICAR, Clamd
 from tests.fixtures.jwt import rsa_key, token, write_pem
+from tests.fixtures.postgres import _admin
 from tests.fixtures.rawhttp import eventually
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.server import TUS, LiveServer, ServerFactory, _server_factory, base_settings, live_server
@@ -172,3 +173,25 @@ async def test_readiness_follows_the_only_element_going_down_and_back(start: Ser
     assert status == 503 and checks["writable_storage_element"]["ok"] is False
     found = await scrape(server)
     assert value(found, "artstore_ingester_circuit_breaker_state", element="local") == 2
+
+
+async def test_readiness_follows_postgresql_down_and_back(
+    tmp_path: Path, postgres_url: str, postgres_admin_url: str
+) -> None:
+    name = postgres_url.rsplit("/", 1)[1]
+    async with _server_factory(tmp_path, postgres_url) as factory:
+        server = await factory()
+        assert (await ready(server))[0] == 200
+        # This test's own database refuses connections and loses the open ones: PostgreSQL is gone for the node.
+        await _admin(
+            postgres_admin_url,
+            f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false',
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+        )
+        try:
+            status, checks = await eventually(lambda: ready(server), lambda answer: answer[0] == 503)
+            assert checks["session_store"]["ok"] is False and checks["saga_store"]["ok"] is False
+        finally:
+            await _admin(postgres_admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        _, checks = await eventually(lambda: ready(server), lambda answer: answer[0] == 200, timeout=30)
+        assert checks["session_store"]["ok"] is True

@@ -189,7 +189,7 @@ async def test_readiness_follows_postgresql_down_and_back(
             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
         )
         try:
-            status, checks = await eventually(lambda: ready(server), lambda answer: answer[0] == 503)
+            _, checks = await eventually(lambda: ready(server), lambda answer: answer[0] == 503)
             assert checks["session_store"]["ok"] is False and checks["saga_store"]["ok"] is False
         finally:
             await _admin(postgres_admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -56,6 +57,7 @@ from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
 from tusingest.observability.logs import RequestTelemetry
+from tusingest.observability.metrics import CONTENT_TYPE, BreakerStates, Metrics, ReadGauge, RequestMetrics
 from tusingest.observability.tracing import Tracing, TracingSettings
 from tusingest.ratelimit import RateLimiter, RateLimitSettings
 from tusingest.saga.failpoints import Failpoints
@@ -115,6 +117,7 @@ class Parts:
     files_api: FilesApi
     auth: Authenticator
     tracing: Tracing
+    metrics: Metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,7 @@ def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ
 
 
 def build_parts(settings: Settings) -> Parts:
+    metrics = Metrics()
     database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds)
     store = database.sessions
     # One auditor for both stores: each publishes the audit events it commits (log line, Redis stream).
@@ -218,6 +222,11 @@ def build_parts(settings: Settings) -> Parts:
         write_buffer_bytes=settings.staging_write_buffer_kb << 10,
     )
     locker = database.locker
+    metrics.watch(
+        ReadGauge(
+            "staging_free_bytes", "Free bytes on the staging volume", lambda: shutil.disk_usage(staging.root).free
+        )
+    )
 
     options = TusOptions(
         base_path=settings.tus_base_path,
@@ -233,6 +242,7 @@ def build_parts(settings: Settings) -> Parts:
         ),
     )
     elements = StorageElements.from_settings(element_settings(settings))
+    metrics.watch(BreakerStates(lambda: ((row.element_id, row.breaker) for row in elements.pool.statuses())))
     saga_store = database.sagas
     relay = OutboxRelay(
         saga_store,
@@ -242,6 +252,7 @@ def build_parts(settings: Settings) -> Parts:
         retry_max_seconds=settings.webhook_retry_max_seconds,
         poll_interval=settings.outbox_poll_interval_seconds,
         tls_min_version=settings.tls_min_version,
+        metrics=metrics,
     )
     policy = FinalisePolicy(
         max_size=settings.max_file_size,
@@ -281,6 +292,7 @@ def build_parts(settings: Settings) -> Parts:
         policy=policy,
         settings=saga_settings,
         failpoints=failpoints,
+        metrics=metrics,
     )
     deletes = DeleteSagas(
         store=saga_store,
@@ -298,7 +310,7 @@ def build_parts(settings: Settings) -> Parts:
         record_audit=store.record_audit,
     )
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
-    tus = TusServer(options, store, staging, locker, hooks)
+    tus = TusServer(options, store, staging, locker, hooks, metrics)
     files_api = FilesApi(deletes, transfers, verify_checksum_default=settings.transfer_verify_checksum_default)
     auth = Authenticator(auth_settings(settings))
     tracing = Tracing(
@@ -323,6 +335,7 @@ def build_parts(settings: Settings) -> Parts:
         files_api,
         auth,
         tracing,
+        metrics,
     )
 
 
@@ -334,13 +347,19 @@ def auth_settings(settings: Settings) -> AuthSettings:
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         leeway_seconds=settings.jwt_leeway_seconds,
-        metrics_required=settings.auth_metrics_required,
         jwks_cache_seconds=settings.jwt_jwks_cache_seconds,
         jwks_refetch_min_seconds=settings.jwt_jwks_refetch_min_seconds,
         jwks_ca_bundle=settings.jwt_jwks_ca_bundle,
         tls_min_version=settings.tls_min_version,
         anonymous_name=settings.default_username,
     )
+
+
+def metrics_auth(settings: Settings) -> str:
+    """METRICS_AUTH, or its default: "token" when a JWT key is configured, "open" in anonymous mode."""
+    if settings.metrics_auth is not None:
+        return settings.metrics_auth
+    return "token" if auth_settings(settings).enabled else "open"
 
 
 def node_id() -> str:
@@ -354,7 +373,8 @@ async def _expire_periodically(parts: Parts) -> None:
         try:
             # A staging folder no session knows, untouched for the TTL, belongs to no live creation.
             grace = timedelta(hours=parts.settings.upload_session_ttl_hours)
-            await expire_uploads(parts.store, parts.staging, parts.locker, staging_grace=grace)
+            report = await expire_uploads(parts.store, parts.staging, parts.locker, staging_grace=grace)
+            parts.metrics.tus_uploads.labels("expired").inc(report.expired)
             await free_partials(parts)
             await purge_outbox(parts)
         except Exception:  # a failed sweep must not end the task; the next one retries
@@ -431,15 +451,24 @@ def build_app(settings: Settings) -> Starlette:
 
     async def ready(request: Request) -> JSONResponse:
         checks = {
-            "session_store": await parts.store.ping(),
-            "saga_store": await parts.saga_store.ping(),
-            "staging": _writable(parts.staging.root),
-            "writable_storage_element": parts.elements.pool.has_writable_element(),
+            "session_store": _check(await parts.store.ping(), "database does not answer"),
+            "saga_store": _check(await parts.saga_store.ping(), "database does not answer"),
+            "staging": await asyncio.to_thread(_staging_check, parts.staging.root, settings.staging_min_free_mb),
+            "writable_storage_element": _check(
+                parts.elements.pool.has_writable_element(), "no writable storage element can take a file"
+            ),
         }
-        ok = all(checks.values())
+        if settings.redis_url:
+            checks["redis"] = _check_reason(await parts.relay.ping_redis())
+        if parts.sagas.scanner is not None:
+            checks["clamd"] = _check_reason(await _clamd_down(parts.sagas.scanner))
+        ok = all(check["ok"] for check in checks.values())
         return JSONResponse(
             {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
         )
+
+    async def metrics(request: Request) -> Response:
+        return Response(parts.metrics.render(), media_type=CONTENT_TYPE)
 
     async def elements(request: Request) -> JSONResponse:
         discovery = parts.elements.discovery
@@ -461,12 +490,15 @@ def build_app(settings: Settings) -> Starlette:
         Route("/health/live", live),
         Route("/health/ready", ready),
         Route("/health/elements", elements),
+        *([Route("/metrics", metrics)] if settings.prometheus_metrics_enabled else []),
         *api_routes,
         *openapi_routes(api_routes),  # the document of exactly these routes
         *parts.tus.routes(),
     ]
     if not settings.resumable_uploads_enabled:
         routes = _without_resumable_uploads(routes, settings.tus_base_path)
+    # With metrics off the per-request middleware is left out; the few counters elsewhere stay (unread).
+    measured = [Middleware(RequestMetrics, metrics=parts.metrics)] if settings.prometheus_metrics_enabled else []
     middleware = [
         # Outermost: every answer, refusals included, is in the request's span and access line.
         Middleware(
@@ -475,6 +507,7 @@ def build_app(settings: Settings) -> Starlette:
             upload_paths=(settings.tus_base_path.rstrip("/") or "/", "/api/files/upload", "/api/files/batch/upload"),
             subject_of=_subject,
         ),
+        *measured,
         Middleware(UnreadBodyGuard),
         Middleware(
             RequestHeadLimit,
@@ -491,7 +524,11 @@ def build_app(settings: Settings) -> Starlette:
         ),
         # Inside CORS, so a refusal still carries the CORS headers a browser needs to read it.
         Middleware(
-            Authentication, auth=parts.auth, tus_base_path=settings.tus_base_path, record_audit=parts.store.record_audit
+            Authentication,
+            auth=parts.auth,
+            tus_base_path=settings.tus_base_path,
+            record_audit=parts.store.record_audit,
+            guard_metrics=metrics_auth(settings) == "token",
         ),
         # Last, so after authentication: it reads the caller's identity from the scope state.
         Middleware(
@@ -518,16 +555,19 @@ class Authentication:
         auth: Authenticator,
         tus_base_path: str,
         record_audit: Callable[[AuditEvent], Awaitable[None]] | None = None,
+        guard_metrics: bool = False,
     ) -> None:
         self.app = app
         self.auth = auth
         self.tus_base = tus_base_path
         self.record_audit = record_audit  # every 401 and 403 goes to the audit log
+        self.guard_metrics = guard_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         is_tus = path == self.tus_base.rstrip("/") or path.startswith(self.tus_base)
-        if scope["type"] != "http" or not (is_tus or path.startswith("/api/")):
+        guarded = is_tus or path.startswith("/api/") or (self.guard_metrics and path == "/metrics")
+        if scope["type"] != "http" or not guarded:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -617,6 +657,8 @@ def _operation(method: str, path: str, is_tus: bool) -> Operation | None:
     """What a request does, for the role and scope policy (None: nothing an operation guards)."""
     if is_tus:
         return _TUS_OPERATIONS.get(method)
+    if path == "/metrics":
+        return Operation.METRICS
     if method == "GET":
         return Operation.READ
     if method == "DELETE":
@@ -673,6 +715,31 @@ def _refusing_upload_sessions(
         return await endpoint(request)
 
     return upload
+
+
+def _check(ok: bool, failing: str) -> dict[str, object]:
+    return {"ok": ok, "detail": "ok" if ok else failing}
+
+
+def _check_reason(reason: str | None) -> dict[str, object]:
+    return {"ok": reason is None, "detail": reason or "ok"}
+
+
+async def _clamd_down(scanner: ClamdScanner) -> str | None:
+    try:
+        await scanner.ping()
+    except Exception as exc:  # any failure to answer PING means not ready; the reason goes in the detail
+        return f"clamd does not answer: {exc}"
+    return None
+
+
+def _staging_check(root: Path, min_free_mb: int) -> dict[str, object]:
+    if not _writable(root):
+        return {"ok": False, "detail": f"staging directory {root} is not writable"}
+    free_mb = shutil.disk_usage(root).free >> 20
+    if free_mb < min_free_mb:
+        return {"ok": False, "detail": f"{free_mb} MiB free, below STAGING_MIN_FREE_MB={min_free_mb}"}
+    return {"ok": True, "detail": f"{free_mb} MiB free"}
 
 
 def _writable(path: Path) -> bool:

@@ -60,7 +60,6 @@ class AuthSettings:
     issuer: str | None = None
     audience: str | None = None
     leeway_seconds: float = 30.0
-    metrics_required: bool = False
     key_check_interval_seconds: float = 1.0  # key files are stat()ed at most this often
     jwks_cache_seconds: float = 300.0  # a fetched key set is trusted this long
     jwks_refetch_min_seconds: float = 30.0  # unknown kids re-fetch the set at most this often
@@ -139,6 +138,7 @@ class Operation(enum.StrEnum):
     DELETE = "delete"
     TRANSFER = "transfer"
     AUDIT = "audit"
+    METRICS = "metrics"  # GET /metrics
 
 
 class Role(enum.StrEnum):
@@ -152,7 +152,7 @@ ROLE_OPERATIONS: Final[Mapping[Role, frozenset[Operation]]] = {
     Role.ADMIN: frozenset(Operation),
     # Terminating one's own unfinished upload is part of writing it.
     Role.USER: frozenset({Operation.CREATE, Operation.APPEND, Operation.READ, Operation.TERMINATE, Operation.DELETE}),
-    Role.AUDITOR: frozenset({Operation.READ, Operation.AUDIT}),
+    Role.AUDITOR: frozenset({Operation.READ, Operation.AUDIT, Operation.METRICS}),
     Role.READONLY: frozenset({Operation.READ}),
 }
 # A role we do not know (a typo, a role added upstream later) gets what the weakest role gets.
@@ -163,6 +163,7 @@ SCOPE_OPERATIONS: Final[Mapping[str, frozenset[Operation]]] = {
     "files:read": frozenset({Operation.READ}),
     "files:delete": frozenset({Operation.DELETE}),
     "files:transfer": frozenset({Operation.TRANSFER}),
+    "metrics:read": frozenset({Operation.METRICS}),
 }
 OPERATION_SCOPE: Final[Mapping[Operation, str]] = {
     operation: scope for scope, operations in SCOPE_OPERATIONS.items() for operation in operations

@@ -243,7 +243,10 @@ class Settings(BaseSettings):
     jwt_jwks_cache_seconds: float = Field(300.0, ge=1, le=86400)
     jwt_jwks_refetch_min_seconds: float = Field(30.0, ge=1, le=3600)  # unknown kids re-fetch at most this often
     jwt_jwks_ca_bundle: str | None = None  # a private CA for an https JWKS
-    auth_metrics_required: bool = False
+    # Observability (issue 13). METRICS_AUTH unset: "token" when a JWT key is configured, else "open".
+    prometheus_metrics_enabled: bool = True
+    staging_min_free_mb: int = Field(1024, ge=0)  # /health/ready: not ready below this much free staging space
+    metrics_auth: Literal["token", "open"] | None = None
     rate_limit_creations_per_minute: int = Field(0, ge=0, le=1_000_000)  # per token subject
     rate_limit_creations_per_minute_per_address: int = Field(0, ge=0, le=1_000_000)  # per client address
     rate_limit_bytes_per_second: int = Field(0, ge=0)  # per token subject, all its uploads together

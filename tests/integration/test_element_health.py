@@ -33,7 +33,7 @@ async def test_ready_with_the_default_directory_element(start_server: ServerFact
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.get("/health/ready")
     assert response.status_code == 200
-    assert response.json()["checks"]["writable_storage_element"] is True
+    assert response.json()["checks"]["writable_storage_element"]["ok"] is True
 
 
 async def test_not_ready_when_every_element_is_read_only(start_server: ServerFactory, tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ async def test_not_ready_when_every_element_is_read_only(start_server: ServerFac
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.get("/health/ready")
     assert response.status_code == 503
-    assert response.json()["checks"]["writable_storage_element"] is False
+    assert response.json()["checks"]["writable_storage_element"]["ok"] is False
 
 
 async def test_not_ready_when_the_only_writable_element_is_full(start_server: ServerFactory, tmp_path: Path) -> None:

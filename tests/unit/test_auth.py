@@ -373,7 +373,7 @@ def who(role: str | None = None, scopes: set[str] | None = None, subject: str = 
     [
         ("ADMIN", None, ALL),
         ("USER", None, WRITER),
-        ("AUDITOR", None, {Operation.READ, Operation.AUDIT}),
+        ("AUDITOR", None, {Operation.READ, Operation.AUDIT, Operation.METRICS}),
         ("READONLY", None, {Operation.READ}),
         ("SUPERUSER", None, {Operation.READ}),
         (None, None, {Operation.READ}),
@@ -381,11 +381,12 @@ def who(role: str | None = None, scopes: set[str] | None = None, subject: str = 
         (None, {"files:delete"}, {Operation.READ, Operation.DELETE}),
         (None, {"files:transfer"}, {Operation.READ, Operation.TRANSFER}),
         (None, {"files:everything", "admin"}, {Operation.READ}),
+        (None, {"metrics:read"}, {Operation.READ, Operation.METRICS}),
         ("READONLY", {"files:write"}, {Operation.READ, Operation.CREATE, Operation.APPEND, Operation.TERMINATE}),
     ],
     ids=[
         "admin", "user", "auditor", "readonly", "unknown-role", "no-role", "write-scope", "delete-scope",
-        "transfer-scope", "unknown-scopes", "readonly-plus-write-scope",
+        "transfer-scope", "unknown-scopes", "metrics-scope", "readonly-plus-write-scope",
     ],
 )  # fmt: skip
 def test_roles_and_scopes_map_to_operations(
@@ -415,7 +416,7 @@ def test_only_the_owner_or_an_admin_may_touch_an_upload() -> None:
         ("jwt_leeway_seconds", 3600, "JWT_LEEWAY_SECONDS"),
         ("jwt_jwks_refetch_min_seconds", 0, "JWT_JWKS_REFETCH_MIN_SECONDS"),
         ("jwt_jwks_ca_bundle", "/nonexistent/ca.pem", "JWT_JWKS_CA_BUNDLE"),
-        ("auth_metrics_required", "maybe", "AUTH_METRICS_REQUIRED"),
+        ("metrics_auth", "maybe", "METRICS_AUTH"),
     ],
 )
 def test_a_bad_auth_value_is_refused_naming_its_variable(name: str, value: object, said: str) -> None:
@@ -438,4 +439,4 @@ def test_key_paths_are_read_from_comma_separated_text(tmp_path: Path) -> None:
     second = keys.write_pem(tmp_path / "b.pem", keys.ec_key())
     settings = load_settings(jwt_public_key_path=f"{first}, {second}")
     assert settings.jwt_public_key_path == (str(first), str(second))
-    assert settings.jwt_secret is None and settings.auth_metrics_required is False
+    assert settings.jwt_secret is None and settings.metrics_auth is None

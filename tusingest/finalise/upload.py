@@ -46,6 +46,7 @@ from tusingest.finalise.pipeline import (
 )
 from tusingest.finalise.refusals import Refused
 from tusingest.observability import tracing
+from tusingest.observability.metrics import Metrics
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaData, SagaState
@@ -63,6 +64,7 @@ from tusingest.sessions import SessionStore, Upload, UploadState
 from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.content import read_upload
 from tusingest.sessions.metadata import metadata_text
+from tusingest.sessions.model import utcnow
 from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
 
@@ -185,7 +187,9 @@ class UploadSagas:
         policy: FinalisePolicy,
         settings: SagaSettings,
         failpoints: Failpoints | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.sessions = sessions
         self.staging = staging
         self.sagas = sagas
@@ -419,9 +423,10 @@ class UploadSagas:
 
     def _choose(self, data: UploadSagaData) -> str:
         try:
-            state = self.pool.select(
-                data.placed_size(), retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
-            )
+            with self.metrics.storage_selection.time():
+                state = self.pool.select(
+                    data.placed_size(), retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
+                )
         except NoElementAvailable as exc:
             if data.tried:
                 raise _GiveUp("storage_unavailable", str(exc)) from exc
@@ -613,7 +618,20 @@ class UploadSagas:
         if saga.step != "cleaned":
             saga = await self._advance(saga, "cleaned", data)
         await self.sagas.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
+        self._settled(saga, "success", data.size, data.compression)
         return UploadOutcome("completed", file=await self.sagas.get_file(data.file_id or ""))
+
+    def _settled(
+        self, saga: Saga, status: str, size: int | None = None, compression: Compression | None = None
+    ) -> None:
+        """Count a settled upload saga (artstore_ingester_uploads_total and the saga series)."""
+        self.metrics.uploads.labels(status).inc()
+        self.metrics.saga_transactions.labels(KIND, "completed" if status == "success" else "compensated").inc()
+        if compression is not None and size:
+            self.metrics.compression_ratio.observe(compression.stored_size / size)
+        if size is not None:
+            self.metrics.upload_size.observe(size)
+            self.metrics.upload_duration.observe((utcnow() - saga.created_at).total_seconds())
 
     async def _fail(
         self, saga: Saga, code: str, message: str, *, http_status: int = 422, compensate: bool = True
@@ -629,6 +647,7 @@ class UploadSagas:
             )
         if compensate:
             if data.element_id and data.key:
+                self.metrics.saga_compensations.labels(KIND, "remove_object").inc()
                 if not await self._remove_from(data.element_id, data.key):
                     # The element cannot be reached: the saga stays compensating, its lease lapses and
                     # recovery tries again later. For the client the upload has failed.
@@ -654,6 +673,9 @@ class UploadSagas:
             saga.saga_id, owner=owner, state=SagaState.COMPENSATED, error_code=code, error=message
         )
         log.info("upload %s failed: %s (%s)", saga.subject_id, message, code)
+        self._settled(saga, "failure")
+        if code == "virus_detected":
+            self.metrics.virus_detections.inc()
         return UploadOutcome("failed", refusal=Refused(message, code=code, status=http_status))
 
     async def _audit(

@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from tusingest.observability import tracing
+from tusingest.observability.metrics import Metrics
 from tusingest.saga.records import OutboxMessage
 from tusingest.saga.runner import cancel_and_wait
 from tusingest.saga.store import SagaStore
@@ -89,8 +90,10 @@ class OutboxRelay:
         base_delay: float = 1.0,
         jitter: Callable[[float], float] = full_jitter,
         tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._tls_min_version = tls_min_version
         self._redis_url = redis_url
         self._secret = webhook_secret or None  # an empty WEBHOOK_SECRET means none, not signing with ""
@@ -156,6 +159,16 @@ class OutboxRelay:
             await self._redis.aclose()
             self._redis = None
 
+    async def ping_redis(self) -> str | None:
+        """For readiness: None when Redis answers (or none is configured), else why not."""
+        if self._redis is None:
+            return None if self._redis_url is None else "not connected"
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            return f"redis does not answer: {type(exc).__name__}"
+        return None
+
     def notify(self) -> None:
         """Deliver now: called after a transaction that queued messages committed, so they need not wait a poll."""
         self._wake.set()
@@ -167,6 +180,7 @@ class OutboxRelay:
             report = DeliveryReport()
             try:
                 report = await self.deliver_due()
+                self._metrics.outbox_backlog.set(await self._store.count_undelivered())
             except Exception as exc:  # the store is unavailable: a background loop must outlive that
                 if not self._store_failing:
                     log.warning("outbox: cannot claim messages (%s); retrying every %g s", exc, self._poll_interval)
@@ -227,6 +241,8 @@ class OutboxRelay:
             self._recovered(key, message)
         elif attempted:  # the message that found the destination down speaks for those skipped after it
             self._failed(key, message, failure)
+        if failure is not None and message.kind == "webhook":
+            self._metrics.webhook_failures.inc()
         try:
             if failure is None:
                 await self._store.mark_delivered(message.message_id, now=clock())

@@ -423,6 +423,10 @@ class PostgresSagaStore(PostgresDatabase):
         count: int = await self.pool.fetchval("SELECT count(*) FROM files")
         return count
 
+    async def count_undelivered(self) -> int:
+        count: int = await self.pool.fetchval("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
+        return count
+
     # --- the outbox --------------------------------------------------------------------------------------
 
     async def claim_due_messages(

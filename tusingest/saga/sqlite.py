@@ -484,6 +484,12 @@ class SQLiteSagaStore:
         assert row is not None
         return int(row[0])
 
+    async def count_undelivered(self) -> int:
+        async with self._lock:
+            row = await self._fetchone("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
+        assert row is not None
+        return int(row[0])
+
     # --- the outbox --------------------------------------------------------------------------------------
 
     async def claim_due_messages(

@@ -210,3 +210,6 @@ class SagaStore(Protocol):
         """Sagas in ``states`` (all when None), oldest first."""
 
     async def count_files(self) -> int: ...
+
+    async def count_undelivered(self) -> int:
+        """Outbox messages not delivered yet (the backlog)."""

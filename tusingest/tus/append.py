@@ -165,6 +165,7 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
             new_offset, end = await _stage(ctx, upload, body, room, interrupt, rules)
             if new_offset != upload.offset or end is BodyEnd.COMPLETE:
                 upload = await ctx.commit(upload, new_offset)
+                ctx.metrics.bytes_received.inc(upload.offset - started_at)
             if upload.offset == started_at and (refusal := rules.cut_short(upload, end)) is not None:
                 raise refusal
             upload = await rules.settle(ctx, upload, end, new=False)
@@ -217,6 +218,8 @@ async def create(
             raise
         await ctx.store.create(upload, audit=requester.audit(Action.UPLOAD_CREATED, upload))
         upload = upload.as_stored()
+        ctx.metrics.tus_uploads.labels("created").inc()
+        ctx.metrics.bytes_received.inc(upload.offset)
         completing = upload.is_complete and rules.hand_on()
         if completing:
             await ctx.complete(upload)

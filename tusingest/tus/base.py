@@ -12,6 +12,7 @@ from typing import Protocol
 from starlette.requests import HTTPConnection, Request
 
 from tusingest.observability.logs import note_upload
+from tusingest.observability.metrics import Metrics
 from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.audit import ANONYMOUS, Action, AuditEvent, Outcome
 from tusingest.sessions.locks import Locker, LockTimeout
@@ -163,6 +164,7 @@ class TusContext:
     staging: DirectoryStaging
     locker: Locker
     hooks: UploadHooks
+    metrics: Metrics = field(default_factory=Metrics)
 
     def expires_at(self, now: datetime) -> datetime | None:
         if self.options.ttl is None or not self.options.has("expiration"):
@@ -225,6 +227,7 @@ class TusContext:
             ):
                 raise UploadGone("upload changed state while being terminated")
             await self.staging.remove(upload.id)
+        self.metrics.tus_uploads.labels("terminated").inc()
 
     async def complete(self, upload: Upload) -> None:
         """Run under the upload's lock once ``upload`` holds all its bytes (its commit made it COMPLETE).
@@ -235,6 +238,7 @@ class TusContext:
         """
         if upload.kind is not UploadKind.PARTIAL:
             await self.hand_over(upload)
+            self.metrics.tus_uploads.labels("completed").inc()
             return
         for final in await self.store.list_final_uploads_with_part(upload.id):
             if final.state is not UploadState.ACTIVE or final.is_complete:

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tusingest.observability.metrics import Metrics
 from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import is_upload_id
@@ -52,8 +53,9 @@ class TusServer:
         staging: DirectoryStaging,
         locker: Locker,
         hooks: UploadHooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.ctx = TusContext(options, store, staging, locker, hooks or PlainHooks(store))
+        self.ctx = TusContext(options, store, staging, locker, hooks or PlainHooks(store), metrics or Metrics())
         self.options_handler = OptionsHandler(self.ctx)
         self.post = PostHandler(self.ctx)
         self.head = HeadHandler(self.ctx)
@@ -100,6 +102,7 @@ class TusServer:
         except TusError as error:
             return self.error_response(error)
         except LockTimeout:
+            self.ctx.metrics.lock_timeouts.inc()
             retry = str(max(1, round(self.ctx.options.lock_timeout)))
             return self.error_response(UploadLocked(headers={"Retry-After": retry}))
         except StagingError as exc:

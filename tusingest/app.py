@@ -129,7 +129,7 @@ class Database:
     locker: Locker
 
 
-def open_database(database_url: str, lock_timeout: float = 10.0) -> Database:
+def open_database(database_url: str, lock_timeout: float = 10.0, metrics: Metrics | None = None) -> Database:
     """The one place a DATABASE_URL becomes stores and a locker. Same database for all three:
     advisory locks on PostgreSQL (one writer across nodes), in-process locks on SQLite (one node)."""
     match database_engine(database_url):
@@ -139,7 +139,7 @@ def open_database(database_url: str, lock_timeout: float = 10.0) -> Database:
 
             sessions = SQLiteSessionStore(database_url)
             # One connection for both stores on one SQLite file: one writer, so no "database is locked".
-            return Database(sessions, SQLiteSagaStore(sessions.database), MemoryLocker(default_timeout=lock_timeout))
+            return Database(sessions, SQLiteSagaStore(sessions.database), MemoryLocker(lock_timeout, metrics))
         case "postgresql":
             from tusingest.saga.postgres import PostgresSagaStore
             from tusingest.sessions.pglocks import PostgresLocker
@@ -148,7 +148,7 @@ def open_database(database_url: str, lock_timeout: float = 10.0) -> Database:
             return Database(
                 PostgresSessionStore(database_url),
                 PostgresSagaStore(database_url),
-                PostgresLocker(database_url, default_timeout=lock_timeout),
+                PostgresLocker(database_url, default_timeout=lock_timeout, metrics=metrics),
             )
 
 
@@ -212,7 +212,7 @@ def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ
 
 def build_parts(settings: Settings) -> Parts:
     metrics = Metrics()
-    database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds)
+    database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds, metrics=metrics)
     store = database.sessions
     # One auditor for both stores: each publishes the audit events it commits (log line, Redis stream).
     store.auditor = database.sagas.auditor = Auditor(settings.redis_url)

@@ -334,3 +334,55 @@ async def test_a_claimed_new_upload_is_held_within_the_node_and_stopped_by_relea
     await task
     async with locker.lock("new-upload", timeout=0):
         pass
+
+
+def counted(locker: Locker, name: str) -> float:
+    metrics = locker.metrics  # type: ignore[attr-defined]  # both lockers count into the app's Metrics
+    return metrics.registry.get_sample_value(f"artstore_ingester_{name}_total") or 0.0
+
+
+async def test_a_wait_and_the_release_request_it_sends_are_counted(locker: Locker) -> None:
+    async with locker.lock("u1"):
+        pass
+    assert (counted(locker, "lock_waits"), counted(locker, "lock_release_requests")) == (0.0, 0.0)
+    asked = asyncio.Event()
+    held = asyncio.Event()
+
+    async def holder() -> None:
+        async with locker.lock("u1", on_release_request=asked.set):
+            held.set()
+            await asked.wait()
+
+    task = asyncio.create_task(holder())
+    await held.wait()
+    async with locker.lock("u1"):
+        pass
+    await task
+
+    assert (counted(locker, "lock_waits"), counted(locker, "lock_release_requests")) == (1.0, 1.0)
+
+
+async def test_a_wait_for_another_nodes_lock_is_counted_on_the_waiting_node(postgres_url: str) -> None:
+    first, second = (PostgresLocker(postgres_url, default_timeout=2.0) for _ in range(2))
+    await first.open()
+    await second.open()
+    try:
+        asked = asyncio.Event()
+        held = asyncio.Event()
+
+        async def holder() -> None:
+            async with first.lock("u1", on_release_request=asked.set):
+                held.set()
+                await asked.wait()
+
+        task = asyncio.create_task(holder())
+        await held.wait()
+        async with second.lock("u1"):
+            pass
+        await task
+    finally:
+        await second.close()
+        await first.close()
+
+    assert (counted(second, "lock_waits"), counted(second, "lock_release_requests")) == (1.0, 1.0)
+    assert counted(first, "lock_waits") == 0.0

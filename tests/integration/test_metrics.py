@@ -72,6 +72,10 @@ async def test_scripted_uploads_give_exact_counts(start: ServerFactory) -> None:
     assert value(found, "artstore_ingester_upload_size_bytes_sum") == len(good)
     assert value(found, "artstore_ingester_storage_selection_duration_seconds_count") == 1
     assert value(found, "artstore_ingester_compression_ratio_count") == 0  # a JPEG is stored as received
+    # One pass through each stage: the refused upload was refused from its first bytes, before its saga ran them.
+    stage = "artstore_ingester_finalise_stage_duration_seconds_count"
+    assert (value(found, stage, stage="validation"), value(found, stage, stage="transfer")) == (1, 1)
+    assert value(found, stage, stage="storage_selection") == 1
     # Route templates, never raw paths with ids.
     patches = {
         labels: count

@@ -354,7 +354,10 @@ class UploadSagas:
         repeated = step in ("placing", "placed")
 
         if step in (None, "inspected") and not self._inspection_usable(saga.step, data):
-            with tracing.span(tracing.VALIDATION, {"upload.id": upload.id, "upload.size": upload.length}) as checked:
+            with (
+                self.metrics.finalise_stage.labels("validation").time(),
+                tracing.span(tracing.VALIDATION, {"upload.id": upload.id, "upload.size": upload.length}) as checked,
+            ):
                 if not await self._single_pass_head(upload, data):
                     data.inspected(await self._inspect(upload, data))
                 checked.set_attributes({"content_type": data.content_type or "", "single_pass": data.single_pass})
@@ -364,7 +367,10 @@ class UploadSagas:
 
         while step in ("inspected", "placing", "placed"):
             if step == "inspected" or data.element_id in data.tried:
-                with tracing.span(tracing.STORAGE_SELECTION, {"upload.id": upload.id}) as selecting:
+                with (
+                    self.metrics.finalise_stage.labels("storage_selection").time(),
+                    tracing.span(tracing.STORAGE_SELECTION, {"upload.id": upload.id}) as selecting,
+                ):
                     data.element_id = self._choose(data)
                     selecting.set_attribute("element.id", data.element_id)
                 saga = await self._advance(saga, "placing", data)
@@ -373,7 +379,10 @@ class UploadSagas:
             assert element_id is not None  # chosen just now or recorded with the step
             placing: tracing.Attributes = {"upload.id": upload.id, "element.id": element_id, "size.original": data.size}
             try:
-                with tracing.span(tracing.TRANSFER, {**placing, "size.stored": data.placed_size()}):
+                with (
+                    self.metrics.finalise_stage.labels("transfer").time(),
+                    tracing.span(tracing.TRANSFER, {**placing, "size.stored": data.placed_size()}),
+                ):
                     if step == "placing":
                         info, hashed = await self._put_object(saga.subject_id, data, element_id, repeated=repeated)
                         data.stored_size = info.size

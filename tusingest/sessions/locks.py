@@ -18,6 +18,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tusingest.observability.metrics import Metrics
+
 ReleaseRequest = Callable[[], None]
 
 
@@ -65,17 +67,21 @@ class _Holder:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     asked: bool = False
 
-    def ask(self) -> None:
+    def ask(self) -> bool:
+        """Ask the holder to let go, once; whether this call asked."""
         if not self.asked and self.on_release_request is not None:
             self.asked = True
             self.on_release_request()
+            return True
+        return False
 
 
 class MemoryLocker:
     """Locks within one process (the SQLite deployment)."""
 
-    def __init__(self, default_timeout: float = 10.0) -> None:
+    def __init__(self, default_timeout: float = 10.0, metrics: Metrics | None = None) -> None:
         self.default_timeout = default_timeout
+        self.metrics = metrics or Metrics()  # lock waits and release requests
         self._holders: dict[str, _Holder] = {}
 
     def is_locked(self, upload_id: str) -> bool:
@@ -92,9 +98,11 @@ class MemoryLocker:
     ) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.default_timeout if timeout is None else timeout)
+        if upload_id in self._holders:
+            self.metrics.lock_waits.inc()
         while (holder := self._holders.get(upload_id)) is not None:
-            if ask_holder:
-                holder.ask()
+            if ask_holder and holder.ask():
+                self.metrics.lock_release_requests.inc()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise LockTimeout(upload_id)

@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from tusingest.observability.metrics import Metrics
 from tusingest.sessions.locks import LockTimeout, MemoryLocker, ReleaseRequest
 from tusingest.sessions.pgpool import describe_database
 from tusingest.sessions.store import StoreError
@@ -80,13 +81,15 @@ class PostgresLocker:
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
         retry_interval: tuple[float, float] = (0.05, 0.5),
+        metrics: Metrics | None = None,
     ) -> None:
         self.database_url = database_url
+        self.metrics = metrics or Metrics()
         self.default_timeout = default_timeout
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.retry_interval = retry_interval
-        self._local = MemoryLocker(default_timeout)
+        self._local = MemoryLocker(default_timeout, self.metrics)  # counts the waits within this node
         self._held: dict[str, _Hold] = {}  # uploads whose advisory lock this node holds
         self._wakeups: dict[str, asyncio.Event] = {}  # the one local waiter per upload (the inner lock's holder)
         self._connection: asyncpg.Connection | None = None
@@ -186,6 +189,7 @@ class PostgresLocker:
         loop = asyncio.get_running_loop()
         key = lock_key(upload_id)
         pause, longest_pause = self.retry_interval
+        first_try = True
         while True:
             woken = self._wakeups[upload_id] = asyncio.Event()  # before trying: a `released` may come at once
             try:
@@ -197,6 +201,11 @@ class PostgresLocker:
                 hold.connection = await self._try_lock(key, note)
                 if hold.connection is not None:
                     return
+                if first_try:  # another node holds it: a wait, and (with ask_holder) a release request sent
+                    first_try = False
+                    self.metrics.lock_waits.inc()
+                    if ask_holder:
+                        self.metrics.lock_release_requests.inc()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise LockTimeout(upload_id)

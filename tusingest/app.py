@@ -301,6 +301,7 @@ def build_parts(settings: Settings) -> Parts:
         settings=saga_settings,
         failpoints=failpoints,
         record_audit=store.record_audit,
+        metrics=metrics,
     )
     transfers = TransferSagas(
         store=saga_store,
@@ -308,6 +309,7 @@ def build_parts(settings: Settings) -> Parts:
         settings=saga_settings,
         failpoints=failpoints,
         record_audit=store.record_audit,
+        metrics=metrics,
     )
     hooks = finaliser.FinaliserHooks(sagas, store, policy, wait_seconds=settings.finalise_wait_seconds)
     tus = TusServer(options, store, staging, locker, hooks, metrics)

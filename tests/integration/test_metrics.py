@@ -88,6 +88,20 @@ async def test_scripted_uploads_give_exact_counts(start: ServerFactory) -> None:
     assert value(found, "artstore_ingester_circuit_breaker_state", element="local") == 0
 
 
+async def test_a_delete_saga_is_counted_under_its_own_name(start: ServerFactory) -> None:
+    server = await start()
+    async with server.client() as client:
+        _, ok = await upload(client, jpeg_payload(100 * KiB), "photo.jpg")
+        assert ok.status_code == 204, ok.headers
+        deleted = await client.delete(f"/api/files/{ok.headers['ArtStore-File-Id']}")
+    assert deleted.status_code == 204, deleted.text
+
+    found = await scrape(server)
+
+    assert value(found, "artstore_ingester_saga_transactions_total", saga="delete", outcome="completed") == 1
+    assert value(found, "artstore_ingester_saga_transactions_total", saga="upload", outcome="completed") == 1
+
+
 async def test_a_compressed_file_records_its_ratio(start: ServerFactory) -> None:
     server = await start()
     async with server.client() as client:

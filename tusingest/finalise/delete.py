@@ -25,6 +25,7 @@ from tusingest.finalise.refusals import (
     TransferInProgress,
     not_owner,
 )
+from tusingest.observability.metrics import Metrics
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.outbox import OutboxRelay
 from tusingest.saga.records import FileRecord, NewOutboxMessage, Saga, SagaData, SagaState
@@ -113,10 +114,12 @@ class DeleteSagas:
         settings: SagaSettings,
         failpoints: Failpoints | None = None,
         record_audit: AuditRecorder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
         self.relay = relay
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.record_audit = record_audit  # where a refusal goes (the file is somebody else's)
         self.failpoints = failpoints or Failpoints()
@@ -255,6 +258,7 @@ class DeleteSagas:
             element_ids=(data.element_id,),
         )
         await self.store.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED, audit=deleted)
+        self.metrics.saga_transactions.labels(KIND, "completed").inc()
 
     async def _delete_object(self, element_id: str, key: str) -> None:
         await self.pool.call(element_id, lambda backend: backend.delete(key))

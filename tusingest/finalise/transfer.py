@@ -33,6 +33,7 @@ from tusingest.finalise.refusals import (
     not_owner,
 )
 from tusingest.observability import tracing
+from tusingest.observability.metrics import Metrics
 from tusingest.saga.failpoints import Failpoints
 from tusingest.saga.records import FileRecord, Saga, SagaData, SagaState
 from tusingest.saga.runner import Failure, SagaRunner, SagaSettings
@@ -160,8 +161,10 @@ class TransferSagas:
         failpoints: Failpoints | None = None,
         max_concurrent: int = MAX_CONCURRENT,
         record_audit: AuditRecorder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.record_audit = record_audit  # where a refusal goes (the file is somebody else's)
+        self.metrics = metrics or Metrics()
         self.store = store
         self.pool = pool
         self.settings = settings
@@ -333,6 +336,7 @@ class TransferSagas:
         await self.store.set_state(
             saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED, audit=transferred
         )
+        self.metrics.saga_transactions.labels(KIND, "completed").inc()
         log.info("transfer %s: file %s is on %s now", saga.saga_id, data.file_id, destination_id)
 
     async def _copy(self, saga: Saga, data: TransferSagaData) -> Saga:
@@ -491,6 +495,7 @@ class TransferSagas:
         try:
             await self.pool.call(destination_id, lambda backend: backend.delete(sidecar_key(key)))
             await self.pool.call(destination_id, lambda backend: backend.delete(key))
+            self.metrics.saga_compensations.labels(KIND, "remove_copy").inc()
         except (BackendError, ElementUnavailable) as exc:
             # Stays compensating: recovery tries again once the element answers.
             log.warning("transfer %s: cannot remove the copy from %s yet: %s", saga.saga_id, destination_id, exc)
@@ -504,6 +509,7 @@ class TransferSagas:
             error_code=saga.error_code,
             error=saga.error,
         )
+        self.metrics.saga_transactions.labels(KIND, "compensated").inc()
 
     async def _advance(self, saga: Saga, step: str, data: TransferSagaData) -> Saga:
         return await self.runner.advance(saga, step, data)

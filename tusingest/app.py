@@ -56,8 +56,8 @@ from tusingest.finalise.delete import DeleteSagas
 from tusingest.finalise.pipeline import FinalisePolicy
 from tusingest.finalise.transfer import TransferSagas
 from tusingest.finalise.upload import UploadSagas
-from tusingest.observability.logs import RequestTelemetry
-from tusingest.observability.metrics import CONTENT_TYPE, BreakerStates, Metrics, ReadGauge, RequestMetrics
+from tusingest.observability.metrics import CONTENT_TYPE, BreakerStates, Metrics, ReadGauge
+from tusingest.observability.middleware import RequestTelemetry
 from tusingest.observability.tracing import Tracing, TracingSettings
 from tusingest.ratelimit import RateLimiter, RateLimitSettings
 from tusingest.saga.failpoints import Failpoints
@@ -499,8 +499,6 @@ def build_app(settings: Settings) -> Starlette:
     ]
     if not settings.resumable_uploads_enabled:
         routes = _without_resumable_uploads(routes, settings.tus_base_path)
-    # With metrics off the per-request middleware is left out; the few counters elsewhere stay (unread).
-    measured = [Middleware(RequestMetrics, metrics=parts.metrics)] if settings.prometheus_metrics_enabled else []
     middleware = [
         # Outermost: every answer, refusals included, is in the request's span and access line.
         Middleware(
@@ -508,8 +506,10 @@ def build_app(settings: Settings) -> Starlette:
             traces=parts.tracing,
             upload_paths=(settings.tus_base_path.rstrip("/") or "/", "/api/files/upload", "/api/files/batch/upload"),
             subject_of=_subject,
+            # With metrics off the requests are not counted; the few counters elsewhere stay (unread).
+            metrics=parts.metrics if settings.prometheus_metrics_enabled else None,
+            trust_proxy_headers=settings.trust_proxy_headers,
         ),
-        *measured,
         Middleware(UnreadBodyGuard),
         Middleware(
             RequestHeadLimit,

@@ -45,6 +45,7 @@ async def test_every_line_is_json_and_the_patch_access_line_has_its_upload_and_t
                         "Upload-Offset": "0",
                         "Content-Type": OCTETS,
                         "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                        "X-Forwarded-For": "203.0.113.9",  # not trusted without TRUST_PROXY_HEADERS
                     },
                 )
                 assert patched.status_code == 204
@@ -65,6 +66,30 @@ async def test_every_line_is_json_and_the_patch_access_line_has_its_upload_and_t
     # Lines written inside the request's saga (its steps, at debug) carry the upload and the same trace.
     steps = [entry for entry in entries if entry.get("step") and entry.get("upload_id") == upload_id]
     assert steps and all(entry["trace_id"] == CLIENT_TRACE for entry in steps)
+
+
+async def test_behind_a_trusted_proxy_the_access_line_names_the_forwarded_client(tmp_path: Path) -> None:
+    port, stderr_path = free_port(), tmp_path / "stderr.log"
+    env = clean_env(LOG_FORMAT="json", LOG_LEVEL="info", TRUST_PROXY_HEADERS="true")
+    with stderr_path.open("wb") as stderr:
+        async with running(tmp_path, env, port, stderr=stderr):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                created = await client.post(
+                    "/files/", headers=TUS | {"Upload-Length": "5", "X-Forwarded-For": "203.0.113.7, 10.0.0.2"}
+                )
+                assert created.status_code == 201
+                # A body refused before it is read (wrong offset) is still counted: it was drained off the wire.
+                refused = await client.patch(
+                    created.headers["Location"],
+                    content=b"hello",
+                    headers=TUS | {"Upload-Offset": "3", "Content-Type": OCTETS},
+                )
+                assert refused.status_code == 409
+    access = [entry for entry in log_lines(stderr_path) if entry["logger"] == "tusingest.access"]
+    (post,) = [entry for entry in access if entry["method"] == "POST"]
+    assert post["client"] == "203.0.113.7" and post["bytes_in"] == 0
+    (patch,) = [entry for entry in access if entry["method"] == "PATCH"]
+    assert patch["client"] == "127.0.0.1" and patch["status"] == 409 and patch["bytes_in"] == 5
 
 
 CONSOLE_SCRIPT = """

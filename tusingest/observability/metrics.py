@@ -10,14 +10,12 @@ Labels never carry a token, a subject or a raw path: requests are labelled by ro
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX: Final = "artstore_ingester_"
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -147,45 +145,3 @@ class ReadGauge(Collector):
         except OSError:
             return
         yield GaugeMetricFamily(self._name, self._documentation, value=reading)
-
-
-class RequestMetrics:
-    """ASGI middleware: requests by method, route template and status; requests in flight."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        started = time.perf_counter()
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.metrics.in_flight.dec()
-            route = route_template(scope)
-            method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.request_duration.labels(method, route).observe(time.perf_counter() - started)
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's template (ids replaced by their parameter names), or "unmatched"."""
-    if "endpoint" not in scope:
-        return "unmatched"
-    path: str = scope.get("path", "")
-    for name, value in scope.get("path_params", {}).items():
-        if isinstance(value, str) and value:
-            path = path.replace(value, "{" + name + "}")
-    return path

@@ -5,6 +5,9 @@ must then happen: the response says ``Connection: close``, because the rest of t
 still on the wire; and somebody keeps taking the body's remaining messages, because Hypercorn
 (h11) delivers the close to the app through the same bounded queue as the body, and with the
 queue full and nobody reading, the connection would hang for good.
+
+Being the one wrapper around every body, it also counts the body's bytes for the access line
+(``note_bytes_in``, once per request), so observability needs no wrapper of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import contextlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tusingest.observability.logs import note_bytes_in
 
 _DRAIN_LIMIT_SECONDS = 30.0
 
@@ -27,20 +32,24 @@ class UnreadBodyGuard:
             return
 
         body_done = False
+        received = 0
         drain: asyncio.Task[None] | None = None
 
         async def tracking_receive() -> Message:
-            nonlocal body_done
+            nonlocal body_done, received
             message = await receive()
+            received += len(message.get("body", b""))
             if message["type"] == "http.disconnect" or not message.get("more_body", False):
                 body_done = True
             return message
 
         async def drain_rest() -> None:
+            nonlocal received
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_DRAIN_LIMIT_SECONDS):
                     while True:
                         message = await receive()
+                        received += len(message.get("body", b""))
                         if message["type"] == "http.disconnect" or not message.get("more_body", False):
                             return
 
@@ -60,6 +69,7 @@ class UnreadBodyGuard:
         finally:
             if drain is not None:
                 await drain
+            note_bytes_in(received)
 
 
 def _announces_body(scope: Scope) -> bool:

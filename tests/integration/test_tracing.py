@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.fixtures.rawhttp import eventually
-from tests.fixtures.server import OCTETS, TUS, LiveServer, _server_factory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, _server_factory, base_settings, live_server
 from tusingest.observability import tracing
 
 # Text larger than COMPRESSION_MIN_SIZE_MB (1 MiB in the tests' settings): compressed, so every stage has its span.
@@ -143,6 +143,42 @@ async def test_a_resume_on_a_second_node_with_the_first_traceparent_joins_the_fi
         assert patch.parent.span_id == resumed_from.context.span_id and patch.parent.is_remote
         assert_finalised_under(spans, patch, upload_id)
         assert not named(first_spans.get_finished_spans(), tracing.TRANSFER)  # the second node finalised it
+
+
+async def test_a_saga_carried_on_by_recovery_on_another_node_links_to_the_request_that_began_it(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    payload = b"x" * 5000
+    # The first node completes the upload, its saga stops at a failpoint, and the node goes away.
+    # A short lease, so that it lapses soon after the node has gone (and not before the second node's exporter is on).
+    paused = base_settings(
+        tmp_path, postgres_url, saga_failpoints="inspected=pause", finalise_wait_seconds=0, saga_lease_seconds=2
+    )
+    async with live_server(paused) as first:
+        first_spans = exported(first)
+        async with first.client() as client:
+            created = await client.post(first.files_url, headers=TUS | {"Upload-Length": str(len(payload))})
+            upload_id = created.headers["Location"].rsplit("/", 1)[-1]
+            done = await client.patch(
+                created.headers["Location"],
+                content=payload,
+                headers=TUS | {"Upload-Offset": "0", "Content-Type": OCTETS},
+            )
+        assert done.status_code == 204 and done.headers["ArtStore-Upload-Status"] == "finalizing"
+        began = await ended_request(first_spans, "PATCH")
+        assert began.context is not None
+    # The second node's recovery takes the saga over once its lease has lapsed and finishes it.
+    recovering = base_settings(tmp_path, postgres_url, saga_lease_seconds=2, saga_recovery_interval_seconds=0.2)
+    async with live_server(recovering) as second:
+        second_spans = exported(second)
+        (run,) = named(await finished(second_spans, "saga.upload", tracing.TRANSFER), "saga.upload")
+        record = await second.parts.saga_store.file_for_upload(upload_id)
+    assert record is not None
+    assert run.context is not None and run.context.trace_id != began.context.trace_id  # a trace of its own
+    (link,) = run.links
+    assert link.context.trace_id == began.context.trace_id and link.context.span_id == began.context.span_id
+    transfer = named(second_spans.get_finished_spans(), tracing.TRANSFER)[0]
+    assert transfer.parent is not None and transfer.parent.span_id == run.context.span_id
 
 
 async def test_with_opentelemetry_disabled_no_provider_is_made_and_requests_are_served(

@@ -100,6 +100,14 @@ def traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+def link_to(traceparent_value: object) -> list[Link]:
+    """A link to the span a stored W3C ``traceparent`` names (none for a missing or malformed value)."""
+    if not isinstance(traceparent_value, str):
+        return []
+    context = trace.get_current_span(_PROPAGATOR.extract(carrier={"traceparent": traceparent_value})).get_span_context()
+    return [Link(context)] if context.is_valid else []
+
+
 def annotate(attributes: Mapping[str, AttributeValue | None]) -> None:
     """Set attributes on the current span (None values are left out)."""
     current = trace.get_current_span()

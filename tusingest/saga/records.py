@@ -48,6 +48,10 @@ class SagaData(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
+    # The W3C traceparent of the request that began the saga: a run by recovery (another node, after a
+    # crash) links its trace to that one, so one upload can be followed from its last PATCH to its file.
+    traceparent: str | None = None
+
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> Self:
         return cls.model_validate(dict(data))

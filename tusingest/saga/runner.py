@@ -118,6 +118,8 @@ class SagaRunner[R]:
         Raises DuplicateSaga while another saga of this kind for the subject is unfinished.
         """
         self._starting.add(subject_id)
+        if data.traceparent is None:
+            data.traceparent = tracing.traceparent()
         try:
             saga = await self.store.create_saga(
                 self.kind,
@@ -211,9 +213,11 @@ class SagaRunner[R]:
     async def _run(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
         if tracing.current_ids() is not None:  # started by a request: its spans are children of the request's
             return await self._run_here(saga, work)
-        # Recovery (its node died, or its attempts rested): a trace of its own, holding this run's spans.
+        # Recovery (its node died, or its attempts rested): a trace of its own, holding this run's spans,
+        # linked to the trace of the request that began the saga.
         attributes = {"saga.kind": self.kind, "saga.id": saga.saga_id, "saga.subject": saga.subject_id}
-        with tracing.span(f"saga.{self.kind}", attributes | {"saga.step": saga.step}):
+        began_by = tracing.link_to(saga.data.get("traceparent"))
+        with tracing.span(f"saga.{self.kind}", attributes | {"saga.step": saga.step}, links=began_by):
             return await self._run_here(saga, work)
 
     async def _run_here(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:

@@ -1,22 +1,28 @@
-"""What the observability costs on the tus path: the same requests through the real app with metrics, traces and
-access lines on, and with all three off, measured in CPU seconds of this process (all its threads).
+"""What the observability costs on the tus path: the same requests through two copies of the real app in one
+process, one with metrics, traces and access lines on and one with all three off, interleaved request by request,
+measured in CPU seconds of this process (all its threads).
 
 Usage (from the repository root, with the project's venv)::
 
-    .venv/bin/python benchmarks/instrumentation.py                 # 8 rounds, on/off alternating
-    .venv/bin/python benchmarks/instrumentation.py --rounds 12 --stream-mib 128 --small 400
+    .venv/bin/python benchmarks/instrumentation.py                    # 256 MiB streamed, 600 small POSTs
+    .venv/bin/python benchmarks/instrumentation.py --stream-mib 512 --small 1000
 
-Why in-process: the server-level figures of ``load.py`` (wall time, server CPU) move by 5-10 % between runs on this
-machine, more than the effect measured here. This drives ``build_app``'s ASGI app directly: a lifespan, then for each
-round one upload of ``--stream-mib`` MiB in 16 MiB PATCHes delivered as 64 KiB ``http.request`` messages (what
-Hypercorn hands over per socket read) and ``--small`` creation-with-upload POSTs of 64 KiB. The finaliser is
-swapped for ``PlainHooks`` (the tus path, as ``serve_patched.py --patches plainhooks`` does); staging and SQLite sit
-on ``--tmp-dir`` (default /dev/shm, so the disk's fsync time is out of the figures and the Python work is all
-that is left: the instrumentation's share is at its largest there). Rounds alternate on and off; the figure is
-the median of the per-pair ratios of CPU seconds.
+Why so: server-level figures (``load.py``'s wall time and server CPU) move by 5-10 % between runs on this machine,
+more than the effect measured here, and more when other work shares it. Interleaving the two apps request by
+request (in ABBA order) puts both under the same conditions at every moment, so the machine's drift cancels.
+
+Each app is ``build_app``'s ASGI app, driven directly: its lifespan, then 16 MiB PATCHes delivered as 64 KiB
+``http.request`` messages (what Hypercorn hands over per socket read) and creation-with-upload POSTs of 64 KiB.
+The finaliser is swapped for ``PlainHooks`` (the tus path, as ``serve_patched.py --patches plainhooks`` does).
+Staging and SQLite sit on ``--tmp-dir`` (default /dev/shm): the disk's fsync time is out, only the process's own
+work is left, so the instrumentation's share is at its largest there.
 
 "On" is the default configuration: PROMETHEUS_METRICS_ENABLED and OPENTELEMETRY_ENABLED true (spans made, no
-exporter), LOG_LEVEL info with JSON access lines written to a file. "Off": both disabled, LOG_LEVEL warning.
+exporter), the access line at info rendered as JSON (into a file). "Off": both disabled, the root logger at
+warning (set between the two apps' requests: logging is the process's, not the app's); the audit logger stays
+at info in both, being the security record rather than instrumentation. The CPU counted is the event loop's
+thread (``time.thread_time``), where the instrumentation runs; staging's and SQLite's threads do the same
+work in both apps and would only add their noise.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import argparse
 import asyncio
 import base64
 import logging
-import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -165,17 +171,12 @@ async def _lifespan(app: Any) -> tuple[Callable[[], Awaitable[None]], asyncio.Ta
     return stop, task
 
 
-PROFILE: Any = None  # a cProfile.Profile to run during the measured part (``--profile``)
-
-
-async def _measure(
-    on: bool, tmp: Path, args: argparse.Namespace, payload: list[bytes], small_body: list[bytes]
-) -> float:
+async def _app(on: bool, tmp: Path) -> tuple[Any, Callable[[], Awaitable[None]]]:
     from tusingest.app import build_app
     from tusingest.config import Settings
-    from tusingest.observability.logs import LogSettings, configure
+    from tusingest.sessions.migrations import upgrade_async
 
-    work = Path(tempfile.mkdtemp(dir=tmp))
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix="on-" if on else "off-"))
     settings = Settings(
         database_url=f"sqlite:///{work}/tusingest.db",
         staging_dir=str(work / "staging"),
@@ -183,42 +184,86 @@ async def _measure(
         service_discovery_cache_file=str(work / "storage_elements.json"),
         opentelemetry_enabled=on,
         prometheus_metrics_enabled=on,
-        log_level="info" if on else "warning",
-        log_format="json",
     )
-    configure(LogSettings(level=settings.log_level, format="json"))
-    log_file = open(work / "access.log", "w")
-    logging.getLogger().handlers[0].setStream(log_file)  # type: ignore[attr-defined]
-    from tusingest.sessions.migrations import upgrade_async
-
     await upgrade_async(settings.database_url)
     app = build_app(settings)
     stop, _task = await _lifespan(app)
+    return app, stop
+
+
+async def _interleaved(args: argparse.Namespace, tmp: Path, payload: list[bytes], small_body: list[bytes]) -> None:
+    from tusingest.observability.logs import LogSettings, configure
+
+    configure(LogSettings(level="info", format="json"))
+    root = logging.getLogger()
+    log_file = (tmp / "access.log").open("w")
+    root.handlers[0].setStream(log_file)  # type: ignore[attr-defined]
+    # The audit line is the security record, not instrumentation: both apps write it.
+    logging.getLogger("tusingest.audit").setLevel(logging.INFO)
+    apps = {True: await _app(True, tmp), False: await _app(False, tmp)}
+    spent = {True: 0.0, False: 0.0}
+
+    async def timed(on: bool, request: Callable[[Any], Awaitable[None]]) -> None:
+        root.setLevel(logging.INFO if on else logging.WARNING)
+        began = time.thread_time()
+        await request(apps[on][0])
+        spent[on] += time.thread_time() - began
+
     try:
-        await _round(app, MiB * 16, 5, payload, small_body)  # warm-up: imports, first statements
-        if PROFILE is not None:
-            PROFILE.enable()
-        began = time.process_time()
-        await _round(app, args.stream_mib * MiB, args.small, payload, small_body)
-        spent = time.process_time() - began
-        if PROFILE is not None:
-            PROFILE.disable()
+        for on in (True, False):  # warm-up: imports, first statements, caches
+            await _round(apps[on][0], 16 * MiB, 20, payload, small_body)
+        order = (True, False, False, True)
+        # Streams: one upload per app, their 16 MiB PATCHes interleaved.
+        stream_bytes = args.stream_mib * MiB
+        urls = {}
+        for on in (True, False):
+            status, headers = await _request(
+                apps[on][0], "POST", "/files/", {"upload-length": str(stream_bytes)}, [b""]
+            )
+            assert status == 201, status
+            urls[on] = "/files/" + headers["location"].rstrip("/").rsplit("/", 1)[-1]
+        for index, offset in enumerate(range(0, stream_bytes, PATCH)):
+            for on in order[index % 2 * 2 : index % 2 * 2 + 2]:
+
+                async def patch(app: Any, on: bool = on, offset: int = offset) -> None:
+                    status, headers = await _request(
+                        app,
+                        "PATCH",
+                        urls[on],
+                        {"upload-offset": str(offset), "content-type": "application/offset+octet-stream"},
+                        payload,
+                    )
+                    assert status == 204, (status, headers)
+
+                await timed(on, patch)
+        stream = dict(spent)
+        spent.update({True: 0.0, False: 0.0})
+        for index in range(args.small):
+            for on in order[index % 2 * 2 : index % 2 * 2 + 2]:
+                await timed(on, lambda app: _small(app, 1, small_body))
     finally:
-        await stop()
+        for _, stop in apps.values():
+            await stop()
         log_file.close()
-    return spent
+    print(
+        f"stream, {args.stream_mib} MiB in 16 MiB PATCHes: on {stream[True]:.3f} CPU s, off {stream[False]:.3f};"
+        f" on/off {stream[True] / stream[False]:.3f}"
+    )
+    print(
+        f"small, {args.small} x 64 KiB creation-with-upload: on {spent[True]:.3f} CPU s"
+        f" ({spent[True] / args.small * 1e3:.2f} ms each), off {spent[False]:.3f}"
+        f" ({spent[False] / args.small * 1e3:.2f} ms each); on/off {spent[True] / spent[False]:.3f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="rounds in all, alternating on and off")
-    parser.add_argument("--stream-mib", type=int, default=128, help="MiB of the one streamed upload per round")
-    parser.add_argument("--small", type=int, default=300, help="64 KiB creation-with-upload POSTs per round")
+    parser.add_argument("--stream-mib", type=int, default=256, help="MiB streamed to each app (16 MiB PATCHes)")
+    parser.add_argument("--small", type=int, default=600, help="64 KiB creation-with-upload POSTs to each app")
     parser.add_argument("--tmp-dir", default="/dev/shm", help="where staging and SQLite go")
-    parser.add_argument(
-        "--mode", choices=["on", "off"], help="one measurement only (for an instruction counter such as callgrind)"
-    )
     args = parser.parse_args()
+    if args.stream_mib % 16:
+        parser.error("--stream-mib must be a multiple of 16")
     _plain_hooks()
     try:
         import uvloop
@@ -229,21 +274,10 @@ def main() -> None:
     payload = _pieces(bytes(range(256)) * (PATCH // 256))
     small_body = payload[:1]
     tmp = Path(tempfile.mkdtemp(dir=args.tmp_dir, prefix="instrumentation-"))
-    if args.mode:
-        spent = asyncio.run(_measure(args.mode == "on", tmp, args, payload, small_body))
-        print(f"{args.mode}: {spent:.3f} CPU s")
-        return
-    figures: dict[bool, list[float]] = {True: [], False: []}
-    for index in range(args.rounds):
-        on = index % 2 == 0
-        figures[on].append(asyncio.run(_measure(on, tmp, args, payload, small_body)))
-        print(f"round {index + 1}: {'on ' if on else 'off'} {figures[on][-1]:.3f} CPU s", file=sys.stderr)
-    ratios = [a / b for a, b in zip(figures[True], figures[False], strict=False)]
-    print(
-        f"instrumentation on/off, CPU seconds per round ({args.stream_mib} MiB streamed + {args.small} x 64 KiB):"
-        f" on median {statistics.median(figures[True]):.3f}, off median {statistics.median(figures[False]):.3f},"
-        f" ratio per pair {', '.join(f'{r:.3f}' for r in ratios)}; median ratio {statistics.median(ratios):.3f}"
-    )
+    try:
+        asyncio.run(_interleaved(args, tmp, payload, small_body))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tusingest.observability import tracing
-from tusingest.observability.logs import ACCESS_LOGGER, note_upload, request_facts
+from tusingest.observability.logs import ACCESS_LOGGER, access_line, note_upload, request_facts
 from tusingest.observability.metrics import Metrics
 
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -47,6 +48,9 @@ class RequestTelemetry:
         self.subject_of = subject_of
         self.metrics = metrics
         self.trust_proxy_headers = trust_proxy_headers
+        # prometheus-client's labels() takes a lock and builds a key per call: the few children are kept here.
+        self._counted: dict[tuple[str, str, str], Counter] = {}
+        self._timed: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,8 +92,7 @@ class RequestTelemetry:
                 route = route_template(scope)
                 if metrics is not None:
                     metrics.in_flight.dec()
-                    metrics.requests.labels(method, route, str(status)).inc()
-                    metrics.request_duration.labels(method, route).observe(duration)
+                    self._count(metrics, method, route, status, duration)
                 if current.is_recording():
                     current.set_attribute("http.route", route)
                     if not is_upload:
@@ -98,9 +101,8 @@ class RequestTelemetry:
                     if status >= 500:
                         current.set_status(Status(StatusCode.ERROR))
                 if access_log.isEnabledFor(logging.INFO):
-                    access_log.info(
-                        "request",
-                        extra={
+                    access_line(
+                        {
                             "method": method,
                             "route": route if route != UNMATCHED else path,
                             "status": status,
@@ -112,6 +114,17 @@ class RequestTelemetry:
                             "client": self._client(scope, headers),
                         },
                     )
+
+    def _count(self, metrics: Metrics, method: str, route: str, status: int, duration: float) -> None:
+        key = (method, route, str(status))
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = metrics.requests.labels(*key)
+        counter.inc()
+        timer = self._timed.get(key[:2])
+        if timer is None:
+            timer = self._timed[key[:2]] = metrics.request_duration.labels(method, route)
+        timer.observe(duration)
 
     def _client(self, scope: Scope, headers: Headers) -> str | None:
         if self.trust_proxy_headers:

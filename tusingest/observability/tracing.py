@@ -2,23 +2,26 @@
 
 The app's tracer travels in a context variable that app.py sets for each request and for the
 lifespan (whose tasks inherit it), so two apps in one process (tests, two nodes) keep apart and
-no part needs a tracer handed in. Without OPENTELEMETRY_ENABLED every span is a no-op; enabled
-without an OTLP endpoint, spans are made (logs carry their trace ids) and exported nowhere.
+no part needs a tracer handed in. Without OPENTELEMETRY_ENABLED every span is a no-op. Enabled, every
+span has its trace and span ids (logs carry them, ``traceparent`` propagates them), but a span is only
+recorded (attributes, events, timing) while something exports it: an OTLP endpoint, or a processor a test
+attached. Without one, recording would cost each request about as much as its access line, for nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Link, NoOpTracer, Span, SpanKind, Tracer
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.trace import Link, NoOpTracer, Span, SpanKind, Tracer, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -43,6 +46,44 @@ class TracingSettings:
     service_name: str = "artstore-ingester"
 
 
+class WhileExported(Sampler):
+    """The SDK's default choice (``ParentBased(ALWAYS_ON)``) once a span processor is attached; until then
+    every span is dropped: not recorded, but with valid ids that logs and propagation use."""
+
+    def __init__(self) -> None:
+        self.exported = False
+        self._sampler = ParentBased(ALWAYS_ON)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes | None = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if self.exported:
+            return self._sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return "WhileExported{ParentBased{root:AlwaysOnSampler}}"
+
+
+class _Provider(TracerProvider):
+    """A TracerProvider that starts recording when its first span processor is attached."""
+
+    def __init__(self, resource: Resource) -> None:
+        self.gate = WhileExported()
+        super().__init__(sampler=self.gate, resource=resource)
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self.gate.exported = True
+
+
 class Tracing:
     """One app's tracer provider. ``provider`` is None when tracing is off; tests add their own
     span processor to it (an InMemorySpanExporter)."""
@@ -52,7 +93,7 @@ class Tracing:
         self.tracer: Tracer = NoOpTracer()
         if not settings.enabled:
             return
-        self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+        self.provider = _Provider(resource=Resource.create({"service.name": settings.service_name}))
         if settings.otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -121,7 +121,7 @@ async def test_get_never_serves_bytes_a_running_patch_staged_but_did_not_commit(
         assert (await patch(client, url, 0, committed)).status_code == 204
         # A PATCH that sends 6 of its 8 MiB and stalls: more than a write buffer is staged, nothing committed.
         headers = TUS | {"Upload-Offset": str(len(committed)), "Content-Type": OCTETS, "Content-Length": str(8 * MiB)}
-        reader, writer = await open_request(url, "PATCH", headers)
+        _, writer = await open_request(url, "PATCH", headers)
         writer.write(os.urandom(6 * MiB))
         await writer.drain()
         staging = sqlite_server.parts.staging

@@ -188,6 +188,17 @@ async def test_a_range_starting_past_the_received_bytes_is_416_with_the_size(sql
     assert response.headers["Tus-Resumable"] == "1.0.0"
 
 
+async def test_a_browser_may_read_the_download_headers_cross_origin(sqlite_server: LiveServer) -> None:
+    async with sqlite_server.client() as client:
+        url = await create(client, 10, filename="a.txt")
+        await patch(client, url, 0, b"0123456789")
+        response = await client.get(url, headers={"Origin": "https://app.example", "Range": "bytes=2-3"})
+    assert response.status_code == 206 and response.content == b"23"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    exposed = {h.strip().lower() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"accept-ranges", "content-range", "content-disposition", "etag"} <= exposed
+
+
 @pytest.mark.parametrize(
     ("filename", "expected"),
     [

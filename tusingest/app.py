@@ -95,6 +95,11 @@ EXPOSED_HEADERS = (
     "Upload-Complete",
     "Upload-Limit",
     "Upload-Draft-Interop-Version",
+    # GET on an upload (a download, resumable by Range)
+    "Accept-Ranges",
+    "Content-Range",
+    "Content-Disposition",
+    "ETag",
     *finaliser.EXPOSED_HEADERS,
 )
 

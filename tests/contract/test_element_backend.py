@@ -220,6 +220,13 @@ async def test_get_streams_chunks_of_at_most_1_mib(backend: Backend) -> None:
     assert max(len(chunk) for chunk in chunks) <= MiB
 
 
+@pytest.mark.parametrize("start", [1, MiB, 3 * MiB + 16], ids=["one", "a-chunk", "last-byte"])
+async def test_get_from_a_start_streams_the_rest_of_the_object(backend: Backend, start: int) -> None:
+    data = os.urandom(3 * MiB + 17)
+    await backend.put("ranged.bin", stream(data, MiB))
+    assert b"".join([chunk async for chunk in backend.get("ranged.bin", start=start)]) == data[start:]
+
+
 async def test_get_of_a_missing_key_raises_object_not_found(backend: Backend) -> None:
     with pytest.raises(ObjectNotFound) as raised:
         await read(backend, "missing/key.bin")

@@ -501,11 +501,12 @@ async def test_head_on_unknown_upload_is_404(server: LiveServer) -> None:
     assert response.headers["Tus-Resumable"] == "1.0.0"
 
 
-async def test_get_on_an_upload_is_405_with_tus_headers(server: LiveServer) -> None:
+async def test_put_on_an_upload_is_405_with_tus_headers_and_the_allowed_methods(server: LiveServer) -> None:
     async with server.client() as client:
-        response = await client.get(await create(client, 5), headers=TUS)
+        response = await client.put(await create(client, 5), headers=TUS)
     assert response.status_code == 405
     assert response.headers["Tus-Resumable"] == "1.0.0"
+    assert response.headers["Allow"] == "GET, HEAD, PATCH, DELETE, OPTIONS"  # GET: a download (test_download.py)
 
 
 # --- termination --------------------------------------------------------------------------------

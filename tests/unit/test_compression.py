@@ -21,6 +21,7 @@ from tusingest.finalise.compression import (
     StreamCompressor,
     StreamDecompressor,
     compress_stream,
+    decompress_stream,
     open_compressor,
     open_decompressor,
     should_compress,
@@ -229,6 +230,30 @@ def test_decompressor_finish_refuses_a_truncated_stream(algorithm: str) -> None:
 
     with pytest.raises(ValueError, match="ended early"):
         decompressor.finish()
+
+
+@pytest.mark.parametrize("algorithm", ["br", "gzip"])
+async def test_decompress_stream_gives_the_original_in_bounded_pieces_however_well_it_compressed(
+    algorithm: str,
+) -> None:
+    original = bytes(64 << 20) + log_text(100_000)  # zeros: a few kilobytes stand for 64 MiB
+    compressor = open_compressor(algorithm, 1)
+    stored = compressor.compress(original) + compressor.finish()
+    assert len(stored) < 1 << 20  # the whole object is one input chunk
+
+    pieces = [piece async for piece in decompress_stream(stream([stored]), algorithm, 1 << 20)]
+
+    assert b"".join(pieces) == original
+    assert max(len(piece) for piece in pieces) <= 3 << 20  # brotli may overshoot its limit by one buffer
+
+
+@pytest.mark.parametrize("algorithm", ["br", "gzip"])
+async def test_decompress_stream_refuses_a_truncated_object(algorithm: str) -> None:
+    compressor = open_compressor(algorithm)
+    stored = compressor.compress(log_text(100_000)) + compressor.finish()
+
+    with pytest.raises(ValueError, match="ended early"):
+        [piece async for piece in decompress_stream(stream([stored[: len(stored) // 2]]), algorithm)]
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
 
+from tusingest.elements.backend import BackendError, ObjectNotFound
+from tusingest.elements.pool import ElementPool, ElementUnavailable
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime
 from tusingest.finalise.naming import MAX_SIDECAR_BYTES, MAX_USER_ID, MAX_USERNAME, sidecar_worst_case_size
 from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, check_mime
+from tusingest.finalise.readback import read_file
 from tusingest.finalise.refusals import Refused
 from tusingest.finalise.upload import UploadOutcome, UploadSagas
+from tusingest.saga.records import FileRecord
 from tusingest.sessions import SessionStore, Upload
-from tusingest.tus.errors import TusError, UploadRefused
+from tusingest.tus.base import StoredUpload
+from tusingest.tus.errors import ServiceUnavailable, TusError, UploadGone, UploadRefused
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,10 @@ class FinaliserHooks:
             return UploadRefused(422, "the upload failed")
         return refused(outcome.refusal, headers_for(outcome))
 
+    async def stored(self, upload: Upload) -> StoredUpload | None:
+        record = await self.sagas.sagas.file_for_upload(upload.id)
+        return None if record is None else PlacedFile(record, self.sagas.pool)
+
     async def check_creation(self, metadata: Mapping[str, bytes | None]) -> None:
         """Refuse (400) at creation what the saga could not store, so it never fails for it later.
 
@@ -119,6 +129,43 @@ class FinaliserHooks:
                 f"the metadata would make attr.json {size} bytes long; it may have at most {MAX_SIDECAR_BYTES}"
                 f" (the largest value is {largest!r}, {len(text[largest].encode())} bytes)"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedFile:
+    """A registered file as the tus layer's StoredUpload: its bytes from its Storage Element."""
+
+    record: FileRecord
+    pool: ElementPool
+
+    @property
+    def size(self) -> int:
+        return self.record.size_bytes
+
+    @property
+    def content_type(self) -> str | None:
+        return self.record.content_type or None
+
+    @property
+    def filename(self) -> str | None:
+        return self.record.original_filename or None
+
+    async def read(self, start: int, stop: int) -> AsyncGenerator[bytes, None]:
+        try:
+            async for block in read_file(self.pool, self.record, start, stop):
+                yield block
+        except ObjectNotFound:
+            log.warning(
+                "file %s is registered but not on element %s", self.record.file_id, self.record.storage_element_id
+            )
+            raise UploadGone("the file is no longer on its Storage Element") from None
+        except (BackendError, ElementUnavailable) as exc:
+            log.warning(
+                "cannot read file %s from element %s: %s", self.record.file_id, self.record.storage_element_id, exc
+            )
+            raise ServiceUnavailable(
+                "the file's Storage Element cannot be read now; retry shortly", {"Retry-After": "5"}
+            ) from None
 
 
 def _invalid(message: str) -> UploadRefused:

@@ -81,8 +81,9 @@ class Backend(Protocol):
         up; discard_incomplete and sweep_incomplete remove what it left."""
         ...
 
-    def get(self, key: str) -> AsyncIterator[bytes]:
-        """Stream the object's bytes; raises ObjectNotFound on first iteration when absent."""
+    def get(self, key: str, *, start: int = 0) -> AsyncIterator[bytes]:
+        """Stream the object's bytes from byte ``start`` (less than its size) on; raises
+        ObjectNotFound on first iteration when absent."""
         ...
 
     async def head(self, key: str) -> ObjectInfo | None:
@@ -123,3 +124,10 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def close_stream(chunks: AsyncIterator[bytes]) -> None:
+    """Let go of a stream ``Backend.get`` returned, read to its end or not (its file, its connection)."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

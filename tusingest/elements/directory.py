@@ -362,7 +362,7 @@ class DirectoryBackend:
         cleanup.add_done_callback(self._cleanups.discard)
         await asyncio.shield(cleanup)
 
-    async def get(self, key: str) -> AsyncIterator[bytes]:
+    async def get(self, key: str, *, start: int = 0) -> AsyncIterator[bytes]:
         path = self._path(key)
 
         def open_object() -> int:
@@ -373,6 +373,8 @@ class DirectoryBackend:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise ObjectNotFound(key)  # the key names a directory of other keys
+            if start:
+                os.lseek(fd, start, os.SEEK_SET)
             return fd
 
         opening = asyncio.ensure_future(asyncio.to_thread(open_object))

@@ -531,10 +531,14 @@ class S3Backend:
             # Invisible to readers, but it holds storage until a lifecycle rule removes it.
             log.warning("multipart upload %s of %r left behind: %s", upload_id, object_key, exc)
 
-    async def get(self, key: str) -> AsyncIterator[bytes]:
+    async def get(self, key: str, *, start: int = 0) -> AsyncIterator[bytes]:
         object_key = self._object_key(key)
         client = await self._client()
-        response = await self._call("get_object", key, client.get_object(Bucket=self.bucket, Key=object_key))
+        if start:
+            request = client.get_object(Bucket=self.bucket, Key=object_key, Range=f"bytes={start}-")
+        else:  # no Range: S3 refuses any range of an empty object (416)
+            request = client.get_object(Bucket=self.bucket, Key=object_key)
+        response = await self._call("get_object", key, request)
         async with response["Body"] as body:
             while chunk := await self._call("get_object", key, body.read(READ_CHUNK_SIZE)):
                 yield chunk

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from fnmatch import fnmatchcase
 from fractions import Fraction
@@ -120,7 +120,16 @@ def worth_keeping(original: int, stored: int, min_saving: float = DEFAULT_MIN_SA
 class StreamDecompressor(Protocol):
     """Undoes a StreamCompressor piece by piece."""
 
-    def decompress(self, data: bytes) -> bytes: ...
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        """The output ``data`` makes; with ``max_length``, at most about that many bytes: while
+        ``needs_input`` is then False, call again with ``b""`` for the rest (a small input can stand
+        for gigabytes: bounding each piece keeps memory flat)."""
+        ...
+
+    @property
+    def needs_input(self) -> bool:
+        """Whether all the input given so far has been turned into output."""
+        ...
 
     def finish(self) -> bytes:
         """What is left; raises ValueError when the stream stopped before its end."""
@@ -171,9 +180,16 @@ class BrotliDecompressor:
     def __init__(self) -> None:
         self._decompressor = brotli.Decompressor()
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        if max_length:
+            bounded: bytes = self._decompressor.process(data, output_buffer_limit=max_length)
+            return bounded
         output: bytes = self._decompressor.process(data)
         return output
+
+    @property
+    def needs_input(self) -> bool:
+        return bool(self._decompressor.can_accept_more_data())
 
     def finish(self) -> bytes:
         if not self._decompressor.is_finished():
@@ -207,9 +223,16 @@ class GzipCompressor:
 class GzipDecompressor:
     def __init__(self) -> None:
         self._decompressor = zlib.decompressobj(31)
+        self._tail = b""  # input that max_length held back
 
-    def decompress(self, data: bytes) -> bytes:
-        return self._decompressor.decompress(data)
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        output = self._decompressor.decompress(self._tail + data if self._tail else data, max_length)
+        self._tail = self._decompressor.unconsumed_tail
+        return output
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._tail
 
     def finish(self) -> bytes:
         output = self._decompressor.flush()
@@ -240,6 +263,29 @@ def open_decompressor(algorithm: str) -> StreamDecompressor:
         case "gzip":
             return GzipDecompressor()
     raise ValueError(f"unknown compression algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+
+
+async def decompress_stream(
+    chunks: AsyncIterable[bytes], algorithm: str, block_size: int = 1 << 20
+) -> AsyncIterator[bytes]:
+    """The original bytes of an object stored with ``algorithm``, in pieces of about ``block_size``
+    at most, decompressed on worker threads. Raises ValueError (also zlib.error, brotli.error) for a
+    stream that is cut short or corrupt."""
+    decompressor = open_decompressor(algorithm)
+    async for chunk in chunks:
+        data = chunk
+        while True:
+            output = await asyncio.to_thread(decompressor.decompress, data, block_size)
+            if output:
+                yield output
+            data = b""
+            if decompressor.needs_input:
+                break
+    while output := await asyncio.to_thread(decompressor.decompress, b"", block_size):
+        yield output  # what the last input still held back
+    tail = await asyncio.to_thread(decompressor.finish)
+    if tail:
+        yield tail
 
 
 async def compress_stream(

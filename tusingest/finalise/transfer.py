@@ -19,9 +19,9 @@ import brotli
 from pydantic import Field
 
 from tusingest.auth import Identity, is_owner_or_admin
-from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound
+from tusingest.elements.backend import Backend, BackendError, ObjectInfo, ObjectNotFound, close_stream
 from tusingest.elements.pool import ElementPool, ElementUnavailable
-from tusingest.finalise.compression import open_decompressor
+from tusingest.finalise.compression import decompress_stream
 from tusingest.finalise.naming import sidecar_document, sidecar_key
 from tusingest.finalise.refusals import (
     AuditRecorder,
@@ -417,7 +417,7 @@ class TransferSagas:
                     saga = await self._advance(saga, "copying", data)
                     recorded = time.monotonic()
         finally:
-            await _close(chunks)
+            await close_stream(chunks)
 
     async def _copy_sidecar(self, data: TransferSagaData) -> None:
         name = sidecar_key(data.key)
@@ -445,20 +445,11 @@ class TransferSagas:
         async def digest(backend: Backend) -> tuple[str, int]:
             # The registry's sha256 is of the original bytes: a compressed object is hashed as it decompresses.
             hasher = hashlib.sha256()
-            decompressor = open_decompressor(encoding) if encoding else None
             size = 0
-
-            def feed(chunk: bytes) -> int:
-                original = decompressor.decompress(chunk) if decompressor is not None else chunk
-                hasher.update(original)
-                return len(original)
-
-            async for chunk in backend.get(key):
-                size += await asyncio.to_thread(feed, chunk)
-            if decompressor is not None:
-                tail = await asyncio.to_thread(decompressor.finish)
-                hasher.update(tail)
-                size += len(tail)
+            chunks = backend.get(key)
+            async for chunk in decompress_stream(chunks, encoding) if encoding else chunks:
+                await asyncio.to_thread(hasher.update, chunk)
+                size += len(chunk)
             return hasher.hexdigest(), size
 
         try:
@@ -615,9 +606,3 @@ def _iso(moment: datetime) -> str:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
-
-
-async def _close(chunks: AsyncIterator[bytes]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

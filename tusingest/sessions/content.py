@@ -8,7 +8,7 @@ all at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.store import SessionStore
@@ -16,15 +16,23 @@ from tusingest.staging import DirectoryStaging, StagingError
 
 
 async def read_upload(
-    store: SessionStore, staging: DirectoryStaging, upload: Upload, block_size: int = 1 << 20
-) -> AsyncIterator[bytes]:
-    """The upload's committed bytes in blocks of at most ``block_size``.
+    store: SessionStore,
+    staging: DirectoryStaging,
+    upload: Upload,
+    block_size: int = 1 << 20,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """The upload's committed bytes from ``start`` up to ``stop`` (default: all of them), in blocks
+    of at most ``block_size``; never past the committed offset.
 
     A final upload is readable once all its partials are complete; otherwise, or when a
     partial is gone, StagingError is raised before the first byte.
     """
+    stop = upload.offset if stop is None else min(stop, upload.offset)
     if upload.kind is not UploadKind.FINAL:
-        async for block in staging.read(upload.id, upload.offset, block_size):
+        async for block in staging.read(upload.id, stop, block_size, start=start):
             yield block
         return
     partials = await store.get_many(list(dict.fromkeys(upload.parts)))
@@ -36,6 +44,12 @@ async def read_upload(
         if part.length is None or not part.is_complete:
             raise StagingError(f"partial upload {part_id} of final upload {upload.id} is not complete")
         lengths.append((part_id, part.length))
+    position = 0  # where the partial begins in the final upload
     for part_id, length in lengths:
-        async for block in staging.read(part_id, length, block_size):
-            yield block
+        if position >= stop:
+            break
+        if position + length > start:
+            part_start = max(0, start - position)
+            async for block in staging.read(part_id, min(length, stop - position), block_size, start=part_start):
+                yield block
+        position += length

@@ -308,28 +308,55 @@ class DirectoryStaging:
         chunks = await self._run(lambda: _list_chunks(directory))
         return chunks[-1].end if chunks else 0
 
-    async def read(self, upload_id: str, length: int, block_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The first ``length`` bytes of an upload, in blocks of at most ``block_size``."""
+    async def read(
+        self, upload_id: str, length: int, block_size: int = 1 << 20, *, start: int = 0
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``start`` up to ``length`` of an upload, in blocks of at most ``block_size``.
+
+        Every chunk file needed is opened before the first block, so a reader that has begun goes
+        on to the end even when the upload's folder is removed meanwhile (its finalisation cleaned up).
+        """
         directory = self.directory(upload_id)
-        chunks = await self._run(lambda: _list_chunks(directory))
-        position = 0
-        for chunk in chunks:
-            if position >= length:
-                break
-            if chunk.start != position:
-                raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
-            want = min(chunk.size, length - position)
-            f = await self._run(functools.partial(io.FileIO, chunk.path, "r"))
-            with f:
+
+        def _open() -> list[tuple[io.FileIO, int, int]]:
+            opened: list[tuple[io.FileIO, int, int]] = []  # (file, where to start in it, how much to read)
+            position = 0
+            try:
+                for chunk in _list_chunks(directory):
+                    if position >= length:
+                        break
+                    if chunk.start != position:
+                        raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
+                    end = min(chunk.end, length)
+                    if end > start:
+                        skip = max(0, start - chunk.start)
+                        opened.append((io.FileIO(chunk.path, "r"), skip, end - chunk.start - skip))
+                    position = end
+                if position < length:
+                    raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
+            except BaseException:
+                for f, _, _ in opened:
+                    f.close()
+                raise
+            return opened
+
+        try:
+            opened = await self._run(_open)
+        except OSError as exc:  # a chunk discarded between the listing and the opening
+            raise StagingError(f"cannot open staging for upload {upload_id}: {exc}") from exc
+        try:
+            for f, skip, want in opened:
+                if skip:
+                    await self._run(functools.partial(f.seek, skip))
                 while want > 0:
                     block = await self._run(functools.partial(f.read, min(block_size, want)))
                     if not block:
-                        raise StagingError(f"staging for upload {upload_id} ended early at byte {position}")
+                        raise StagingError(f"staging for upload {upload_id} ended early")
                     want -= len(block)
-                    position += len(block)
                     yield block
-        if position < length:
-            raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
+        finally:
+            for f, _, _ in opened:
+                f.close()
 
     async def remove(self, upload_id: str) -> None:
         directory = self.directory(upload_id)

@@ -4,7 +4,7 @@ completing one, the headers every response carries."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -21,6 +21,29 @@ from tusingest.staging import DirectoryStaging
 from tusingest.tus.body import BodyPace
 from tusingest.tus.errors import TusError, UploadGone, UploadLocked, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
+
+
+class StoredUpload(Protocol):
+    """A complete upload's bytes where the completion hook put them (a Storage Element): what a
+    GET serves once they left staging. The tus layer knows nothing of where that is."""
+
+    @property
+    def size(self) -> int:
+        """Of the original bytes, as received."""
+        ...
+
+    @property
+    def content_type(self) -> str | None:
+        """As the completion hook found it; None: not known."""
+        ...
+
+    @property
+    def filename(self) -> str | None: ...
+
+    def read(self, start: int, stop: int) -> AsyncGenerator[bytes, None]:
+        """The original bytes ``start`` up to ``stop``, streamed; a TusError (e.g. 503) before the
+        first byte when they cannot be read now."""
+        ...
 
 
 class UploadHooks(Protocol):
@@ -61,6 +84,10 @@ class UploadHooks(Protocol):
         """The decoded Upload-Metadata of an upload about to be created, before anything is
         staged or stored. Raising a TusError (400) refuses the creation."""
 
+    async def stored(self, upload: Upload) -> StoredUpload | None:
+        """Where a complete upload's bytes are kept once the completion hook placed them; None
+        while staging still holds them (or the hook keeps none)."""
+
 
 class PlainHooks:
     """No finaliser: a complete upload is simply marked complete."""
@@ -90,6 +117,9 @@ class PlainHooks:
 
     async def check_creation(self, metadata: Mapping[str, bytes | None]) -> None:
         return None  # the metadata is kept as the header was sent; nothing derives names from it
+
+    async def stored(self, upload: Upload) -> StoredUpload | None:
+        return None  # a complete upload stays in staging
 
 
 log = logging.getLogger(__name__)

@@ -99,6 +99,11 @@ class RateLimited(TusError):
     status, default_message = 429, "rate limited"
 
 
+class RangeNotSatisfiable(TusError):
+    code = "ERR_RANGE_NOT_SATISFIABLE"
+    status, default_message = 416, "the range starts past the upload's bytes"
+
+
 class ServerError(TusError):
     code = "ERR_INTERNAL_SERVER_ERROR"
     status, default_message = 500, "internal server error"

@@ -29,6 +29,7 @@ from tusingest.tus.errors import (
     UploadProblem,
     VersionNotSupported,
 )
+from tusingest.tus.get import GetHandler
 from tusingest.tus.head import HeadHandler
 from tusingest.tus.headers import TUS_VERSION
 from tusingest.tus.ietf import IetfDraft, uses_ietf_draft
@@ -61,6 +62,7 @@ class TusServer:
         self.head = HeadHandler(self.ctx)
         self.patch = PatchHandler(self.ctx)
         self.delete = DeleteHandler(self.ctx)
+        self.get = GetHandler(self.ctx)
         self.ietf = IetfDraft(self.ctx, self.options_handler)
 
     def routes(self) -> list[BaseRoute]:
@@ -82,6 +84,8 @@ class TusServer:
             method = self._method(request)
             if upload_id is not None and method != "OPTIONS" and not is_upload_id(upload_id):
                 raise UploadNotFound()  # no upload has such an id: the store is not asked
+            if method == "GET" and upload_id is not None:  # a download, in either protocol: not a tus request
+                return await self.get.handle(request, upload_id)
             if uses_ietf_draft(request):  # the IETF resumable-upload draft needs no Tus-Resumable
                 return await self.ietf.handle(request, method, upload_id)
             if method == "OPTIONS":
@@ -98,7 +102,7 @@ class TusServer:
                 return await self.patch.handle(request, upload_id)
             if method == "DELETE":
                 return await self.delete.handle(request, upload_id)
-            raise MethodNotAllowed(headers={"Allow": "HEAD, PATCH, DELETE, OPTIONS"})
+            raise MethodNotAllowed(headers={"Allow": "GET, HEAD, PATCH, DELETE, OPTIONS"})
         except TusError as error:
             return self.error_response(error)
         except LockTimeout:

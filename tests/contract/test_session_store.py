@@ -21,7 +21,7 @@ from tusingest.sessions import migrations
 from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.model import Upload, UploadKind, UploadState, new_upload_id
 from tusingest.sessions.postgres import PostgresSessionStore
-from tusingest.sessions.progress import PostgresProgressBus, ProgressBus, ProgressEvent
+from tusingest.sessions.progress import RESYNC, PostgresProgressBus, ProgressBus, ProgressEvent
 from tusingest.sessions.sqlite import SQLiteSessionStore
 from tusingest.sessions.store import DatabaseNotMigrated, SessionStore, StoreError
 
@@ -569,6 +569,33 @@ async def test_the_progress_bus_delivers_only_to_the_uploads_own_subscribers(sto
             first = await next_event(queue)
             assert queue.empty()
     assert first == ProgressEvent(watched.id, offset=20, length=1000)
+
+
+async def test_the_postgres_progress_bus_reconnects_after_losing_its_connection_and_asks_for_a_resync(
+    postgres_url: str,
+) -> None:
+    store = PostgresSessionStore(postgres_url)
+    await store.open()
+    try:
+        upload = await stored(store)
+        async with progress_bus(store) as bus:
+            with bus.subscribe(upload.id) as queue:
+                killer = await asyncpg.connect(postgres_url)
+                try:
+                    killed = await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+                    )
+                finally:
+                    await killer.close()
+                resync = await next_event(queue)  # reconnected: what was sent meanwhile may be lost
+                await store.commit_offset(upload.id, 0, 10, T0, None)
+                after = await next_event(queue)
+    finally:
+        await store.close()
+    assert killed == 1
+    assert resync is RESYNC
+    assert after == ProgressEvent(upload.id, offset=10, length=1000)
 
 
 # --- ping / close ----------------------------------------------------------------------------------

@@ -190,6 +190,17 @@ async def test_a_quiet_stream_gets_a_ping_each_heartbeat(start_server: ServerFac
     assert stream.pings >= 3
 
 
+async def test_a_node_shutting_down_ends_its_streams(sqlite_server: LiveServer) -> None:
+    async with sqlite_server.client() as client:
+        upload_id = await create(client, 1000)
+        async with watch(client, upload_id) as stream:
+            await stream.next()
+            await stream.next()
+            sqlite_server.parts.progress.end_streams()  # what `tusingest serve` does on SIGTERM
+            rest = await stream.until_end(timeout=5)
+    assert [event.event for event in rest] == ["progress", "status"] and stream.ended
+
+
 async def test_opening_and_closing_100_streams_leaves_no_subscription_or_task(sqlite_server: LiveServer) -> None:
     async with sqlite_server.client() as client:
         upload_id = await create(client, 1000)

@@ -162,6 +162,8 @@ class _ProgressStream:
                 except TimeoutError:
                     yield ": ping\n\n"
                     continue
+                if self.route.bus.closing:
+                    return  # the node shuts down: the client's reconnect reaches another
                 for chunk in await self._step(event):
                     yield chunk
 

@@ -96,6 +96,7 @@ class ProgressBus:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
+        self.closing = False  # the node shuts down: streams end, their clients reconnect elsewhere
 
     @contextlib.contextmanager
     def subscribe(self, upload_id: str) -> Iterator[Subscription]:
@@ -123,6 +124,12 @@ class ProgressBus:
         for watchers in self._subscribers.values():
             for queue in watchers:
                 queue.put_nowait(RESYNC)
+
+    def end_streams(self) -> None:
+        """Shutting down: wake every subscriber to see ``closing`` and end (as ``request_release_all``
+        asks running PATCHes to let go), so open streams do not hold the shutdown up."""
+        self.closing = True
+        self.resync()
 
     async def publish(self, event: ProgressEvent) -> None:
         """Tell every node's subscribers (here: this process is the only node)."""
@@ -157,11 +164,10 @@ class PostgresProgressBus(ProgressBus):
         self._task = asyncio.create_task(self._keep_listening(), name="progress-listener")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # ended (cancelled): nothing of it is left running
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(*_CONNECTION_ERRORS):

@@ -7,6 +7,10 @@ committed offset, a ``status`` when the status changes and a ``stage`` per final
 last ``registered`` (the file) or ``failed`` (the error), after which it ends. A quiet stream gets a
 ``: ping`` comment every heartbeat. A reconnecting client is sent the current state again, so it
 needs no ``Last-Event-ID`` (progress events carry the offset as their id; nothing is replayed).
+
+Starlette's ``StreamingResponse`` carries it (it ends the stream when the client disconnects), not
+sse-starlette: that one keeps process-wide shutdown state tied to uvicorn and runs a watcher task
+per loop, and what it would add here is the event format and the ping, a few lines below.
 """
 
 from __future__ import annotations

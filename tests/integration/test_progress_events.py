@@ -73,10 +73,15 @@ def events_path(upload_id: str) -> str:
 
 @contextlib.asynccontextmanager
 async def watch(client: httpx.AsyncClient, upload_id: str) -> AsyncIterator[EventStream]:
+    """The upload's event stream, its first two events (the current state: ``progress``, ``status``)
+    read, so the server has subscribed to what comes next."""
     async with client.stream("GET", events_path(upload_id)) as response:
         assert response.status_code == 200, await response.aread()
         assert response.headers["content-type"].startswith("text/event-stream")
-        yield EventStream(response, response.aiter_lines())
+        stream = EventStream(response, response.aiter_lines())
+        await stream.next()
+        await stream.next()
+        yield stream
 
 
 async def create(client: httpx.AsyncClient, length: int, filename: str = "data.bin") -> str:
@@ -115,7 +120,7 @@ async def test_a_watcher_sees_every_8_mib_step_of_a_64_mib_upload_then_registere
     async with watched.client() as watching, writer.client() as writing:
         upload_id = await create(watching, len(payload))
         async with watch(watching, upload_id) as stream:
-            first = [await stream.next(), await stream.next()]  # the current state: subscribed from here on
+            first = stream.seen[:2]  # the current state: subscribed from here on
             for offset in range(0, len(payload), 8 * MiB):
                 answer = await patch(writing, upload_id, offset, payload[offset : offset + 8 * MiB])
                 assert answer.status_code == 204, answer.text
@@ -141,8 +146,6 @@ async def test_a_refused_mime_type_ends_the_stream_with_failed(start_server: Ser
     async with server.client() as client:
         upload_id = await create(client, len(text), "notes.txt")
         async with watch(client, upload_id) as stream:
-            await stream.next()
-            await stream.next()
             refused = await patch(client, upload_id, 0, text)
             events = await stream.until_end()
     assert refused.status_code == 415
@@ -171,8 +174,6 @@ async def test_a_terminated_upload_ends_its_stream_with_failed(sqlite_server: Li
     async with sqlite_server.client() as client:
         upload_id = await create(client, 1000)
         async with watch(client, upload_id) as stream:
-            await stream.next()
-            await stream.next()
             assert (await client.delete(f"/files/{upload_id}", headers=TUS)).status_code == 204
             events = await stream.until_end(timeout=10)
     assert events[-1] == Event("failed", {"error": "upload_terminated", "message": "the upload was terminated"})
@@ -183,8 +184,6 @@ async def test_a_quiet_stream_gets_a_ping_each_heartbeat(start_server: ServerFac
     async with server.client() as client:
         upload_id = await create(client, 1000)
         async with watch(client, upload_id) as stream:
-            await stream.next()
-            await stream.next()
             with pytest.raises(TimeoutError):
                 await stream.next(timeout=0.5)  # nothing happens to the upload: only comments arrive
     assert stream.pings >= 3
@@ -194,8 +193,6 @@ async def test_a_node_shutting_down_ends_its_streams(sqlite_server: LiveServer) 
     async with sqlite_server.client() as client:
         upload_id = await create(client, 1000)
         async with watch(client, upload_id) as stream:
-            await stream.next()
-            await stream.next()
             sqlite_server.parts.progress.end_streams()  # what `tusingest serve` does on SIGTERM
             rest = await stream.until_end(timeout=5)
     assert [event.event for event in rest] == ["progress", "status"] and stream.ended
@@ -204,14 +201,13 @@ async def test_a_node_shutting_down_ends_its_streams(sqlite_server: LiveServer) 
 async def test_opening_and_closing_100_streams_leaves_no_subscription_or_task(sqlite_server: LiveServer) -> None:
     async with sqlite_server.client() as client:
         upload_id = await create(client, 1000)
-        async with watch(client, upload_id) as warm_up:  # the server's own tasks for a client are started
-            await warm_up.next()
+        async with watch(client, upload_id):  # the server's own tasks for a client are started
+            pass
         await eventually(lambda: _subscriptions(sqlite_server), lambda count: count == 0)
         tasks_before = len(asyncio.all_tasks())
         for _ in range(100):
-            async with watch(client, upload_id) as stream:
-                await stream.next()
-                await stream.next()
+            async with watch(client, upload_id):
+                pass
         # The server sees each disconnect: its stream, and the stream's subscription, end.
         await eventually(lambda: _subscriptions(sqlite_server), lambda count: count == 0)
         await eventually(_task_count, lambda count: count <= tasks_before)
@@ -239,9 +235,9 @@ async def test_another_users_token_gets_404_and_no_token_401(keyed_server: LiveS
         unknown = await alice.get(events_path("A" * 22))
         anonymous = await nobody.get(events_path(upload_id))
         async with watch(alice, upload_id) as own:
-            first = await own.next()
+            first = own.seen[0]
     assert (as_bob.status_code, as_bob.json()["error"]) == (404, "session_not_found")
     assert (unknown.status_code, unknown.json()["error"]) == (404, "session_not_found")
     assert anonymous.status_code == 401
-    assert first is not None and first.event == "progress"
+    assert first.event == "progress"
     await eventually(lambda: _subscriptions(keyed_server), lambda count: count == 0)

@@ -32,7 +32,7 @@ from tusingest.api.errors import ApiError, api_exception_handlers
 from tusingest.api.files import FilesApi
 from tusingest.api.limits import RateLimits
 from tusingest.api.openapi import ApiRoute, openapi_routes
-from tusingest.api.sessions import SessionStatus
+from tusingest.api.sessions import SessionEvents, SessionStatus
 from tusingest.api.uploads import FacadeSettings, FacadeUploads
 from tusingest.auth import (
     IDENTITY_STATE,
@@ -69,6 +69,7 @@ from tusingest.sessions import SessionStore
 from tusingest.sessions.audit import Action, AuditEvent, Auditor, Outcome
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
+from tusingest.sessions.progress import PostgresProgressBus, ProgressBus
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.base import REQUESTER, Requester
@@ -123,20 +124,23 @@ class Parts:
     auth: Authenticator
     tracing: Tracing
     metrics: Metrics
+    progress: ProgressBus
 
 
 @dataclass(frozen=True, slots=True)
 class Database:
-    """The session store, the saga store and the upload locker of one DATABASE_URL."""
+    """The session store, the saga store, the upload locker and the progress bus of one DATABASE_URL."""
 
     sessions: SessionStore
     sagas: SagaStore
     locker: Locker
+    progress: ProgressBus
 
 
 def open_database(database_url: str, lock_timeout: float = 10.0, metrics: Metrics | None = None) -> Database:
-    """The one place a DATABASE_URL becomes stores and a locker. Same database for all three:
-    advisory locks on PostgreSQL (one writer across nodes), in-process locks on SQLite (one node)."""
+    """The one place a DATABASE_URL becomes stores, a locker and a progress bus. Same database for all:
+    advisory locks and LISTEN/NOTIFY on PostgreSQL (across nodes), in-process on SQLite (one node).
+    The session store tells the bus of each committed offset."""
     match database_engine(database_url):
         case "sqlite":
             from tusingest.saga.sqlite import SQLiteSagaStore
@@ -144,16 +148,23 @@ def open_database(database_url: str, lock_timeout: float = 10.0, metrics: Metric
 
             sessions = SQLiteSessionStore(database_url)
             # One connection for both stores on one SQLite file: one writer, so no "database is locked".
-            return Database(sessions, SQLiteSagaStore(sessions.database), MemoryLocker(lock_timeout, metrics))
+            return Database(
+                sessions, SQLiteSagaStore(sessions.database), MemoryLocker(lock_timeout, metrics), sessions.progress
+            )
         case "postgresql":
             from tusingest.saga.postgres import PostgresSagaStore
             from tusingest.sessions.pglocks import PostgresLocker
             from tusingest.sessions.postgres import PostgresSessionStore
 
+            postgres_sessions = PostgresSessionStore(database_url)
+            # PostgreSQL carries progress across nodes even when Redis is configured: the NOTIFY of an
+            # offset rides in the statement that commits it, where Redis would cost a round trip per PATCH.
+            postgres_sessions.progress = PostgresProgressBus(database_url)
             return Database(
-                PostgresSessionStore(database_url),
+                postgres_sessions,
                 PostgresSagaStore(database_url),
                 PostgresLocker(database_url, default_timeout=lock_timeout, metrics=metrics),
+                postgres_sessions.progress,
             )
 
 
@@ -298,6 +309,7 @@ def build_parts(settings: Settings) -> Parts:
         settings=saga_settings,
         failpoints=failpoints,
         metrics=metrics,
+        progress=database.progress,
     )
     deletes = DeleteSagas(
         store=saga_store,
@@ -343,6 +355,7 @@ def build_parts(settings: Settings) -> Parts:
         auth,
         tracing,
         metrics,
+        database.progress,
     )
 
 
@@ -437,6 +450,8 @@ def build_app(settings: Settings) -> Starlette:
             stack.push_async_callback(parts.store.close)
             stack.push_async_callback(parts.store.auditor.aclose)
             stack.push_async_callback(parts.auth.aclose)
+            await parts.progress.open()
+            stack.push_async_callback(parts.progress.close)
             await parts.locker.open()
             stack.push_async_callback(parts.locker.close)
             await parts.elements.open()
@@ -490,6 +505,9 @@ def build_app(settings: Settings) -> Starlette:
 
     api_routes: list[BaseRoute] = [
         *SessionStatus(parts.store, parts.sagas).routes(),
+        *SessionEvents(
+            SessionStatus(parts.store, parts.sagas), parts.progress, heartbeat=settings.events_heartbeat_seconds
+        ).routes(),
         *FacadeUploads(facade_settings(settings), parts.tus.ctx, parts.sagas).routes(),
         *parts.files_api.routes(),
     ]

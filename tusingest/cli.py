@@ -117,6 +117,7 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
         await stop.wait()
         logging.getLogger("tusingest").info("shutting down: in-flight uploads commit what they received")
         app.state.parts.locker.request_release_all()
+        app.state.parts.progress.end_streams()  # live-progress streams end; their clients reconnect
 
     logging.getLogger("tusingest").info("tusingest listening on http://%s:%d", settings.host, settings.port)
     try:

@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     compression_min_size_mb: float = Field(10.0, ge=0)
     compression_min_saving: float = Field(0.10, ge=0, lt=1)
     finalise_wait_seconds: float = Field(30.0, ge=0)  # how long the final PATCH waits for the saga
+    events_heartbeat_seconds: float = Field(15.0, gt=0)  # a ": ping" comment on a quiet progress stream
     # Sagas doing their heavy steps at once, per node: they are CPU-bound (hashing, compression).
     finalise_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=256)
     default_username: str = "anonymous"

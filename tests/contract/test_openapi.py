@@ -213,6 +213,19 @@ def test_a_documented_route_appears_with_its_operation_and_models() -> None:
     assert "TransferRequest" in document["components"]["schemas"]
 
 
+def test_the_progress_stream_is_declared_as_server_sent_events_with_the_models_of_its_events(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    document = app_document(tmp_path, sqlite_url)
+    operation = document["paths"]["/api/files/upload/session/{session_id}/events"]["get"]
+
+    assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
+    assert operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert {"ProgressData", "StatusData", "StageData", "FileInfo", "ErrorDetail"} <= set(
+        document["components"]["schemas"]
+    )
+
+
 def test_transfer_request_schema_is_the_model_the_handler_validates_with(tmp_path: Path, sqlite_url: str) -> None:
     from tusingest.api.files import parse_transfer_body
 

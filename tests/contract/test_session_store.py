@@ -21,6 +21,7 @@ from tusingest.sessions import migrations
 from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.model import Upload, UploadKind, UploadState, new_upload_id
 from tusingest.sessions.postgres import PostgresSessionStore
+from tusingest.sessions.progress import RESYNC, PostgresProgressBus, ProgressBus, ProgressEvent
 from tusingest.sessions.sqlite import SQLiteSessionStore
 from tusingest.sessions.store import DatabaseNotMigrated, SessionStore, StoreError
 
@@ -517,6 +518,84 @@ async def test_list_final_uploads_with_part_matches_whole_ids_only(store: Sessio
     await stored(store, kind=UploadKind.FINAL, parts=(partial_id + "x", partial_id[:-1]))
 
     assert await store.list_final_uploads_with_part(partial_id) == []
+
+
+# --- the progress bus: told of each committed offset and each ending state --------------------------
+
+
+@contextlib.asynccontextmanager
+async def progress_bus(store: SessionStore) -> AsyncIterator[ProgressBus]:
+    """The bus app.py would hand this store: in-process on SQLite, LISTEN/NOTIFY on PostgreSQL."""
+    bus = PostgresProgressBus(store.database_url) if isinstance(store, PostgresSessionStore) else ProgressBus()
+    await bus.open()
+    store.progress = bus
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def next_event(queue: asyncio.Queue[ProgressEvent | None]) -> ProgressEvent | None:
+    async with asyncio.timeout(5):
+        return await queue.get()
+
+
+async def test_each_committed_offset_reaches_the_progress_bus_in_order_and_a_refused_commit_none(
+    store: SessionStore,
+) -> None:
+    upload = await stored(store)
+    async with progress_bus(store) as bus:
+        with bus.subscribe(upload.id) as queue:
+            for offset in (100, 200, 1000):
+                await store.commit_offset(upload.id, offset - 100 if offset < 1000 else 200, offset, T0, None)
+            assert await store.commit_offset(upload.id, 0, 50, T0, None) is None  # stale: changes nothing
+            await store.set_state(upload.id, UploadState.TERMINATED)
+            events = [await next_event(queue) for _ in range(4)]
+    assert events == [
+        ProgressEvent(upload.id, offset=100, length=1000),
+        ProgressEvent(upload.id, offset=200, length=1000),
+        ProgressEvent(upload.id, offset=1000, length=1000),
+        ProgressEvent(upload.id, state="terminated"),
+    ]
+    assert bus.subscriptions == 0
+
+
+async def test_the_progress_bus_delivers_only_to_the_uploads_own_subscribers(store: SessionStore) -> None:
+    watched, other = await stored(store), await stored(store)
+    async with progress_bus(store) as bus:
+        with bus.subscribe(watched.id) as queue:
+            await store.commit_offset(other.id, 0, 10, T0, None)
+            await store.commit_offset(watched.id, 0, 20, T0, None)
+            first = await next_event(queue)
+            assert queue.empty()
+    assert first == ProgressEvent(watched.id, offset=20, length=1000)
+
+
+async def test_the_postgres_progress_bus_reconnects_after_losing_its_connection_and_asks_for_a_resync(
+    postgres_url: str,
+) -> None:
+    store = PostgresSessionStore(postgres_url)
+    await store.open()
+    try:
+        upload = await stored(store)
+        async with progress_bus(store) as bus:
+            with bus.subscribe(upload.id) as queue:
+                killer = await asyncpg.connect(postgres_url)
+                try:
+                    killed = await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+                    )
+                finally:
+                    await killer.close()
+                resync = await next_event(queue)  # reconnected: what was sent meanwhile may be lost
+                await store.commit_offset(upload.id, 0, 10, T0, None)
+                after = await next_event(queue)
+    finally:
+        await store.close()
+    assert killed == 1
+    assert resync is RESYNC
+    assert after == ProgressEvent(upload.id, offset=10, length=1000)
 
 
 # --- ping / close ----------------------------------------------------------------------------------

@@ -202,6 +202,28 @@ class SessionStatus(_Body):
     error: ErrorDetail | None = Field(description="set when the status is failed")
 
 
+class ProgressData(_Body):
+    """The data of a ``progress`` event on the session's event stream: a committed offset."""
+
+    session_id: str
+    bytes_uploaded: ByteCount
+    bytes_total: ByteCount | None = Field(description="null while the length is deferred")
+
+
+class StatusData(_Body):
+    """The data of a ``status`` event: the session status route's status, when it changes."""
+
+    session_id: str
+    status: Literal["in_progress", "finalizing", "completed", "failed"]
+
+
+class StageData(_Body):
+    """The data of a ``stage`` event: the finalisation step the upload reached."""
+
+    session_id: str
+    stage: Literal["inspecting", "scanning", "placing", "registered", "failed"]
+
+
 class TransferRequest(BaseModel):
     """The JSON body of POST /api/files/{file_id}/transfer, as the handler validates it (fields it
     does not know are ignored)."""

@@ -43,7 +43,9 @@ class Operation:
 
     ``responses`` maps a status to (description, body model or None); ``errors`` maps a status to
     the codes it may carry, each answered with ``ErrorBody``. ``request`` is the body model, sent
-    as ``media_type`` (``encoding``: a multipart part's content type)."""
+    as ``media_type`` (``encoding``: a multipart part's content type). ``streamed`` maps a status to
+    the media type of a stream it answers with (text, no schema: Server-Sent Events); the models
+    of what the stream carries go in ``extra_models``, so the document defines them."""
 
     operation_id: str
     tag: str
@@ -54,6 +56,8 @@ class Operation:
     media_type: str = "application/json"
     encoding: Mapping[str, str] = field(default_factory=dict)
     parameters: Sequence[Mapping[str, Any]] = ()
+    streamed: Mapping[int, str] = field(default_factory=dict)
+    extra_models: Sequence[type[BaseModel]] = ()
 
     def models(self) -> Iterable[tuple[type[BaseModel], JsonSchemaMode]]:
         if self.request is not None:
@@ -61,6 +65,8 @@ class Operation:
         for _, model in self.responses.values():
             if model is not None:
                 yield model, "serialization"
+        for model in self.extra_models:
+            yield model, "serialization"
         yield ErrorBody, "serialization"  # the guards' refusals (GUARD_ERRORS), at the least
 
     def render(self) -> dict[str, Any]:
@@ -75,6 +81,8 @@ class Operation:
         responses: dict[str, Any] = {}
         for status, (description, model) in self.responses.items():
             responses[str(status)] = {"description": description} if model is None else _json(description, model)
+            if status in self.streamed:
+                responses[str(status)]["content"] = {self.streamed[status]: {"schema": {"type": "string"}}}
         for status, description in {**GUARD_ERRORS, **self.errors}.items():
             responses[str(status)] = _json(description, ErrorBody)
         rendered["responses"] = dict(sorted(responses.items()))

@@ -65,6 +65,7 @@ from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.content import read_upload
 from tusingest.sessions.metadata import metadata_text
 from tusingest.sessions.model import utcnow
+from tusingest.sessions.progress import ProgressBus, ProgressEvent
 from tusingest.sessions.store import StoreError
 from tusingest.staging import DirectoryStaging, StagingError
 
@@ -188,8 +189,10 @@ class UploadSagas:
         settings: SagaSettings,
         failpoints: Failpoints | None = None,
         metrics: Metrics | None = None,
+        progress: ProgressBus | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.progress = progress or ProgressBus()  # where each stage is told (the SSE progress stream)
         self.sessions = sessions
         self.staging = staging
         self.sagas = sagas
@@ -354,6 +357,9 @@ class UploadSagas:
         repeated = step in ("placing", "placed")
 
         if step in (None, "inspected") and not self._inspection_usable(saga.step, data):
+            await self._stage(upload.id, "inspecting")
+            if self.scanner is not None:  # the scan runs in the inspection's one pass over the bytes
+                await self._stage(upload.id, "scanning")
             with (
                 self.metrics.finalise_stage.labels("validation").time(),
                 tracing.span(tracing.VALIDATION, {"upload.id": upload.id, "upload.size": upload.length}) as checked,
@@ -375,6 +381,7 @@ class UploadSagas:
                     selecting.set_attribute("element.id", data.element_id)
                 saga = await self._advance(saga, "placing", data)
                 step = "placing"
+                await self._stage(upload.id, "placing")
             element_id = data.element_id
             assert element_id is not None  # chosen just now or recorded with the step
             placing: tracing.Attributes = {"upload.id": upload.id, "element.id": element_id, "size.original": data.size}
@@ -628,6 +635,7 @@ class UploadSagas:
             saga = await self._advance(saga, "cleaned", data)
         await self.sagas.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
         self._settled(saga, "success", data.size, data.compression)
+        await self._stage(saga.subject_id, "registered")
         return UploadOutcome("completed", file=await self.sagas.get_file(data.file_id or ""))
 
     def _settled(
@@ -661,7 +669,9 @@ class UploadSagas:
                     # The element cannot be reached: the saga stays compensating, its lease lapses and
                     # recovery tries again later. For the client the upload has failed.
                     log.warning("upload saga %s: cannot remove the object from %s yet", saga.saga_id, data.element_id)
-                    return UploadOutcome("failed", refusal=_refusal(saga.error_code, saga.error, 503))
+                    refusal = _refusal(saga.error_code, saga.error, 503)
+                    await self._stage(saga.subject_id, "failed", refusal)
+                    return UploadOutcome("failed", refusal=refusal)
             for other in data.cleanup:
                 await self._remove_from(other, data.key)
         await self.sagas.enqueue(
@@ -685,7 +695,9 @@ class UploadSagas:
         self._settled(saga, "failure")
         if code == "virus_detected":
             self.metrics.virus_detections.inc()
-        return UploadOutcome("failed", refusal=Refused(message, code=code, status=http_status))
+        refusal = Refused(message, code=code, status=http_status)
+        await self._stage(saga.subject_id, "failed", refusal)
+        return UploadOutcome("failed", refusal=refusal)
 
     async def _audit(
         self, upload_id: str, action: str, data: UploadSagaData, *, outcome: str = Outcome.OK, reason: str | None = None
@@ -713,6 +725,11 @@ class UploadSagas:
 
     async def _advance(self, saga: Saga, step: str, data: UploadSagaData) -> Saga:
         return await self.runner.advance(saga, step, data)
+
+    async def _stage(self, upload_id: str, stage: str, refusal: Refused | None = None) -> None:
+        """Tell the upload's watchers the stage it reached (registered and failed once they are durable)."""
+        error, message = (refusal.code, refusal.message) if refusal is not None else (None, None)
+        await self.progress.publish(ProgressEvent(upload_id, stage=stage, error=error, message=message))
 
 
 def _failure_code(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ and ``open`` refuses a database that is not at the head revision.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -14,6 +15,7 @@ from tusingest.sessions import audit as audit_rows
 from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.pgpool import PostgresDatabase
+from tusingest.sessions.progress import ProgressBus, ProgressEvent
 from tusingest.sessions.store import StoreError
 
 _COLUMNS = (
@@ -44,6 +46,10 @@ class PostgresSessionStore(PostgresDatabase):
     what = "session store"
     default_max_size = 10
     auditor: Auditor = LOG_ONLY  # app.py hands over the one it built
+
+    def __init__(self, database_url: str, **options: Any) -> None:
+        super().__init__(database_url, **options)
+        self.progress = ProgressBus()  # app.py hands over the one it built
 
     async def _audited(self, event: AuditEvent, sql: str, *params: object) -> asyncpg.Record | None:
         """Run ``sql`` and write ``event``'s row in one transaction; publish the event once it is committed
@@ -114,18 +120,30 @@ class PostgresSessionStore(PostgresDatabase):
     async def commit_offset(
         self, upload_id: str, expected: int, offset: int, updated_at: datetime, expires_at: datetime | None
     ) -> Upload | None:
-        return await self._update_returning(
-            # Reaching the length completes the upload in this same statement (see SessionStore.commit_offset).
+        # Reaching the length completes the upload in this same statement (see SessionStore.commit_offset).
+        update = (
             "UPDATE uploads SET upload_offset = $1, updated_at = $2, expires_at = $3, "
             "state = CASE WHEN upload_length = $1 THEN 'complete' ELSE state END, "
             "completion_pending = completion_pending OR (upload_length IS NOT DISTINCT FROM $1 AND kind <> 'partial') "
-            "WHERE id = $4 AND upload_offset = $5 AND state = 'active'",
-            offset,
-            updated_at,
-            expires_at,
-            upload_id,
-            expected,
+            "WHERE id = $4 AND upload_offset = $5 AND state = 'active'"
         )
+        params: tuple[object, ...] = (offset, updated_at, expires_at, upload_id, expected)
+        channel = self.progress.notify_channel
+        if channel is None:
+            committed = await self._update_returning(update, *params)
+            if committed is not None:
+                await self.progress.publish(ProgressEvent.committed(committed))
+            return committed
+        # The NOTIFY rides in the committing statement: no extra round trip, and it is sent only if
+        # the offset is committed (PostgreSQL delivers notifications at commit).
+        row = await self.pool.fetchrow(
+            f"WITH committed AS ({update} RETURNING {_COLUMNS}) SELECT committed.*, pg_notify($6, "
+            "json_build_object('upload_id', id, 'offset', upload_offset, 'length', upload_length)::text) "
+            "FROM committed",
+            *params,
+            channel,
+        )
+        return None if row is None else _row_to_upload(row)
 
     async def set_length(self, upload_id: str, length: int) -> Upload | None:
         return await self._update_returning(
@@ -151,9 +169,13 @@ class PostgresSessionStore(PostgresDatabase):
         if only_from is not None:
             sql, params = f"{sql} AND state = $3", [*params, only_from.value]
         if audit is None:
-            return await self._update_returning(sql, *params)
-        row = await self._audited(audit, f"{sql} RETURNING {_COLUMNS}", *params)
-        return None if row is None else _row_to_upload(row)
+            changed = await self._update_returning(sql, *params)
+        else:
+            row = await self._audited(audit, f"{sql} RETURNING {_COLUMNS}", *params)
+            changed = None if row is None else _row_to_upload(row)
+        if changed is not None and (event := ProgressEvent.ended(changed)) is not None:
+            await self.progress.publish(event)
+        return changed
 
     async def _select(self, where: str, *params: object) -> list[Upload]:
         rows = await self.pool.fetch(f"SELECT {_COLUMNS} FROM uploads WHERE {where}", *params)

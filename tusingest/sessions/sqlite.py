@@ -15,6 +15,7 @@ import aiosqlite
 from tusingest.sessions import audit as audit_rows
 from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
 from tusingest.sessions.model import Upload, UploadKind, UploadState
+from tusingest.sessions.progress import ProgressBus, ProgressEvent
 from tusingest.sessions.sqlitedb import SQLiteDatabase
 from tusingest.sessions.store import StoreError
 
@@ -60,6 +61,7 @@ class SQLiteSessionStore:
         self.database = SQLiteDatabase(database) if isinstance(database, str) else database
         self._open = False
         self.auditor: Auditor = LOG_ONLY  # app.py hands over the one it built
+        self.progress = ProgressBus()  # and the progress bus
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -171,11 +173,14 @@ class SQLiteSessionStore:
     async def commit_offset(
         self, upload_id: str, expected: int, offset: int, updated_at: datetime, expires_at: datetime | None
     ) -> Upload | None:
-        return await self._update_returning(
+        committed = await self._update_returning(
             f"UPDATE uploads SET upload_offset = ?, updated_at = ?, expires_at = ?, {_COMPLETES} "
             "WHERE id = ? AND upload_offset = ? AND state = 'active'",
             (offset, _ts(updated_at), _ts(expires_at), offset, offset, upload_id, expected),
         )
+        if committed is not None:
+            await self.progress.publish(ProgressEvent.committed(committed))
+        return committed
 
     async def set_length(self, upload_id: str, length: int) -> Upload | None:
         return await self._update_returning(
@@ -201,9 +206,13 @@ class SQLiteSessionStore:
         if only_from is not None:
             sql, params_ = f"{sql} AND state = ?", (*params, only_from.value)
         if audit is None:
-            return await self._update_returning(sql, params_)
-        row = await self._audited(audit, f"{sql} RETURNING {_COLUMNS}", params_)
-        return None if row is None else _row_to_upload(row)
+            changed = await self._update_returning(sql, params_)
+        else:
+            row = await self._audited(audit, f"{sql} RETURNING {_COLUMNS}", params_)
+            changed = None if row is None else _row_to_upload(row)
+        if changed is not None and (event := ProgressEvent.ended(changed)) is not None:
+            await self.progress.publish(event)
+        return changed
 
     async def list_expired(self, now: datetime, limit: int = 500) -> list[Upload]:
         return await self._fetchall(

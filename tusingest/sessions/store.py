@@ -12,6 +12,7 @@ from typing import Protocol
 
 from tusingest.sessions.audit import AuditEvent, Auditor
 from tusingest.sessions.model import Upload, UploadState
+from tusingest.sessions.progress import ProgressBus
 
 
 class StoreError(Exception):
@@ -24,6 +25,7 @@ class DatabaseNotMigrated(StoreError):
 
 class SessionStore(Protocol):
     auditor: Auditor  # publishes each committed audit event (app.py sets the one it built)
+    progress: ProgressBus  # hears each committed offset and each ending state (app.py sets the one it built)
 
     async def open(self) -> None:
         """Connect and check the schema; raise StoreError with an operator-facing message."""
@@ -49,6 +51,7 @@ class SessionStore(Protocol):
 
         One round trip. Returns the updated upload, or None when the upload is not ACTIVE at
         ``expected`` any more (another writer or a termination won; nothing is changed).
+        The committed offset goes to ``progress`` (on PostgreSQL as a NOTIFY in the same statement).
 
         When ``offset`` reaches the upload's length, the same statement makes it COMPLETE and, for a
         single or final upload, sets ``completion_pending``: the durable record that its completion
@@ -70,7 +73,8 @@ class SessionStore(Protocol):
     ) -> Upload | None:
         """Move to ``state`` (optionally only from ``only_from``); None if nothing changed.
 
-        With ``audit``, its row is written in the same transaction, and only when the state changed."""
+        With ``audit``, its row is written in the same transaction, and only when the state changed.
+        A change to terminated or expired goes to ``progress``."""
 
     async def record_audit(self, event: AuditEvent) -> None:
         """Write an audit row that records no change (a refused authorization), then publish it."""

@@ -26,7 +26,7 @@ from tusingest.staging import DirectoryStaging, StagingError
 log = logging.getLogger(__name__)
 
 # Their staged bytes are garbage: nothing reads or writes them again.
-_FINISHED_WITH_STAGING = frozenset({UploadState.TERMINATED, UploadState.EXPIRED})
+_FINISHED_WITH_STAGING = frozenset({UploadState.TERMINATED, UploadState.EXPIRED, UploadState.INVALID})
 DEFAULT_STAGING_GRACE = timedelta(hours=24)  # UPLOAD_SESSION_TTL_HOURS' default
 SWEEP_BATCH = 500
 

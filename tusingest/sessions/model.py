@@ -19,6 +19,9 @@ class UploadState(enum.StrEnum):
     TERMINATED = "terminated"  # deleted by the client (tus termination)
     EXPIRED = "expired"  # no activity for UPLOAD_SESSION_TTL_HOURS; staged bytes removed
     FAILED = "failed"  # refused or could not be stored; the reason is kept by the completion hooks
+    # A body ran past the upload's known length (IETF draft -11): the resource is marked invalid and
+    # refuses every later request; its staged bytes are removed at once.
+    INVALID = "invalid"
 
 
 class UploadKind(enum.StrEnum):

@@ -63,6 +63,7 @@ async def expire_uploads(
     if expired or busy:
         log.info("expired %d upload(s); %d busy ones left for later", expired, busy)
     removed = await sweep_staging(store, staging, locker, grace=staging_grace, now=now)
+    await store.forget_expired_idempotency_keys(now)
     return CleanupReport(expired=expired, skipped_busy=busy, staging_removed=removed)
 
 

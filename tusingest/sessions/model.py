@@ -98,3 +98,17 @@ class Upload:
 
     def evolve(self, **changes: object) -> Upload:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A creation's ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header): the upload the
+    first request with it made (its id chosen before its body was read), for whom, what that
+    request looked like (``fingerprint``), and until when a repeat finds it."""
+
+    subject: str  # the token's subject: keys of different callers never meet
+    key: str
+    fingerprint: str
+    upload_id: str
+    created_at: datetime
+    expires_at: datetime

@@ -17,7 +17,7 @@ operation takes a raw ASGI body (tus) and a file part parsed out of a form (the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect
@@ -197,6 +197,7 @@ async def create(
     requester: Requester,
     *,
     client_named: bool = False,
+    claimed: Callable[[str], Awaitable[None]] | None = None,
 ) -> Appended:
     """Create ``upload`` with ``body`` as its first bytes: staged first, then the row written once,
     with its offset (one database round trip for a small file).
@@ -204,17 +205,21 @@ async def create(
     A server-made id is known to nobody yet, so it is only claimed on this node (shutdown can still
     stop its body). A ``client_named`` one (the facade's X-Upload-Session-ID) may be sent to any
     node at once: it takes the real lock and raises ``UploadExists`` if the upload exists by then.
+    So does one an Idempotency-Key names before its row exists: ``claimed`` runs under that lock,
+    before the body is read, and may raise to stop the creation (tus/idempotency.py).
     """
     note_upload(upload.id)
     interrupt = Interrupt()
     claim = (
         ctx.locker.lock(upload.id, on_release_request=interrupt.fire, timeout=ctx.options.lock_timeout)
-        if client_named
+        if client_named or claimed is not None
         else ctx.locker.claim_new(upload.id, on_release_request=interrupt.fire)
     )
     async with claim:
         if client_named and await ctx.store.get(upload.id) is not None:
             raise UploadExists(upload.id)
+        if claimed is not None:
+            await claimed(upload.id)
         if rules.offset not in (None, 0):
             raise rules.offset_mismatch(upload)
         room = _room(ctx, upload)

@@ -172,6 +172,28 @@ class InvalidatedUpload(UploadProblem):
     status, default_message = 410, "the upload resource was invalidated: a request ran past its length"
 
 
+class IdempotencyKeyInvalid(UploadProblem):
+    """A malformed ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header: a String)."""
+
+    code = "ERR_IDEMPOTENCY_KEY_INVALID"
+    status, default_message = 400, "Idempotency-Key must be a Structured Field String"
+
+
+class IdempotencyKeyReused(UploadProblem):
+    """The key names an earlier creation that differs from this one (its fingerprint): 422, as
+    the idempotency-key draft answers a key reused for another request."""
+
+    code = "ERR_IDEMPOTENCY_KEY_REUSED"
+    status, default_message = 422, "this Idempotency-Key was used for a different creation (its lengths differ)"
+
+
+class IdempotencyKeyInUse(UploadProblem):
+    """The first request with this key is still being processed: 409, as the idempotency-key draft says."""
+
+    code = "ERR_IDEMPOTENCY_KEY_IN_USE"
+    status, default_message = 409, "a request with this Idempotency-Key is still being processed; retry later"
+
+
 class InterruptedUploadAppend(UploadProblem):
     """The draft's form of UploadInterrupted. 409, like its own mismatching-upload-offset: the
     request conflicts with another one for the resource, and the draft's answer to a conflict is

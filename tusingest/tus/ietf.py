@@ -18,7 +18,7 @@ from starlette.responses import Response
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action, Outcome
 from tusingest.sessions.model import new_upload_id, utcnow
-from tusingest.tus.append import AppendRules, RequestBody, append, create
+from tusingest.tus.append import AppendRules, RequestBody, append
 from tusingest.tus.base import NOBODY, Requester, TusContext, requester_of
 from tusingest.tus.body import BodyEnd
 from tusingest.tus.errors import (
@@ -36,6 +36,7 @@ from tusingest.tus.errors import (
     UploadGone,
 )
 from tusingest.tus.headers import non_negative_integer, parse_metadata, parse_non_negative
+from tusingest.tus.idempotency import create_once
 from tusingest.tus.options import OptionsHandler
 from tusingest.tus.patch import content_type
 
@@ -216,7 +217,7 @@ class IetfPostHandler:
         limit = upload_limit(self.ctx)
         rules = IetfRules(None, length, complete, limit=limit, content_length=content_length, inspect=False)
         body = RequestBody(request.receive, options.body_pace)
-        upload = (await create(self.ctx, upload, body, rules, requester)).upload
+        upload, _ = await create_once(self.ctx, request, upload, body, rules, requester)
         return await self.created(request, upload)
 
     async def created(self, request: Request, upload: Upload) -> Response:

@@ -128,16 +128,21 @@ async def test_a_key_whose_upload_was_terminated_makes_a_new_upload(server: Live
     assert again.headers["Location"] != first.headers["Location"]
 
 
-async def test_expired_keys_are_forgotten_by_the_cleanup(server: LiveServer) -> None:
+async def test_expired_keys_are_forgotten_by_the_expiry_sweep(server: LiveServer) -> None:
     from datetime import timedelta
 
+    from tusingest.sessions.expiry import expire_uploads
     from tusingest.sessions.model import utcnow
 
     async with server.client() as client:
         await tus_create(client, 10, **keyed())
-    store = server.parts.store
-    assert await store.forget_expired_idempotency_keys(utcnow()) == 0
-    assert await store.forget_expired_idempotency_keys(utcnow() + timedelta(hours=25)) == 1
+    parts = server.parts
+    assert await parts.store.forget_expired_idempotency_keys(utcnow()) == 0  # still valid: kept
+    later = utcnow() + timedelta(hours=25)  # past UPLOAD_SESSION_TTL_HOURS (24 in the tests)
+
+    await expire_uploads(parts.store, parts.staging, parts.locker, later)
+
+    assert await parts.store.forget_expired_idempotency_keys(later) == 0  # the sweep deleted it
 
 
 @contextlib.asynccontextmanager

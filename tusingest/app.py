@@ -251,6 +251,8 @@ def build_parts(settings: Settings) -> Parts:
         ttl=timedelta(hours=settings.upload_session_ttl_hours),
         lock_timeout=settings.lock_timeout_seconds,
         trust_proxy_headers=settings.trust_proxy_headers,
+        min_append_size=settings.upload_min_append_size_kb << 10,
+        max_append_size=settings.upload_max_append_size_mb << 20,
         body_pace=BodyPace(
             idle_timeout=settings.body_idle_timeout_seconds,
             min_rate=int(settings.body_min_rate_kbps * 1024),

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     upload_session_ttl_hours: float = Field(2.0, gt=0)
     upload_session_cleanup_interval_hours: float = Field(1.0, gt=0)
     lock_timeout_seconds: float = Field(10.0, gt=0)
+    # The IETF draft's Upload-Limit append sizes, announced and enforced on draft appends; 0: none.
+    upload_min_append_size_kb: int = Field(0, ge=0)
+    upload_max_append_size_mb: int = Field(0, ge=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
 
     # Transport: how large a request head may be and how slowly a request may arrive.

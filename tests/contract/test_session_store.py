@@ -19,7 +19,7 @@ import pytest
 
 from tusingest.sessions import migrations
 from tusingest.sessions.audit import Action, AuditEvent, Outcome
-from tusingest.sessions.model import Upload, UploadKind, UploadState, new_upload_id
+from tusingest.sessions.model import IdempotencyKey, Upload, UploadKind, UploadState, new_upload_id
 from tusingest.sessions.postgres import PostgresSessionStore
 from tusingest.sessions.progress import RESYNC, PostgresProgressBus, ProgressBus, ProgressEvent
 from tusingest.sessions.sqlite import SQLiteSessionStore
@@ -268,6 +268,63 @@ async def test_concurrent_commits_from_the_same_offset_let_exactly_one_writer_wi
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     assert await store.get(upload.id) == winners[0]
+
+
+# --- idempotency keys: one claim per (subject, key) until it expires ----------------------------------
+
+
+def key_claim(upload_id: str, *, subject: str = "ada", key: str = "k-1", at: datetime = T0) -> IdempotencyKey:
+    return IdempotencyKey(subject, key, "length=10", upload_id, at, at + timedelta(hours=2))
+
+
+async def test_the_first_claim_of_a_key_wins_and_reads_back_with_every_field(store: SessionStore) -> None:
+    first = key_claim("upload-a", at=datetime(2025, 3, 4, 7, 6, 7, 123456, tzinfo=EAST))
+
+    holder = await store.claim_idempotency_key(first)
+
+    assert holder == first
+    assert await store.claim_idempotency_key(key_claim("upload-b")) == first
+
+
+async def test_concurrent_claims_of_one_key_agree_on_one_holder(store: SessionStore) -> None:
+    claims = [key_claim(f"upload-{i}") for i in range(8)]
+
+    holders = await asyncio.gather(*(store.claim_idempotency_key(claim) for claim in claims))
+
+    assert len({holder.upload_id for holder in holders}) == 1
+    assert holders[0] in claims
+
+
+async def test_keys_are_per_subject(store: SessionStore) -> None:
+    ada = await store.claim_idempotency_key(key_claim("upload-a", subject="ada"))
+    bob = await store.claim_idempotency_key(key_claim("upload-b", subject="bob"))
+
+    assert (ada.upload_id, bob.upload_id) == ("upload-a", "upload-b")
+
+
+async def test_an_expired_claim_is_taken_over_by_the_next(store: SessionStore) -> None:
+    await store.claim_idempotency_key(key_claim("upload-a"))
+    later = key_claim("upload-b", at=T0 + timedelta(hours=3))
+
+    assert await store.claim_idempotency_key(later) == later
+
+
+async def test_release_frees_the_key_only_for_the_upload_it_names(store: SessionStore) -> None:
+    await store.claim_idempotency_key(key_claim("upload-a"))
+
+    await store.release_idempotency_key("ada", "k-1", "upload-other")
+    assert (await store.claim_idempotency_key(key_claim("upload-b"))).upload_id == "upload-a"
+    await store.release_idempotency_key("ada", "k-1", "upload-a")
+    assert (await store.claim_idempotency_key(key_claim("upload-b"))).upload_id == "upload-b"
+
+
+async def test_forget_expired_deletes_only_the_expired_claims(store: SessionStore) -> None:
+    await store.claim_idempotency_key(key_claim("upload-a", key="old"))
+    await store.claim_idempotency_key(key_claim("upload-b", key="new", at=T0 + timedelta(hours=1)))
+
+    assert await store.forget_expired_idempotency_keys(T0 + timedelta(hours=2)) == 1
+    assert (await store.claim_idempotency_key(key_claim("upload-c", key="new"))).upload_id == "upload-b"
+    assert (await store.claim_idempotency_key(key_claim("upload-c", key="old"))).upload_id == "upload-c"
 
 
 # --- completion owed: recorded by the commit that reaches the length -----------------------------------

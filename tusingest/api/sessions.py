@@ -106,7 +106,7 @@ class SessionStatus:
             "file": None,
             "error": None,
         }
-        if upload.state in (UploadState.TERMINATED, UploadState.EXPIRED):
+        if upload.state in (UploadState.TERMINATED, UploadState.EXPIRED, UploadState.INVALID):
             body["status"] = "failed"
             body["error"] = {"error": f"upload_{upload.state.value}", "message": f"the upload was {upload.state.value}"}
             return body

@@ -26,7 +26,7 @@ from tusingest.staging import DirectoryStaging, StagingError
 log = logging.getLogger(__name__)
 
 # Their staged bytes are garbage: nothing reads or writes them again.
-_FINISHED_WITH_STAGING = frozenset({UploadState.TERMINATED, UploadState.EXPIRED})
+_FINISHED_WITH_STAGING = frozenset({UploadState.TERMINATED, UploadState.EXPIRED, UploadState.INVALID})
 DEFAULT_STAGING_GRACE = timedelta(hours=24)  # UPLOAD_SESSION_TTL_HOURS' default
 SWEEP_BATCH = 500
 
@@ -63,6 +63,7 @@ async def expire_uploads(
     if expired or busy:
         log.info("expired %d upload(s); %d busy ones left for later", expired, busy)
     removed = await sweep_staging(store, staging, locker, grace=staging_grace, now=now)
+    await store.forget_expired_idempotency_keys(now)
     return CleanupReport(expired=expired, skipped_busy=busy, staging_removed=removed)
 
 

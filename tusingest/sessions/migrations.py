@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # The revisions of migrations/versions, newest last. Kept here so that a serving node checks its
 # database without importing alembic and SQLAlchemy (about 22 MiB resident and 0.7 s at start);
 # tests/unit/test_migrations.py holds these to the scripts.
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD_REVISION = KNOWN_REVISIONS[-1]
 
 # The SQLite files tusingest made before alembic built them too (the stores' own DDL, PRAGMA user_version 1

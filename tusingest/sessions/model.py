@@ -19,6 +19,9 @@ class UploadState(enum.StrEnum):
     TERMINATED = "terminated"  # deleted by the client (tus termination)
     EXPIRED = "expired"  # no activity for UPLOAD_SESSION_TTL_HOURS; staged bytes removed
     FAILED = "failed"  # refused or could not be stored; the reason is kept by the completion hooks
+    # A body ran past the upload's known length (IETF draft -11): the resource is marked invalid and
+    # refuses every later request; its staged bytes are removed at once.
+    INVALID = "invalid"
 
 
 class UploadKind(enum.StrEnum):
@@ -95,3 +98,17 @@ class Upload:
 
     def evolve(self, **changes: object) -> Upload:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A creation's ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header): the upload the
+    first request with it made (its id chosen before its body was read), for whom, what that
+    request looked like (``fingerprint``), and until when a repeat finds it."""
+
+    subject: str  # the token's subject: keys of different callers never meet
+    key: str
+    fingerprint: str
+    upload_id: str
+    created_at: datetime
+    expires_at: datetime

@@ -13,7 +13,7 @@ import asyncpg
 
 from tusingest.sessions import audit as audit_rows
 from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
-from tusingest.sessions.model import Upload, UploadKind, UploadState
+from tusingest.sessions.model import IdempotencyKey, Upload, UploadKind, UploadState
 from tusingest.sessions.pgpool import PostgresDatabase
 from tusingest.sessions.progress import ProgressBus, ProgressEvent
 from tusingest.sessions.store import StoreError
@@ -22,6 +22,20 @@ _COLUMNS = (
     "id, upload_length, upload_offset, metadata, state, kind, parts, created_at, updated_at, expires_at, "
     "completion_pending, owner_id, owner_name"
 )
+
+
+_KEY_COLUMNS = "subject, idempotency_key, fingerprint, upload_id, created_at, expires_at"
+# A claim wins a (subject, key) that is free or whose holder has expired; else the holder stays.
+_CLAIM = (
+    f"INSERT INTO idempotency_keys ({_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) "
+    "ON CONFLICT (subject, idempotency_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+    "upload_id = excluded.upload_id, created_at = excluded.created_at, expires_at = excluded.expires_at "
+    f"WHERE idempotency_keys.expires_at <= excluded.created_at RETURNING {_KEY_COLUMNS}"
+)
+
+
+def _row_to_key(row: asyncpg.Record) -> IdempotencyKey:
+    return IdempotencyKey(*row.values())  # _KEY_COLUMNS are the fields, in their order
 
 
 def _row_to_upload(row: asyncpg.Record) -> Upload:
@@ -102,6 +116,31 @@ class PostgresSessionStore(PostgresDatabase):
                 await self._audited(audit, f"{sql} RETURNING id", *params)
         except asyncpg.UniqueViolationError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
+
+    async def claim_idempotency_key(self, claim: IdempotencyKey) -> IdempotencyKey:
+        values = (claim.subject, claim.key, claim.fingerprint, claim.upload_id, claim.created_at, claim.expires_at)
+        while True:
+            row = await self.pool.fetchrow(_CLAIM, *values)
+            if row is None:  # held: read the holder (gone meanwhile: claim again)
+                row = await self.pool.fetchrow(
+                    f"SELECT {_KEY_COLUMNS} FROM idempotency_keys WHERE subject = $1 AND idempotency_key = $2",
+                    claim.subject,
+                    claim.key,
+                )
+            if row is not None:
+                return _row_to_key(row)
+
+    async def release_idempotency_key(self, subject: str, key: str, upload_id: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM idempotency_keys WHERE subject = $1 AND idempotency_key = $2 AND upload_id = $3",
+            subject,
+            key,
+            upload_id,
+        )
+
+    async def forget_expired_idempotency_keys(self, now: datetime) -> int:
+        status = await self.pool.execute("DELETE FROM idempotency_keys WHERE expires_at <= $1", now)
+        return int(status.rsplit(" ", 1)[1])
 
     async def get(self, upload_id: str) -> Upload | None:
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM uploads WHERE id = $1", upload_id)

@@ -14,7 +14,7 @@ import aiosqlite
 
 from tusingest.sessions import audit as audit_rows
 from tusingest.sessions.audit import LOG_ONLY, AuditEvent, Auditor, AuditQuery
-from tusingest.sessions.model import Upload, UploadKind, UploadState
+from tusingest.sessions.model import IdempotencyKey, Upload, UploadKind, UploadState
 from tusingest.sessions.progress import ProgressBus, ProgressEvent
 from tusingest.sessions.sqlitedb import SQLiteDatabase
 from tusingest.sessions.store import StoreError
@@ -28,6 +28,28 @@ _COMPLETES = (
     "state = CASE WHEN upload_length = ? THEN 'complete' ELSE state END, "
     "completion_pending = CASE WHEN upload_length = ? AND kind <> 'partial' THEN 1 ELSE completion_pending END"
 )
+
+
+_KEY_COLUMNS = "subject, idempotency_key, fingerprint, upload_id, created_at, expires_at"
+# A claim wins a (subject, key) that is free or whose holder has expired; else the holder stays.
+_CLAIM = (
+    f"INSERT INTO idempotency_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (subject, idempotency_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+    "upload_id = excluded.upload_id, created_at = excluded.created_at, expires_at = excluded.expires_at "
+    f"WHERE idempotency_keys.expires_at <= excluded.created_at RETURNING {_KEY_COLUMNS}"
+)
+
+
+def _row_to_key(row: sqlite3.Row) -> IdempotencyKey:
+    subject, key, fingerprint, upload_id, created, expires = tuple(row)
+    return IdempotencyKey(
+        subject=str(subject),
+        key=str(key),
+        fingerprint=str(fingerprint),
+        upload_id=str(upload_id),
+        created_at=datetime.fromisoformat(str(created)),
+        expires_at=datetime.fromisoformat(str(expires)),
+    )
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -154,6 +176,31 @@ class SQLiteSessionStore:
                 await self._audited(audit, f"{sql} RETURNING id", values)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"upload {upload.id} already exists") from exc
+
+    async def claim_idempotency_key(self, claim: IdempotencyKey) -> IdempotencyKey:
+        values = (claim.subject, claim.key, claim.fingerprint, claim.upload_id)
+        while True:
+            row = await self._fetchone(_CLAIM, (*values, _ts(claim.created_at), _ts(claim.expires_at)))
+            if row is None:  # held: read the holder (gone meanwhile: claim again)
+                row = await self._fetchone(
+                    f"SELECT {_KEY_COLUMNS} FROM idempotency_keys WHERE subject = ? AND idempotency_key = ?",
+                    (claim.subject, claim.key),
+                )
+            if row is not None:
+                return _row_to_key(row)
+
+    async def release_idempotency_key(self, subject: str, key: str, upload_id: str) -> None:
+        await self._fetchone(
+            "DELETE FROM idempotency_keys WHERE subject = ? AND idempotency_key = ? AND upload_id = ?",
+            (subject, key, upload_id),
+        )
+
+    async def forget_expired_idempotency_keys(self, now: datetime) -> int:
+        async with (
+            self.database.lock,
+            self.db.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (_ts(now),)) as cursor,
+        ):
+            return cursor.rowcount
 
     async def get(self, upload_id: str) -> Upload | None:
         row = await self._fetchone(f"SELECT {_COLUMNS} FROM uploads WHERE id = ?", (upload_id,))

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from tusingest.sessions.audit import AuditEvent, Auditor
-from tusingest.sessions.model import Upload, UploadState
+from tusingest.sessions.model import IdempotencyKey, Upload, UploadState
 from tusingest.sessions.progress import ProgressBus
 
 
@@ -57,6 +57,17 @@ class SessionStore(Protocol):
         single or final upload, sets ``completion_pending``: the durable record that its completion
         is owed, so no crash can leave a complete upload that nobody finalises.
         """
+
+    async def claim_idempotency_key(self, claim: IdempotencyKey) -> IdempotencyKey:
+        """Record ``claim`` unless its (subject, key) is held by an unexpired claim; returns the holder
+        (``claim`` itself when it won). One statement, so of two racing claims on any nodes one wins."""
+
+    async def release_idempotency_key(self, subject: str, key: str, upload_id: str) -> None:
+        """Forget the claim of (subject, key) if it still names ``upload_id`` (its creation failed,
+        or its upload is gone), so the next request with the key creates anew."""
+
+    async def forget_expired_idempotency_keys(self, now: datetime) -> int:
+        """Delete the claims expired by ``now``; returns how many."""
 
     async def set_length(self, upload_id: str, length: int) -> Upload | None:
         """Fix a deferred length once. None if the upload is gone or its length is already set.

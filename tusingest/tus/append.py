@@ -17,7 +17,7 @@ operation takes a raw ASGI body (tus) and a file part parsed out of a form (the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect
@@ -26,6 +26,7 @@ from starlette.types import Receive
 from tusingest.observability.logs import note_upload
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action
+from tusingest.staging import StagingError
 from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
@@ -111,6 +112,15 @@ class AppendRules:
     def too_large(self, room: int) -> Exception:
         return TooLarge(f"the body runs past the upload's length ({room} bytes left)")
 
+    def allowance(self, room: int) -> int:
+        """How many bytes this request's body may carry, of the ``room`` the upload has left."""
+        return room
+
+    async def overflow(self, ctx: TusContext, upload: Upload, room: int, allowed: int, *, new: bool) -> Exception:
+        """The answer to a body longer than ``allowed`` (announced or sent), still under the lock;
+        nothing of it is kept. ``new``: the upload's row is not written yet."""
+        return self.too_large(allowed)
+
     interrupted: type[TusError] = UploadInterrupted  # the protocol's answer to an append taken over
 
     def where(self, upload: Upload) -> dict[str, str]:
@@ -157,12 +167,15 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
         if rules.offset is not None and rules.offset != upload.offset:
             raise rules.offset_mismatch(upload)
         room = _room(ctx, upload)
-        if rules.content_length is not None and rules.content_length > room:
-            raise rules.too_large(room)
+        allowed = rules.allowance(room)
+        if rules.content_length is not None and rules.content_length > allowed:
+            raise await rules.overflow(ctx, upload, room, allowed, new=False)
         end = BodyEnd.COMPLETE
         if upload.state is not UploadState.COMPLETE:
             started_at = upload.offset
-            new_offset, end = await _stage(ctx, upload, body, room, interrupt, rules)
+            new_offset, end = await _stage(ctx, upload, body, (room, allowed), interrupt, rules)
+            if end is BodyEnd.OVERFLOW:
+                raise await rules.overflow(ctx, upload, room, allowed, new=False)
             if new_offset != upload.offset or end is BodyEnd.COMPLETE:
                 upload = await ctx.commit(upload, new_offset)
                 ctx.metrics.bytes_received.inc(upload.offset - started_at)
@@ -184,6 +197,7 @@ async def create(
     requester: Requester,
     *,
     client_named: bool = False,
+    claimed: Callable[[str], Awaitable[None]] | None = None,
 ) -> Appended:
     """Create ``upload`` with ``body`` as its first bytes: staged first, then the row written once,
     with its offset (one database round trip for a small file).
@@ -191,26 +205,33 @@ async def create(
     A server-made id is known to nobody yet, so it is only claimed on this node (shutdown can still
     stop its body). A ``client_named`` one (the facade's X-Upload-Session-ID) may be sent to any
     node at once: it takes the real lock and raises ``UploadExists`` if the upload exists by then.
+    So does one an Idempotency-Key names before its row exists: ``claimed`` runs under that lock,
+    before the body is read, and may raise to stop the creation (tus/idempotency.py).
     """
     note_upload(upload.id)
     interrupt = Interrupt()
     claim = (
         ctx.locker.lock(upload.id, on_release_request=interrupt.fire, timeout=ctx.options.lock_timeout)
-        if client_named
+        if client_named or claimed is not None
         else ctx.locker.claim_new(upload.id, on_release_request=interrupt.fire)
     )
     async with claim:
         if client_named and await ctx.store.get(upload.id) is not None:
             raise UploadExists(upload.id)
+        if claimed is not None:
+            await claimed(upload.id)
         if rules.offset not in (None, 0):
             raise rules.offset_mismatch(upload)
         room = _room(ctx, upload)
-        if rules.content_length is not None and rules.content_length > room:
-            raise rules.too_large(room)
+        allowed = rules.allowance(room)
+        if rules.content_length is not None and rules.content_length > allowed:
+            raise await rules.overflow(ctx, upload, room, allowed, new=True)
         end = BodyEnd.COMPLETE
         try:
             if body is not None:
-                offset, end = await _stage(ctx, upload, body, room, interrupt, rules)
+                offset, end = await _stage(ctx, upload, body, (room, allowed), interrupt, rules)
+                if end is BodyEnd.OVERFLOW:
+                    raise await rules.overflow(ctx, upload, room, allowed, new=True)
                 upload = upload.evolve(offset=offset)
             upload = await rules.settle(ctx, upload, end, new=True)
         except BaseException:
@@ -233,10 +254,12 @@ def _room(ctx: TusContext, upload: Upload) -> int:
 
 
 async def _stage(
-    ctx: TusContext, upload: Upload, body: Body, room: int, interrupt: Interrupt, rules: AppendRules
+    ctx: TusContext, upload: Upload, body: Body, bounds: tuple[int, int], interrupt: Interrupt, rules: AppendRules
 ) -> tuple[int, BodyEnd]:
     """Write the body to staging at the upload's offset and sync it; returns the durable offset
-    (the upload's own when nothing of the body may be kept) and how the body ended."""
+    (the upload's own when nothing of the body may be kept) and how the body ended. ``bounds``:
+    the room the upload has left, and how much of it this body may take."""
+    room, allowed = bounds
     inspector = await _start_inspector(ctx, upload) if rules.inspect else None
     checksum = rules.checksum
     async with await ctx.staging.open_writer(upload.id, upload.offset) as writer:
@@ -244,7 +267,7 @@ async def _stage(
             end = await write_body(
                 body,
                 writer,
-                room,
+                allowed,
                 interrupt,
                 checksum.update if checksum is not None else None,
                 inspector.feed if inspector is not None else None,
@@ -253,11 +276,14 @@ async def _stage(
             if inspector is not None and end is BodyEnd.COMPLETE and whole:
                 await inspector.finish()  # the whole upload is shorter than what it wanted to see
         except TusError:
-            await writer.discard()  # refused by the inspection: nothing of this body is kept
+            # Refused by the inspection: nothing of this body is kept. The refusal may already have
+            # freed the upload's staging (a failed upload keeps no bytes): nothing is left to cut.
+            with contextlib.suppress(StagingError):
+                await writer.discard()
             raise
         if end is BodyEnd.OVERFLOW:
-            await writer.discard()
-            raise rules.too_large(room)
+            await writer.discard()  # nothing of a body past its room is kept; the caller answers it
+            return upload.offset, end
         if checksum is not None and end is not BodyEnd.COMPLETE:
             # The digest covers the whole body, so a part of it cannot be verified. Keeping
             # unverified bytes would break the client's request; it resends from the old offset.

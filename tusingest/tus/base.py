@@ -19,7 +19,7 @@ from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
 from tusingest.staging import DirectoryStaging
 from tusingest.tus.body import BodyPace
-from tusingest.tus.errors import TusError, UploadGone, UploadLocked, UploadNotFound
+from tusingest.tus.errors import InvalidatedUpload, TusError, UploadGone, UploadLocked, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
 
 
@@ -182,6 +182,9 @@ class TusOptions:
     lock_timeout: float = 10.0
     trust_proxy_headers: bool = False
     body_pace: BodyPace = field(default_factory=BodyPace)  # how slowly a body may arrive before it is cut off
+    # The IETF draft's append sizes (Upload-Limit min-append-size / max-append-size); 0: none.
+    min_append_size: int = 0
+    max_append_size: int = 0
 
     def has(self, extension: str) -> bool:
         return extension in self.extensions
@@ -214,6 +217,8 @@ class TusContext:
             raise UploadNotFound()
         if upload.state is UploadState.TERMINATED:
             raise UploadGone("upload was terminated")
+        if upload.state is UploadState.INVALID:
+            raise InvalidatedUpload()
         if upload.is_expired(utcnow()):
             raise UploadGone("upload has expired")
         return upload

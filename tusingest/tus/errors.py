@@ -8,6 +8,7 @@ tus answer (text/plain, the message); ``UploadRefused`` carries the finaliser's 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 
 
 class TusError(Exception):
@@ -128,6 +129,14 @@ class UploadProblem(TusError):
         super().__init__(message, headers)
         self.members = dict(members or {})
 
+    def document(self) -> dict[str, int | str]:
+        """The RFC 9457 problem document. A registered type's title is its own (the draft's
+        wording); ``about:blank`` takes the status phrase as title and the message as detail."""
+        document: dict[str, int | str] = {"type": self.problem_type, "title": self.message}
+        if self.problem_type == "about:blank":
+            document |= {"title": HTTPStatus(self.status).phrase, "detail": self.message}
+        return document | self.members
+
 
 class MismatchingUploadOffset(UploadProblem):
     code = "ERR_MISMATCHED_OFFSET"
@@ -136,8 +145,11 @@ class MismatchingUploadOffset(UploadProblem):
 
 
 class CompletedUpload(UploadProblem):
+    """An empty append to a completed upload: 410, as -11 suggests (a non-empty one is an
+    InconsistentUploadLength)."""
+
     code = "ERR_UPLOAD_COMPLETED"
-    status, default_message = 400, "upload is already completed"
+    status, default_message = 410, "upload is already completed"
     problem_type = "https://iana.org/assignments/http-problem-types#completed-upload"
 
 
@@ -145,6 +157,46 @@ class InconsistentUploadLength(UploadProblem):
     code = "ERR_INCONSISTENT_LENGTH"
     status, default_message = 400, "inconsistent length values for upload"
     problem_type = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"
+
+
+class AppendTooSmall(UploadProblem):
+    """An append below Upload-Limit's min-append-size that does not complete the upload (which
+    -11 exempts). The draft registers no type for it."""
+
+    code = "ERR_APPEND_TOO_SMALL"
+    status, default_message = 400, "the append is smaller than min-append-size"
+
+
+class InvalidatedUpload(UploadProblem):
+    """Every request on an upload resource marked invalid: a body ran past its known length, and
+    -11 says the server then rejects any further interaction with it. 410: the resource is known
+    but not available any more. The draft registers no type for it (RFC 9457: about:blank, whose
+    title is the status phrase; the reason is the detail)."""
+
+    code = "ERR_UPLOAD_INVALID"
+    status, default_message = 410, "the upload resource was invalidated: a request ran past its length"
+
+
+class IdempotencyKeyInvalid(UploadProblem):
+    """A malformed ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header: a String)."""
+
+    code = "ERR_IDEMPOTENCY_KEY_INVALID"
+    status, default_message = 400, "Idempotency-Key must be a Structured Field String"
+
+
+class IdempotencyKeyReused(UploadProblem):
+    """The key names an earlier creation that differs from this one (its fingerprint): 422, as
+    the idempotency-key draft answers a key reused for another request."""
+
+    code = "ERR_IDEMPOTENCY_KEY_REUSED"
+    status, default_message = 422, "this Idempotency-Key was used for a different creation (its lengths differ)"
+
+
+class IdempotencyKeyInUse(UploadProblem):
+    """The first request with this key is still being processed: 409, as the idempotency-key draft says."""
+
+    code = "ERR_IDEMPOTENCY_KEY_IN_USE"
+    status, default_message = 409, "a request with this Idempotency-Key is still being processed; retry later"
 
 
 class InterruptedUploadAppend(UploadProblem):

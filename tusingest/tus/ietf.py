@@ -8,15 +8,21 @@ upload's length at its offset, so ``Upload.is_complete`` and the completion hook
 
 from __future__ import annotations
 
+import base64
+import email.utils
+from email.message import Message
+
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tusingest.sessions import Upload, UploadKind, UploadState
+from tusingest.sessions.audit import Action, Outcome
 from tusingest.sessions.model import new_upload_id, utcnow
-from tusingest.tus.append import AppendRules, RequestBody, append, create
-from tusingest.tus.base import TusContext, requester_of
+from tusingest.tus.append import AppendRules, RequestBody, append
+from tusingest.tus.base import NOBODY, Requester, TusContext, requester_of
 from tusingest.tus.body import BodyEnd
 from tusingest.tus.errors import (
+    AppendTooSmall,
     BadRequest,
     CompletedUpload,
     Forbidden,
@@ -25,10 +31,12 @@ from tusingest.tus.errors import (
     MethodNotAllowed,
     MismatchingUploadOffset,
     TooLarge,
+    TusError,
     UnsupportedMediaType,
     UploadGone,
 )
-from tusingest.tus.headers import non_negative_integer, parse_non_negative
+from tusingest.tus.headers import non_negative_integer, parse_metadata, parse_non_negative
+from tusingest.tus.idempotency import create_once
 from tusingest.tus.options import OptionsHandler
 from tusingest.tus.patch import content_type
 
@@ -95,12 +103,48 @@ class IetfDraft:
 
 
 def upload_limit(ctx: TusContext, upload: Upload | None = None) -> dict[str, str]:
-    """``Upload-Limit``: the maximum size, and for an active upload its remaining lifetime."""
-    members = [f"max-size={ctx.options.max_size}"]
-    if upload is not None and upload.state is UploadState.ACTIVE and upload.expires_at is not None:
-        remaining = max(0, int((upload.expires_at - utcnow()).total_seconds()))
-        members.append(f"max-age={remaining}")
-    return {"Upload-Limit": ", ".join(members)}
+    """``Upload-Limit``, a Structured Field Dictionary of Integers: max-size, the append sizes when
+    configured, and max-age: the lifetime a new upload gets (OPTIONS, ``upload`` None) or what is
+    left of an active upload's. Every member is one we enforce."""
+    options = ctx.options
+    members = {"max-size": options.max_size}
+    if options.min_append_size:
+        members["min-append-size"] = options.min_append_size
+    if options.max_append_size:
+        members["max-append-size"] = options.max_append_size
+    now = utcnow()
+    expires_at = ctx.expires_at(now) if upload is None else upload.expires_at
+    if expires_at is not None and (upload is None or upload.state is UploadState.ACTIVE):
+        members["max-age"] = max(0, int((expires_at - now).total_seconds()))
+    return {"Upload-Limit": ", ".join(f"{key}={value}" for key, value in members.items())}
+
+
+def disposition_filename(value: str | None) -> str | None:
+    """The file name of a ``Content-Disposition`` field (RFC 6266): ``filename*`` (RFC 8187,
+    decoded) before ``filename`` (section 4.3); None without one. RFC 6266 keeps RFC 2231's
+    parameter syntax, which the standard library's email parser reads: no parser of our own."""
+    if not value:
+        return None
+    message = Message()
+    message["Content-Disposition"] = value
+    params = message.get_params(header="content-disposition", unquote=False) or []
+    named = [param for key, param in params[1:] if key == "filename"]
+    named.sort(key=lambda param: not isinstance(param, tuple))  # the parser gives filename* as a tuple
+    if not named:
+        return None
+    return email.utils.unquote(email.utils.collapse_rfc2231_value(named[0])).strip() or None
+
+
+def creation_metadata(request: Request) -> str:
+    """Upload-Metadata for a draft creation: the header as sent, if any (kept byte-exact, as on the
+    tus side), plus the file name of ``Content-Disposition`` (which -11 recommends) when the header
+    names none. Upload-Metadata wins where both name one: it is the explicit, tus-shaped field."""
+    metadata = (request.headers.get("upload-metadata") or "").strip()
+    filename = disposition_filename(request.headers.get("content-disposition"))
+    if filename is None or "filename" in parse_metadata(metadata):
+        return metadata
+    encoded = "filename " + base64.b64encode(filename.encode()).decode()
+    return f"{metadata},{encoded}" if metadata else encoded
 
 
 def _declared_length(request: Request, complete: bool, offset: int) -> int | None:
@@ -155,25 +199,49 @@ class IetfPostHandler:
         length = _declared_length(request, complete, 0)
         if length is not None and length > options.max_size:
             raise TooLarge(f"the upload is larger than max-size ({options.max_size})", headers=upload_limit(self.ctx))
-        await self.ctx.hooks.check_creation({})  # the draft carries no metadata; the hooks still decide
+        metadata = creation_metadata(request)
+        await self.ctx.hooks.check_creation(parse_metadata(metadata))
+        content_length = parse_sf_integer(request.headers.get("content-length"))
 
         now = utcnow()
         upload = Upload(
-            id=new_upload_id(), length=length, created_at=now, updated_at=now, expires_at=self.ctx.expires_at(now)
+            id=new_upload_id(),
+            length=length,
+            metadata=metadata,
+            created_at=now,
+            updated_at=now,
+            expires_at=self.ctx.expires_at(now),
         )
         requester = requester_of(request)
         upload = requester.owning(upload)
-        rules = IetfRules(None, length, complete, limit=upload_limit(self.ctx), inspect=False)
+        limit = upload_limit(self.ctx)
+        rules = IetfRules(None, length, complete, limit=limit, content_length=content_length, inspect=False)
         body = RequestBody(request.receive, options.body_pace)
-        upload = (await create(self.ctx, upload, body, rules, requester)).upload
-        extra = await self.ctx.result(upload) if upload.is_complete else {}
+        upload, _ = await create_once(self.ctx, request, upload, body, rules, requester)
+        return await self.created(request, upload)
 
+    async def created(self, request: Request, upload: Upload) -> Response:
+        """The answer to a creation of ``upload`` (also to a repeat of it, by its Idempotency-Key):
+        -11 asks for Location and Upload-Limit; ``Upload-Complete: ?1`` only once it is complete."""
         headers = draft_headers() | {
             "Location": self.ctx.location(request, upload.id),
             "Upload-Offset": str(upload.offset),
-            "Upload-Complete": sf_boolean(upload.is_complete),
         }
-        return Response(status_code=201, headers=headers | upload_limit(self.ctx, upload) | extra)
+        if upload.is_complete:
+            headers |= await completion_result(self.ctx, upload)
+        return Response(status_code=201, headers=headers | upload_limit(self.ctx, upload))
+
+
+async def completion_result(ctx: TusContext, upload: Upload) -> dict[str, str]:
+    """The headers of the request that completed ``upload``, with ``Upload-Complete: ?1``, which
+    -11 puts on that answer also when processing the upload failed: the client learns that the
+    error is the processing's, not the transfer's, and that resuming would not help."""
+    complete = {"Upload-Complete": "?1"}
+    try:
+        return await ctx.result(upload) | complete
+    except TusError as error:
+        error.headers |= complete
+        raise
 
 
 class IetfHeadHandler:
@@ -215,16 +283,25 @@ class IetfPatchHandler:
         content_length = parse_non_negative("Content-Length", request.headers.get("content-length"), required=False)
 
         length = _declared_length(request, complete, offset)
-        rules = IetfRules(offset, length, complete, limit=upload_limit(self.ctx), content_length=content_length)
         body = RequestBody(request.receive, self.ctx.options.body_pace)
+        rules = IetfRules(
+            offset,
+            length,
+            complete,
+            limit=upload_limit(self.ctx),
+            content_length=content_length,
+            body=body,
+            max_append=self.ctx.options.max_append_size or None,
+            requester=requester_of(request),
+        )
         appended = await append(self.ctx, upload_id, body, rules, requester_of(request))
         upload = appended.upload
-        extra = await self.ctx.result(upload) if upload.is_complete else {}
-        headers = draft_headers() | {
-            "Upload-Offset": str(upload.offset),
-            "Upload-Complete": sf_boolean(upload.is_complete),
-        }
-        return Response(status_code=204, headers=headers | extra)
+        headers = draft_headers() | {"Upload-Offset": str(upload.offset)}
+        if upload.is_complete:
+            headers |= await completion_result(self.ctx, upload)
+        else:
+            headers["Upload-Complete"] = "?0"
+        return Response(status_code=204, headers=headers)
 
 
 class IetfDeleteHandler:
@@ -243,7 +320,8 @@ class IetfDeleteHandler:
 class IetfRules(AppendRules):
     """The draft's append and creation: its own problem documents for a mismatching offset, an
     inconsistent length and an interrupted append; ``Upload-Complete: ?1`` ends the upload where
-    its body ends."""
+    its body ends; a body past the upload's known length invalidates the upload (-11); the append
+    sizes of ``Upload-Limit`` hold for an append (``body`` given), not for a creation."""
 
     def __init__(
         self,
@@ -253,20 +331,54 @@ class IetfRules(AppendRules):
         *,
         limit: dict[str, str],
         content_length: int | None = None,
+        body: RequestBody | None = None,
+        max_append: int | None = None,
+        requester: Requester = NOBODY,
         inspect: bool = True,
     ) -> None:
         super().__init__(offset, content_length=content_length, inspect=inspect, completes=complete)
         self.length = length
         self.limit = limit  # Upload-Limit, sent with a 413
+        self.body = body  # an append's, read only to tell whether it is empty (see ``_empty``)
+        self.max_append = max_append
+        self.requester = requester
 
     async def admit(self, ctx: TusContext, upload: Upload) -> Upload:
         if upload.kind is UploadKind.FINAL:
             raise Forbidden("a final upload of a concatenation cannot be appended to")
-        if upload.is_complete or upload.state is UploadState.COMPLETE:
-            raise CompletedUpload(headers={"Upload-Offset": str(upload.offset), "Upload-Complete": "?1"})
+        if upload.is_complete or upload.state is not UploadState.ACTIVE:
+            # -11: nothing changes; an empty append is answered 410 completed-upload, a non-empty
+            # one is an inconsistent length. Neither says Upload-Complete: the request completed nothing.
+            if await self._empty():
+                raise CompletedUpload()
+            raise InconsistentUploadLength(f"the upload is complete at {upload.offset} bytes; it takes no more")
         if self.offset != upload.offset:
             raise self.offset_mismatch(upload)  # before the length: the draft answers the offset first
+        minimum = ctx.options.min_append_size
+        if minimum and not self.completes and self.content_length is not None and self.content_length < minimum:
+            raise AppendTooSmall(f"an append that does not complete the upload carries at least {minimum} bytes")
         return await self._record_length(ctx, upload, self.length)
+
+    async def _empty(self) -> bool:
+        """Whether this request's body is empty; a body without Content-Length is read (and dropped) to tell."""
+        if self.content_length is not None or self.body is None:
+            return not self.content_length
+        async for chunk in self.body.chunks():
+            if chunk:
+                return False
+        return True
+
+    def allowance(self, room: int) -> int:
+        return room if self.max_append is None else min(room, self.max_append)
+
+    async def overflow(self, ctx: TusContext, upload: Upload, room: int, allowed: int, *, new: bool) -> Exception:
+        if allowed < room:
+            return TooLarge(f"an append carries at most max-append-size ({allowed}) bytes", self.limit)
+        if upload.length is None:
+            return TooLarge(f"the upload is larger than max-size ({ctx.options.max_size})", self.limit)
+        if not new:
+            await invalidate(ctx, upload, self.requester)
+        return InconsistentUploadLength(f"the body runs past the upload's length of {upload.length} bytes")
 
     def offset_mismatch(self, upload: Upload) -> Exception:
         return MismatchingUploadOffset(
@@ -280,7 +392,7 @@ class IetfRules(AppendRules):
     interrupted = InterruptedUploadAppend
 
     def where(self, upload: Upload) -> dict[str, str]:
-        return {"Upload-Offset": str(upload.offset), "Upload-Complete": "?0"}
+        return {"Upload-Offset": str(upload.offset)}
 
     async def settle(self, ctx: TusContext, upload: Upload, end: BodyEnd, *, new: bool) -> Upload:
         """``Upload-Complete: ?1`` and the whole body arrived: the upload ends where it stands."""
@@ -312,3 +424,12 @@ class IetfRules(AppendRules):
         if updated is None:
             raise UploadGone("upload changed while its length was being set")
         return updated
+
+
+async def invalidate(ctx: TusContext, upload: Upload, requester: Requester) -> None:
+    """Mark ``upload`` invalid (a body ran past its known length) and free its staged bytes; under
+    its lock. Every later request on it is refused (``TusContext.load``: InvalidatedUpload)."""
+    failed = requester.audit(Action.UPLOAD_FAILED, upload, outcome=Outcome.FAILED, reason="length_exceeded")
+    if await ctx.store.set_state(upload.id, UploadState.INVALID, only_from=UploadState.ACTIVE, audit=failed):
+        await ctx.staging.remove(upload.id)
+        ctx.metrics.tus_uploads.labels("invalidated").inc()

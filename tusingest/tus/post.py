@@ -9,14 +9,15 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tusingest.sessions import Upload, UploadKind
+from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.model import new_upload_id, utcnow
-from tusingest.tus.append import AppendRules, RequestBody, create
+from tusingest.tus.append import AppendRules, RequestBody
 from tusingest.tus.base import TusContext, expires_header, requester_of, tus_headers
 from tusingest.tus.checksum import request_checksum
 from tusingest.tus.concat import FinalConcat, create_final, parse_upload_concat
 from tusingest.tus.errors import BadRequest, MethodNotAllowed, TooLarge, UnsupportedMediaType
 from tusingest.tus.headers import OFFSET_OCTET_STREAM, parse_metadata, parse_non_negative
+from tusingest.tus.idempotency import create_once
 from tusingest.tus.patch import content_type
 
 
@@ -66,13 +67,16 @@ class PostHandler:
         # the first PATCH inspects them (it reads back what is staged).
         rules = AppendRules(content_length=content_length, checksum=checksum, inspect=False)
         body = RequestBody(request.receive, options.body_pace) if with_body else None
-        upload = (await create(self.ctx, upload, body, rules, requester)).upload
-        extra = await self.ctx.result(upload) if upload.is_complete else {}
+        upload, repeated = await create_once(self.ctx, request, upload, body, rules, requester)
+        if repeated:  # its Idempotency-Key's first request made it: where it stands now
+            extra = dict(await self.ctx.hooks.describe(upload)) if upload.state is not UploadState.ACTIVE else {}
+        else:
+            extra = await self.ctx.result(upload) if upload.is_complete else {}
 
         headers = tus_headers() | {"Location": self.ctx.location(request, upload.id)}
         if not upload.is_complete:
             headers |= expires_header(upload)
-        if with_body:
+        if with_body or repeated:
             headers["Upload-Offset"] = str(upload.offset)
         return Response(status_code=201, headers=headers | extra)
 

@@ -135,6 +135,5 @@ class TusServer:
     def error_response(error: TusError) -> Response:
         headers = tus_headers() | error.headers
         if isinstance(error, UploadProblem):  # RFC 9457, as the IETF draft asks
-            problem = {"type": error.problem_type, "title": error.message} | error.members
-            return Response(json.dumps(problem), error.status, headers, media_type="application/problem+json")
+            return Response(json.dumps(error.document()), error.status, headers, media_type="application/problem+json")
         return Response(error.message + "\n", status_code=error.status, headers=headers, media_type="text/plain")

@@ -78,3 +78,9 @@ def test_below_info_nothing_is_written(stream: io.StringIO) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     access_line(dict(FIELDS))
     assert stream.getvalue() == ""
+
+
+def test_what_orjson_refuses_is_still_one_json_line(stream: io.StringIO) -> None:
+    logging.getLogger("tusingest.example").info("big", extra={"huge": 2**70, "odd": object()})
+    entry = json.loads(stream.getvalue())
+    assert entry["huge"] == 2**70 and entry["odd"].startswith("<object")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -121,6 +123,7 @@ async def test_console_uploads_a_file_with_pause_and_resume_and_shows_the_regist
     # Paused mid-file: the bytes the aborted PATCH delivered are committed, the rest not sent.
     paused_at = await eventually(lambda: offset(server, upload_id), lambda at: 0 < at < len(data), timeout=30)
     await page.locator('button[title="Resume upload"]').wait_for(timeout=UI_TIMEOUT_MS)
+    await page.locator('#results tr[data-file="photo.bin"][data-stage="paused"]').wait_for(timeout=UI_TIMEOUT_MS)
     assert await offset(server, upload_id) < len(data)
     await page.locator('button[title="Resume upload"]').click()
     shown = await registered_row(page, "photo.bin")
@@ -138,7 +141,7 @@ async def test_console_uploads_a_file_with_pause_and_resume_and_shows_the_regist
     assert not page.problems, page.problems
     shot = tmp_path / "console.png"
     await page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("UPDATE_CONSOLE_SCREENSHOT"):
+    if os.environ.get("UPDATE_CONSOLE_SCREENSHOT"):  # refreshes docs/img/console.png, then commit it
         SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, SCREENSHOT_DOC)
     assert shot.stat().st_size > 10_000
@@ -176,6 +179,61 @@ async def test_console_without_a_token_on_a_keyed_server_shows_the_refusal(
 
     assert "401" in await refused.locator('[data-field="stage"]').inner_text()
     assert await refused.get_attribute("data-session") is None  # nothing was created
+
+
+EVENTS_ROUTE = "/api/files/upload/session/{session_id}/events"
+
+
+def sse(event: str, body: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(body)}\n\n"
+
+
+async def test_console_follows_the_event_stream_with_the_token_to_the_registered_file(
+    browser: Any, keyed_server: LiveServer, tmp_path: Path
+) -> None:
+    """The page reads the session's event stream with fetch() and its token, and settles from its final
+    `registered` event without polling. Until the events route exists on this branch (it is built in
+    parallel, issue 14), a stand-in answers it in the route's contract, with the real registered file."""
+    server = keyed_server
+    bearer = token(rsa_key(), sub="stream-user")
+    source = tmp_path / "streamed.bin"
+    data = payload(source, 300 << 10)
+    page = await open_console(browser, server)
+    streamed: list[str] = []
+    polled: list[str] = []
+    page.on("request", lambda request: polled.append(request.url) if re.search(r"/session/\w+$", request.url) else None)
+    if not any(getattr(route, "path", None) == EVENTS_ROUTE for route in server.app.routes):
+
+        async def stand_in(route: Any) -> None:
+            assert route.request.headers.get("authorization") == f"Bearer {bearer}"
+            session_id = route.request.url.rsplit("/", 2)[-2]
+            streamed.append(session_id)
+            record = await eventually(lambda: server.parts.saga_store.file_for_upload(session_id), bool, timeout=30)
+            async with server.client() as client:
+                status = await client.get(
+                    f"/api/files/upload/session/{session_id}", headers={"Authorization": f"Bearer {bearer}"}
+                )
+            file = status.json()["file"]
+            assert file["file_id"] == record.file_id
+            body = sse("progress", {"session_id": session_id, "bytes_uploaded": len(data), "bytes_total": len(data)})
+            for stage in ("inspecting", "placing"):
+                body += sse("stage", {"session_id": session_id, "stage": stage})
+            body += ": a comment line, ignored\n\n" + sse("registered", file)
+            await route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+        await page.route("**/api/files/upload/session/*/events", stand_in)
+    await page.fill("#token", bearer)
+    await add_file(page, source)
+
+    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+    shown = await registered_row(page, "streamed.bin")
+
+    session_id = await shown.get_attribute("data-session")
+    record = await server.parts.saga_store.file_for_upload(session_id)
+    assert record is not None and await shown.get_attribute("data-file-id") == record.file_id
+    assert await shown.locator('[data-field="storage_filename"]').inner_text() == record.storage_filename
+    assert streamed in ([session_id], [])  # the stand-in, when it was needed, served this session
+    assert polled == [], "the page polled the session status although the event stream answered"
 
 
 OTHER_ORIGIN_PAGE = """<!doctype html><meta charset="utf-8"><script src="/tus.min.js"></script>

@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from tests.fixtures.jwt import rsa_key, token
 from tests.fixtures.rawhttp import eventually
+from tests.fixtures.relay import CountingProxy
 from tests.fixtures.server import LiveServer, base_settings, live_server
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -145,6 +146,55 @@ async def test_console_uploads_a_file_with_pause_and_resume_and_shows_the_regist
         SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, SCREENSHOT_DOC)
     assert shot.stat().st_size > 10_000
+
+
+async def test_console_retries_over_a_line_that_drops_every_mib_and_completes_the_same_upload(
+    browser: Any, sqlite_server: LiveServer, tmp_path: Path
+) -> None:
+    server = sqlite_server
+    source = tmp_path / "flaky.bin"
+    data = payload(source, 5 * MIB)
+    # The page and its uploads go through a relay that cuts every connection after 1 MiB from the browser.
+    async with CountingProxy(int(server.url.rsplit(":", 1)[1]), drop_every=MIB).running("") as line:
+        relayed = LiveServer(line.url, server.app, server.settings)
+        page = await open_console(browser, relayed)
+        await add_file(page, source)
+        await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+        shown = await registered_row(page, "flaky.bin")
+        upload_id = await shown.get_attribute("data-session")
+        file_id = await shown.get_attribute("data-file-id")
+        await page.close()  # and with it the browser's keep-alive connections, which the relay waits for
+
+    record = await server.parts.saga_store.file_for_upload(upload_id)
+    assert record is not None and file_id == record.file_id
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    # 5 MiB through connections of at most 1 MiB: at least 4 drops, each retried by resuming the upload the
+    # page first created (a fresh upload would have a session the registry does not know a file for).
+    assert line.drops >= 4
+
+
+async def test_console_uploads_a_folder_with_its_subfolders(
+    browser: Any, sqlite_server: LiveServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "album"
+    (folder / "day 2").mkdir(parents=True)
+    contents = {
+        "cover.txt": payload(folder / "cover.txt", 2000),
+        "page.txt": payload(folder / "day 2" / "page.txt", 3000),
+    }
+    page = await open_console(browser, sqlite_server)
+    await page.locator("input.uppy-Dashboard-input[webkitdirectory]").first.set_input_files(str(folder))
+    for name in contents:
+        await page.wait_for_selector(f'#results tr[data-file="{name}"]', timeout=UI_TIMEOUT_MS)
+
+    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+    for name, data in contents.items():
+        shown = await registered_row(page, name)
+        record = await sqlite_server.parts.saga_store.file_for_upload(await shown.get_attribute("data-session"))
+        assert record is not None and record.sha256 == hashlib.sha256(data).hexdigest()
+        assert record.original_filename == name
+    names = await page.locator('#results [data-field="name"]').all_inner_texts()
+    assert sorted(names) == ["album/cover.txt", "album/day 2/page.txt"]
 
 
 async def test_console_sends_the_token_field_as_bearer_to_a_keyed_server(

@@ -90,6 +90,11 @@ async def add_file(page: Any, path: Path) -> None:
     await page.wait_for_selector(f'#results tr[data-file="{path.name}"]', timeout=UI_TIMEOUT_MS)
 
 
+async def start_upload(page: Any, path: Path) -> None:
+    await add_file(page, path)
+    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+
+
 async def registered_row(page: Any, name: str) -> Any:
     row = page.locator(f'#results tr[data-file="{name}"][data-file-id]')
     await row.wait_for(timeout=UI_TIMEOUT_MS)
@@ -114,9 +119,7 @@ async def test_console_uploads_a_file_with_pause_and_resume_and_shows_the_regist
     source = tmp_path / "photo.bin"
     data = payload(source, 5 * MIB)
     page = await open_console(browser, server, upload_bytes_per_second=MIB)
-    await add_file(page, source)
-
-    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+    await start_upload(page, source)
     row = page.locator('#results tr[data-file="photo.bin"]')
     await page.locator('#results tr[data-file="photo.bin"][data-session]').wait_for(timeout=UI_TIMEOUT_MS)
     upload_id = await row.get_attribute("data-session")
@@ -158,8 +161,7 @@ async def test_console_retries_over_a_line_that_drops_every_mib_and_completes_th
     async with CountingProxy(int(server.url.rsplit(":", 1)[1]), drop_every=MIB).running("") as line:
         relayed = LiveServer(line.url, server.app, server.settings)
         page = await open_console(browser, relayed)
-        await add_file(page, source)
-        await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+        await start_upload(page, source)
         shown = await registered_row(page, "flaky.bin")
         upload_id = await shown.get_attribute("data-session")
         file_id = await shown.get_attribute("data-file-id")
@@ -204,9 +206,7 @@ async def test_console_sends_the_token_field_as_bearer_to_a_keyed_server(
     data = payload(source, 256 << 10)
     page = await open_console(browser, keyed_server)
     await page.fill("#token", token(rsa_key(), sub="console-user", name="Grace"))
-    await add_file(page, source)
-
-    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+    await start_upload(page, source)
     shown = await registered_row(page, "notes.txt")
 
     record = await keyed_server.parts.saga_store.file_for_upload(await shown.get_attribute("data-session"))
@@ -221,9 +221,7 @@ async def test_console_without_a_token_on_a_keyed_server_shows_the_refusal(
     source = tmp_path / "refused.txt"
     payload(source, 1024)
     page = await open_console(browser, keyed_server)
-    await add_file(page, source)
-
-    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+    await start_upload(page, source)
     refused = page.locator('#results tr[data-file="refused.txt"][data-error="401"]')
     await refused.wait_for(timeout=UI_TIMEOUT_MS)
 
@@ -273,9 +271,7 @@ async def test_console_follows_the_event_stream_with_the_token_to_the_registered
 
         await page.route("**/api/files/upload/session/*/events", stand_in)
     await page.fill("#token", bearer)
-    await add_file(page, source)
-
-    await page.locator(".uppy-StatusBar-actionBtn--upload").click()
+    await start_upload(page, source)
     shown = await registered_row(page, "streamed.bin")
 
     session_id = await shown.get_attribute("data-session")

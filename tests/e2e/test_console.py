@@ -199,6 +199,21 @@ async def test_console_uploads_a_folder_with_its_subfolders(
     assert sorted(names) == ["album/cover.txt", "album/day 2/page.txt"]
 
 
+async def test_console_elements_panel_shows_an_opened_breaker_after_a_refresh(
+    browser: Any, sqlite_server: LiveServer
+) -> None:
+    page = await open_console(browser, sqlite_server)
+    local = page.locator('#elements tr[data-element="local"]')
+    assert (await local.locator("td").all_inner_texts())[1:3] == ["edit", "online"]
+    breaker = sqlite_server.parts.elements.pool.state("local").breaker
+    for _ in range(sqlite_server.settings.circuit_breaker_failure_threshold):
+        breaker.record_failure("put failed: disk full")  # what failed puts on the element record
+
+    await page.locator("#elements-refresh").click()
+
+    await page.locator('#elements tr[data-element="local"] td.bad:text-is("open")').wait_for(timeout=UI_TIMEOUT_MS)
+
+
 async def test_console_sends_the_token_field_as_bearer_to_a_keyed_server(
     browser: Any, keyed_server: LiveServer, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ from tusingest.auth import (
     www_authenticate_insufficient_scope,
 )
 from tusingest.config import Settings, database_engine
+from tusingest.console import Console, ConsoleSettings
 from tusingest.elements.breaker import BreakerSettings
 from tusingest.elements.runtime import StorageElements
 from tusingest.elements.settings import DiscoverySettings, ElementSettings, S3Settings
@@ -521,6 +522,11 @@ def build_app(settings: Settings) -> Starlette:
         *api_routes,
         *openapi_routes(api_routes),  # the document of exactly these routes
         *parts.tus.routes(),
+        *(
+            Console(ConsoleSettings(settings.tus_base_path, settings.chunk_size)).routes()
+            if settings.console_enabled
+            else []
+        ),
     ]
     if not settings.resumable_uploads_enabled:
         routes = _without_resumable_uploads(routes, settings.tus_base_path)

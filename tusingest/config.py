@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     # false: the tus endpoint is not routed and the facade refuses X-Upload-Session-ID; only whole-file
     # uploads (POST /api/files/upload, /batch/upload) remain.
     resumable_uploads_enabled: bool = True
+    # The browser upload console at /console (tusingest/console); false: no such route (404).
+    console_enabled: bool = True
     upload_session_ttl_hours: float = Field(2.0, gt=0)
     upload_session_cleanup_interval_hours: float = Field(1.0, gt=0)
     lock_timeout_seconds: float = Field(10.0, gt=0)

@@ -9,12 +9,14 @@ checkout, so the migrations it runs are the ones the wheel carries.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(root / "dist"), str(tree)], check=True)
     (wheel,) = (root / "dist").glob("tusingest-*.whl")
+    (root / "wheel-names.txt").write_text("\n".join(zipfile.ZipFile(wheel).namelist()))
 
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -91,3 +94,21 @@ def test_tusingest_migrate_from_the_wheel_creates_an_sqlite_file_at_head(install
     assert done.returncode == 0, done.stderr
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert migrations.read_sqlite_revision(db) == migrations.head_revision()
+
+
+def test_the_wheel_carries_the_built_console_and_not_its_npm_project(installed: Path, tmp_path: Path) -> None:
+    names = set((installed.parents[1] / "wheel-names.txt").read_text().splitlines())
+    code = "from tusingest.console import asset; import hashlib; print(hashlib.sha256(asset('console.js')).hexdigest())"
+
+    done = run(installed, str(installed / "python"), "-c", code, database_url="sqlite:///unused", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    built = SOURCE / "tusingest" / "console" / "static" / "console.js"
+    assert done.stdout.strip() == hashlib.sha256(built.read_bytes()).hexdigest()
+    console = {name for name in names if name.startswith("tusingest/console/")}
+    assert console == {
+        "tusingest/console/__init__.py",
+        "tusingest/console/static/index.html",
+        "tusingest/console/static/console.js",
+        "tusingest/console/static/console.css",
+    }

@@ -12,8 +12,6 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,6 +19,7 @@ import pytest
 
 from tests.fixtures.jwt import rsa_key, token
 from tests.fixtures.rawhttp import eventually
+from tests.fixtures.relay import CountingProxy
 from tests.fixtures.server import LiveServer, base_settings, live_server
 from tusingest.sessions import UploadKind
 
@@ -64,57 +63,6 @@ def events(stdout: str, kind: str) -> list[dict[str, object]]:
 async def registered_sha256(server: LiveServer, url: str) -> str | None:
     record = await server.parts.saga_store.file_for_upload(url.rsplit("/", 1)[1])
     return None if record is None else record.sha256
-
-
-@dataclass
-class CountingProxy:
-    """A TCP relay in front of the server counting the bytes clients send; with ``drop_every`` it cuts
-    each connection after that many bytes, like a flaky network."""
-
-    target_port: int
-    drop_every: int | None = None
-    sent: int = 0
-    drops: int = 0
-    url: str = ""
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def client_to_server() -> None:
-            passed = 0
-            while data := await reader.read(65536):
-                if self.drop_every is not None and passed + len(data) > self.drop_every:
-                    data = data[: self.drop_every - passed]
-                    upstream_writer.write(data)
-                    self.sent += len(data)
-                    self.drops += 1
-                    raise ConnectionResetError("dropped on purpose")
-                passed += len(data)
-                self.sent += len(data)
-                upstream_writer.write(data)
-                await upstream_writer.drain()
-
-        async def server_to_client() -> None:
-            while data := await upstream_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-
-        tasks = [asyncio.create_task(client_to_server()), asyncio.create_task(server_to_client())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for w in (writer, upstream_writer):
-                w.transport.abort()
-
-    @asynccontextmanager
-    async def running(self, path: str) -> AsyncIterator[CountingProxy]:
-        relay = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{relay.sockets[0].getsockname()[1]}{path}"
-        async with relay:
-            yield self
 
 
 def port_of(server: LiveServer) -> int:

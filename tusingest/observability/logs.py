@@ -165,7 +165,6 @@ class JsonLines(logging.Formatter):
     tenth of its cost: the access line is written once per request, so its price is paid by every upload
     (benchmarks/instrumentation.py measures it)."""
 
-
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {
             key: value for key, value in record.__dict__.items() if key not in _RECORD_ATTRIBUTES and key[0] != "_"

@@ -535,7 +535,8 @@ def build_app(settings: Settings) -> Starlette:
         Middleware(
             RequestTelemetry,
             traces=parts.tracing,
-            upload_paths=(settings.tus_base_path.rstrip("/") or "/", "/api/files/upload", "/api/files/batch/upload"),
+            upload_prefix=settings.tus_base_path.rstrip("/") or "/",
+            upload_routes=("/api/files/upload", "/api/files/batch/upload"),
             subject_of=_subject,
             # With metrics off the requests are not counted; the few counters elsewhere stay (unread).
             metrics=parts.metrics if settings.prometheus_metrics_enabled else None,

@@ -181,6 +181,20 @@ async def test_a_saga_carried_on_by_recovery_on_another_node_links_to_the_reques
     assert transfer.parent is not None and transfer.parent.span_id == run.context.span_id
 
 
+async def test_a_session_status_request_is_not_an_upload_span(tmp_path: Path, sqlite_url: str) -> None:
+    async with _server_factory(tmp_path, sqlite_url) as start:
+        server = await start()
+        exporter = exported(server)
+        async with server.client() as client:
+            created = await client.post(server.files_url, headers=TUS | {"Upload-Length": "5"})
+            upload_id = created.headers["Location"].rsplit("/", 1)[-1]
+            status = await client.get(f"/api/files/upload/session/{upload_id}")
+        assert status.status_code == 200
+        name = "GET /api/files/upload/session/{session_id}"
+        spans = await finished(exporter, name)
+        assert len(requests(spans, "POST")) == 1 and not requests(spans, "GET")
+
+
 async def test_with_opentelemetry_disabled_no_provider_is_made_and_requests_are_served(
     tmp_path: Path, sqlite_url: str
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
@@ -25,9 +25,11 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 class RequestTelemetry:
     """ASGI middleware, outermost: the app's tracer for the request; its span (``artstore.ingester.upload``
-    on the upload routes, honouring an incoming ``traceparent``); requests by method, route template and
-    status, their duration and the requests in flight (when ``metrics`` is given); and one access line at info
-    when it ends: method, route template, status, duration_ms, upload_id, subject, bytes in and out, client.
+    on the upload routes: everything under the tus endpoint's ``upload_prefix``, and the facade's
+    ``upload_routes`` exactly, so a session's status or event stream is not an upload; honouring an incoming
+    ``traceparent``); requests by method, route template and status, their duration and the requests in flight
+    (when ``metrics`` is given); and one access line at info when it ends: method, route template, status,
+    duration_ms, upload_id, subject, bytes in and out, client.
 
     ``trust_proxy_headers``: the client is the first address of ``X-Forwarded-For`` (TRUST_PROXY_HEADERS,
     the same setting that lets the tus Location follow ``X-Forwarded-Host``), else the peer's address.
@@ -37,14 +39,16 @@ class RequestTelemetry:
         self,
         app: ASGIApp,
         traces: tracing.Tracing,
-        upload_paths: tuple[str, ...],
+        upload_prefix: str,
         subject_of: Callable[[Scope], str | None],
+        upload_routes: Iterable[str] = (),
         metrics: Metrics | None = None,
         trust_proxy_headers: bool = False,
     ) -> None:
         self.app = app
         self.traces = traces
-        self.upload_paths = upload_paths
+        self.upload_prefix = upload_prefix
+        self.upload_routes = frozenset(upload_routes)
         self.subject_of = subject_of
         self.metrics = metrics
         self.trust_proxy_headers = trust_proxy_headers
@@ -64,7 +68,7 @@ class RequestTelemetry:
         started = time.perf_counter()
         status = 500
         bytes_out = 0
-        is_upload = path.startswith(self.upload_paths)
+        is_upload = path.startswith(self.upload_prefix) or path in self.upload_routes
 
         async def recording_send(message: Message) -> None:
             nonlocal status, bytes_out

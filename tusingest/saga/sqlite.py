@@ -319,6 +319,7 @@ class SQLiteSagaStore:
         error: str | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
+        durable: bool = True,  # with synchronous=NORMAL no commit here waits for the disk (sqlitedb.py)
     ) -> Saga:
         now = _now(now)
         async with self._transaction():

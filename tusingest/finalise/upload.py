@@ -545,6 +545,9 @@ class UploadSagas:
                 content_type=data.content_type,
                 content_encoding=compression.algorithm if compression else None,
                 metadata=metadata,
+                # A small file's object is synced with its sidecar (same folder), which comes before its
+                # registration; a large file records `placed` after this put, so its object must last alone.
+                durable=_steps_recorded(data),
             )
 
         if repeated:

@@ -448,13 +448,14 @@ async def test_set_state_to_compensating_records_the_error_and_keeps_the_lease(s
     assert await store.get_saga(saga.saga_id) == expected
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
 @pytest.mark.parametrize("state", FINISHED)
 async def test_set_state_to_a_finished_state_drops_the_lease_and_keeps_the_owner(
-    store: SagaStore, state: SagaState
+    store: SagaStore, state: SagaState, durable: bool
 ) -> None:
     saga = await started(store)
 
-    moved = await store.set_state(saga.saga_id, owner=NODE_A, state=state, now=at(1))
+    moved = await store.set_state(saga.saga_id, owner=NODE_A, state=state, now=at(1), durable=durable)
 
     assert (moved.state, moved.lease_expires_at, moved.owner) == (state, None, NODE_A)
     assert await store.get_saga(saga.saga_id) == moved
@@ -469,11 +470,14 @@ async def test_set_state_without_an_error_clears_the_previous_one(store: SagaSto
     assert (moved.error_code, moved.error) == (None, None)
 
 
-async def test_set_state_by_another_owner_raises_ownership_lost_and_changes_nothing(store: SagaStore) -> None:
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+async def test_set_state_by_another_owner_raises_ownership_lost_and_changes_nothing(
+    store: SagaStore, durable: bool
+) -> None:
     saga = await started(store)
 
     with pytest.raises(SagaOwnershipLost):
-        await store.set_state(saga.saga_id, owner=NODE_B, state=SagaState.COMPLETED)
+        await store.set_state(saga.saga_id, owner=NODE_B, state=SagaState.COMPLETED, durable=durable)
 
     assert await store.get_saga(saga.saga_id) == saga
 

@@ -25,6 +25,7 @@ from tests.fixtures.server import OCTETS, TUS, ServerFactory
 from tests.fixtures.tusnode import create_upload, send_whole_patch
 from tests.integration.test_outbox import WebhookReceiver
 from tusingest.app import open_database
+from tusingest.finalise.upload import SMALL_FILE
 from tusingest.saga import SagaState
 from tusingest.saga.webhooks import SIGNATURE_HEADER, UPLOAD_COMPLETED, verify
 
@@ -57,10 +58,13 @@ async def serving(workdir: Path, env: dict[str, str], port: int) -> AsyncIterato
                     process.wait(timeout=20)
 
 
+@pytest.mark.parametrize("size", [3 << 20, SMALL_FILE], ids=["small", "large"])
 @pytest.mark.parametrize("point", ["inspected", "placed", "sidecar_written"])
 async def test_a_saga_cut_off_by_sigkill_is_finished_by_the_next_node(
-    tmp_path: Path, postgres_url: str, moto_server: MotoServer, bucket: str, point: str
+    tmp_path: Path, postgres_url: str, moto_server: MotoServer, bucket: str, point: str, size: int
 ) -> None:
+    # A large file is killed with its step in the saga log; a small one at its begin, with the
+    # element recorded and (placed, sidecar_written) the object, or object and sidecar, on it.
     elements = tmp_path / "elements.json"
     elements.write_text(
         json.dumps(
@@ -81,7 +85,7 @@ async def test_a_saga_cut_off_by_sigkill_is_finished_by_the_next_node(
         SAGA_RECOVERY_INTERVAL_SECONDS="0.5",
         FINALISE_WAIT_SECONDS="60",
     )
-    payload = os.urandom(3 << 20)
+    payload = os.urandom(size)
     port = free_port()
     sagas = open_database(postgres_url).sagas
     await sagas.open()
@@ -96,7 +100,12 @@ async def test_a_saga_cut_off_by_sigkill_is_finished_by_the_next_node(
                 saga = await sagas.latest_saga("upload", upload_id)
                 return None if saga is None else saga.step
 
-            await eventually(step, lambda reached: reached == point, timeout=30)
+            async def held() -> bool:
+                return any(f"failpoint {point} reached" in log.read_text() for log in tmp_path.glob("serve-*.log"))
+
+            await eventually(held, bool, timeout=30)
+            expected_step = point if size >= SMALL_FILE else None
+            assert await step() == expected_step
             first.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.wait, 10)
             writer.close()

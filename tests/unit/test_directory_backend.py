@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tusingest.elements import directory as directory_module
 from tusingest.elements.backend import BackendError, InvalidKey, ObjectRefused
 from tusingest.elements.directory import DirectoryBackend, directory_error, is_temp_name
 
@@ -148,3 +149,26 @@ def test_a_full_disk_is_still_an_element_failure() -> None:
     exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/root/a/name")
     error = directory_error(exc, element_id="d", operation="put", key="a")
     assert type(error) is BackendError and error.transient is True
+
+
+async def test_a_put_that_need_not_be_durable_leaves_its_directory_fsync_to_the_next_durable_put_there(
+    backend: DirectoryBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut cannot be staged here; what is checked is which directory fsyncs are issued (the
+    # real fsyncs still run), and that the object's bytes and name are in place before the sidecar.
+    synced: list[Path] = []
+    real = directory_module._fsync_directory
+
+    def recording(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(directory_module, "_fsync_directory", recording)
+    await backend.put("2026/12/02/16/f.bin", stream(b"object"), durable=False)
+    after_object = list(synced)
+    await backend.put("2026/12/02/16/f.bin.attr.json", stream(b"{}"))
+
+    folder = backend.root / "2026" / "12" / "02" / "16"
+    assert after_object == []
+    assert synced == [folder]
+    assert (folder / "f.bin").read_bytes() == b"object"

@@ -74,11 +74,16 @@ class Backend(Protocol):
         content_type: str = "application/octet-stream",
         content_encoding: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        durable: bool = True,
     ) -> ObjectInfo:
         """Store the stream under key; length may be unknown. Memory stays bounded by the part
         size. Nothing is visible under key unless the whole stream was stored: a failure leaves
         no object (and, on S3, no multipart upload) behind. A process killed midway cannot clean
-        up; discard_incomplete and sweep_incomplete remove what it left."""
+        up; discard_incomplete and sweep_incomplete remove what it left.
+
+        ``durable=False``: the bytes are on disk when this returns, but the object's name may not
+        survive a power cut until the next durable put into the same folder (on a directory element
+        its directory fsync covers both; an object's sidecar is such a put). S3 puts are always durable."""
         ...
 
     def get(self, key: str, *, start: int = 0) -> AsyncIterator[bytes]:

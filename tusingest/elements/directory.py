@@ -223,14 +223,15 @@ class _TempObject:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         _write_all(self.fd, data)
 
-    def commit(self, rest: bytes | bytearray, attributes: Mapping[str, bytes]) -> None:
+    def commit(self, rest: bytes | bytearray, attributes: Mapping[str, bytes], *, durable: bool = True) -> None:
         _write_all(self.fd, rest)
         _set_attributes(self.fd, attributes)
-        os.fsync(self.fd)
+        os.fsync(self.fd)  # always: a rename that outlives a crash must never name a file short of its bytes
         os.close(self.fd)
         self.fd = -1
         os.replace(self.path, self.target)
-        _fsync_directory(self.target.parent)
+        if durable:  # otherwise the next durable put into this directory syncs this rename with its own
+            _fsync_directory(self.target.parent)
 
     def discard(self) -> None:
         if self.fd >= 0:
@@ -295,6 +296,7 @@ class DirectoryBackend:
         content_type: str = "application/octet-stream",
         content_encoding: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        durable: bool = True,
     ) -> ObjectInfo:
         target = self._path(key)
         if length is not None and length < 0:
@@ -325,7 +327,7 @@ class DirectoryBackend:
                 await self._finish("put", key, working)
             if length is not None and total != length:
                 raise self._length_error(key, total, length)
-            working = asyncio.ensure_future(asyncio.to_thread(temp.commit, batch, attributes))
+            working = asyncio.ensure_future(asyncio.to_thread(temp.commit, batch, attributes, durable=durable))
             await self._finish("put", key, working)
         except BaseException:
             await self._discard(temp, working)

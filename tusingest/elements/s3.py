@@ -372,6 +372,7 @@ class S3Backend:
         content_type: str = "application/octet-stream",
         content_encoding: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        durable: bool = True,  # a completed S3 put is durable: nothing to put off
     ) -> ObjectInfo:
         object_key = self._object_key(key)
         if length is not None and length < 0:

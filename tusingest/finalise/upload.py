@@ -1,13 +1,22 @@
 """The upload saga: a complete upload becomes a verified, registered file on a Storage Element,
 or nothing at all.
 
-Steps, each recorded in the saga log before the next begins:
-``inspected`` (one pass: hashes, MIME, virus scan, compression) → ``placing`` (element chosen,
-object key known) → ``placed`` (object put) → ``sidecar_written`` (attr.json put) →
-``registered`` (files row + outbox messages in one transaction: the commit point) → ``cleaned``.
-Each step can be repeated. A transient failure retries with backoff; a failing element is
-given up for another; a permanent failure undoes in reverse order (sidecar, object). A saga
-left by a dead node is taken over by ``recover`` and carried on from its last step.
+Steps: ``inspected`` (one pass: hashes, MIME, virus scan, compression) → ``placing`` (element
+chosen, object key known) → ``placed`` (object put) → ``sidecar_written`` (attr.json put) →
+``registered`` (files row + outbox messages in one transaction: the commit point), then the
+saga is completed. Each step can be repeated. A transient failure retries with backoff; a
+failing element is given up for another; a permanent failure undoes in reverse order (sidecar,
+object). A saga left by a dead node is taken over by ``recover`` and carried on from its last
+recorded step.
+
+A large file records each step in the saga log before the next begins (inspecting it again
+costs a read of all its bytes). A small one (below SMALL_FILE) has two commits: the saga's
+begin, which already names the file id, the key and the element, and the registration. Its
+steps in between are held in memory only: a saga found at its begin by recovery inspects the
+file again and puts it again onto the recorded element, over whatever a killed run left at
+that key (after discarding its unfinished put), or, failing, removes object and sidecar from
+that element. So the log always names every element a put may have reached; choosing another
+element after a failure is recorded before anything is put there.
 
 The steps run on ``saga.runner.SagaRunner`` (lease, retries, time limit, recovery, fencing). This module
 lives in finalise/, above saga/, because its steps are the finaliser's: hashing, MIME, virus scan,
@@ -206,6 +215,11 @@ class UploadSagas:
         # Each running saga holds a read block, hash and compressor state and a put's buffers (two
         # 16 MiB parts on S3): bounding how many run at once bounds the node's memory.
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # Sagas begun here whose first run has not started: nothing of theirs can be on an element yet.
+        self._first_runs: set[str] = set()
+        # What a running saga's steps found so far, by saga id: a small file's reach the log only at its
+        # registration, and a failure is recorded (and compensated) with what its run knew.
+        self._found: dict[str, UploadSagaData] = {}
 
     # -- starting, waiting, recovering ----------------------------------------------------------
 
@@ -239,8 +253,13 @@ class UploadSagas:
             storage_filename=name,
             key=storage_key(name, created_at),
         )
+        if not _steps_recorded(data):
+            # The element goes into the begin's commit, so that recovery knows where a put may have gone.
+            with contextlib.suppress(NoElementAvailable):  # none now: the saga chooses (and waits) later
+                data.element_id = self._choose(data, upload.length or 0)
         with contextlib.suppress(DuplicateSaga):  # another request or node began it a moment ago
-            await self.runner.start(upload.id, data)
+            saga, _ = await self.runner.start(upload.id, data)
+            self._first_runs.add(saga.saga_id)
 
     def _creator(self, upload: Upload, metadata: Mapping[str, str]) -> tuple[str | None, str]:
         """Who the file is registered as created by: the upload's owner (the token's subject and
@@ -339,6 +358,7 @@ class UploadSagas:
         return await self._fail(saga, "saga_timeout", f"finalisation took longer than {self.settings.timeout:g}s")
 
     async def current(self, saga: Saga) -> UploadOutcome:
+        self._found.pop(saga.saga_id, None)
         return await self._outcome_of(saga)
 
     async def forward(self, saga: Saga) -> UploadOutcome:
@@ -350,11 +370,15 @@ class UploadSagas:
         upload = await self.sessions.get(saga.subject_id)
         if upload is None:
             raise _GiveUp("upload_gone", "the upload disappeared before it was finalised")
-        data = _data(saga)
+        data = self._found[saga.saga_id] = _data(saga)
         step = saga.step
+        recorded = _steps_recorded(data)
+        first_run = saga.saga_id in self._first_runs
+        self._first_runs.discard(saga.saga_id)
         # An earlier run (killed, or an attempt that failed) got as far as a put: what that put left
-        # unfinished on the element is removed before the same key is put again.
-        repeated = step in ("placing", "placed")
+        # unfinished on the element is removed before the same key is put again. A small file's put
+        # is not recorded, so any run of it but the first may follow one.
+        repeated = step in ("placing", "placed") or (not recorded and not first_run and data.element_id is not None)
 
         if step in (None, "inspected") and not self._inspection_usable(saga.step, data):
             await self._stage(upload.id, "inspecting")
@@ -367,18 +391,23 @@ class UploadSagas:
                 if not await self._single_pass_head(upload, data):
                     data.inspected(await self._inspect(upload, data))
                 checked.set_attributes({"content_type": data.content_type or "", "single_pass": data.single_pass})
-            saga = await self._advance(saga, "inspected", data)
+            if recorded:
+                saga = await self._advance(saga, "inspected", data)
             step = "inspected"
         await self.failpoints.reach("inspected")
 
         while step in ("inspected", "placing", "placed"):
-            if step == "inspected" or data.element_id in data.tried:
+            begun_on = None if recorded or data.element_id in data.tried else data.element_id
+            if step == "inspected" and begun_on is not None:
+                step = "placing"  # onto the element the begin recorded
+            elif step == "inspected" or data.element_id in data.tried:
                 with (
                     self.metrics.finalise_stage.labels("storage_selection").time(),
                     tracing.span(tracing.STORAGE_SELECTION, {"upload.id": upload.id}) as selecting,
                 ):
-                    data.element_id = self._choose(data)
+                    data.element_id = self._choose(data, data.placed_size())
                     selecting.set_attribute("element.id", data.element_id)
+                # Recorded also for a small file: the log must name the element before anything goes there.
                 saga = await self._advance(saga, "placing", data)
                 step = "placing"
                 await self._stage(upload.id, "placing")
@@ -393,13 +422,15 @@ class UploadSagas:
                     if step == "placing":
                         info, hashed = await self._put_object(saga.subject_id, data, element_id, repeated=repeated)
                         data.stored_size = info.size
-                        saga = await self._advance(saga, "placed", data)
+                        if recorded:
+                            saga = await self._advance(saga, "placed", data)
                         step = "placed"
                         if hashed:
                             self._check_single_pass(data)
                         await self.failpoints.reach("placed", element_id)
                     await self._put_sidecar(data, element_id, repeated=repeated)
-                    saga = await self._advance(saga, "sidecar_written", data)
+                    if recorded:
+                        saga = await self._advance(saga, "sidecar_written", data)
                     step = "sidecar_written"
             except (ObjectRefused, InvalidKey) as exc:
                 # The file's own fault (its name, its sidecar): another element would refuse it
@@ -417,7 +448,7 @@ class UploadSagas:
             await self.failpoints.reach("sidecar_written", data.element_id)
             saga = await self._register(saga, data)
             step = "registered"
-        return await self._finish(saga)
+        return await self._finish(saga, upload)
 
     def _inspection_usable(self, step: str | None, data: UploadSagaData) -> bool:
         if step is None:
@@ -437,11 +468,11 @@ class UploadSagas:
             spool_path=spool,
         )
 
-    def _choose(self, data: UploadSagaData) -> str:
+    def _choose(self, data: UploadSagaData, size: int) -> str:
         try:
             with self.metrics.storage_selection.time():
                 state = self.pool.select(
-                    data.placed_size(), retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
+                    size, retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
                 )
         except NoElementAvailable as exc:
             if data.tried:
@@ -521,6 +552,9 @@ class UploadSagas:
                 content_type=data.content_type,
                 content_encoding=compression.algorithm if compression else None,
                 metadata=metadata,
+                # A small file's object is synced with its sidecar (same folder), which comes before its
+                # registration; a large file records `placed` after this put, so its object must last alone.
+                durable=_steps_recorded(data),
             )
 
         if repeated:
@@ -577,7 +611,8 @@ class UploadSagas:
             record=record,
             messages=messages,
             step="registered",
-            data_update={},
+            # Everything the steps found: a small file's steps reach the log only here.
+            data_update=data.to_data(),
             lease_seconds=self.settings.lease_seconds,
             audit=await self._audit(saga.subject_id, Action.UPLOAD_COMPLETED, data),
         )
@@ -624,16 +659,19 @@ class UploadSagas:
             messages.append(file_event_message(FILE_CREATED, fields, self.settings.events_stream))
         return messages
 
-    async def _finish(self, saga: Saga) -> UploadOutcome:
-        """After registration nothing is undone: clean staging up, mark the upload, done."""
+    async def _finish(self, saga: Saga, upload: Upload | None = None) -> UploadOutcome:
+        """After registration nothing is undone: clean staging up, mark the upload, done.
+
+        Every part repeats harmlessly, so the saga's completion need not be durable: lost to a
+        crash, recovery finds the saga registered and finishes it again."""
+        self._found.pop(saga.saga_id, None)
         data = _data(saga)
         for element_id in data.cleanup:
             await self._remove_from(element_id, data.key)
-        await self.sessions.set_state(saga.subject_id, UploadState.COMPLETE)
+        if upload is None or upload.state is not UploadState.COMPLETE:  # its last byte's commit made it so
+            await self.sessions.set_state(saga.subject_id, UploadState.COMPLETE)
         await self._remove_staging(saga.subject_id)
-        if saga.step != "cleaned":
-            saga = await self._advance(saga, "cleaned", data)
-        await self.sagas.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED)
+        await self.sagas.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED, durable=False)
         self._settled(saga, "success", data.size, data.compression)
         await self._stage(saga.subject_id, "registered")
         return UploadOutcome("completed", file=await self.sagas.get_file(data.file_id or ""))
@@ -655,7 +693,7 @@ class UploadSagas:
     ) -> UploadOutcome:
         """Undo in reverse order, tell the webhooks, mark the upload failed, free its bytes."""
         owner = self.settings.owner
-        data = _data(saga)
+        data = self._found.pop(saga.saga_id, None) or _data(saga)
         if saga.state is not SagaState.COMPENSATING:
             data.http_status = http_status
             saga = await self._advance(saga, saga.step or "created", data)
@@ -730,6 +768,11 @@ class UploadSagas:
         """Tell the upload's watchers the stage it reached (registered and failed once they are durable)."""
         error, message = (refusal.code, refusal.message) if refusal is not None else (None, None)
         await self.progress.publish(ProgressEvent(upload_id, stage=stage, error=error, message=message))
+
+
+def _steps_recorded(data: UploadSagaData) -> bool:
+    """Whether each step goes into the saga log (a large file), or only begin and registration (a small one)."""
+    return (data.length or 0) >= SMALL_FILE
 
 
 def _failure_code(exc: BaseException) -> str:

@@ -125,18 +125,27 @@ class PostgresSagaStore(PostgresDatabase):
         return SagaOwnershipLost(saga_id, owner, row["owner"])
 
     async def _fenced_update(
-        self, saga_id: str, owner: str, assignments: str, *params: object, audit: AuditEvent | None = None
+        self,
+        saga_id: str,
+        owner: str,
+        assignments: str,
+        *params: object,
+        audit: AuditEvent | None = None,
+        durable: bool = True,
     ) -> Saga:
         """``UPDATE sagas SET <assignments>`` where $1 is the saga id and $2 its owner; refused otherwise.
 
-        With ``audit``, its row is written in the same transaction and published once that commits."""
+        With ``audit``, its row is written in the same transaction and published once that commits.
+        Not ``durable``: the commit does not wait for the WAL flush (a later durable commit flushes it too)."""
         sql = f"UPDATE sagas SET {assignments} WHERE saga_id = $1 AND owner = $2 RETURNING {_SAGA_COLUMNS}"
-        if audit is None:
+        if audit is None and durable:
             row = await self.pool.fetchrow(sql, saga_id, owner, *params)
         else:
             async with self.pool.acquire() as connection, connection.transaction():
+                if not durable:
+                    await connection.execute("SET LOCAL synchronous_commit = off")
                 row = await connection.fetchrow(sql, saga_id, owner, *params)
-                if row is not None:
+                if row is not None and audit is not None:
                     await audit_rows.insert_postgres(connection, audit)
         if row is None:
             raise await self._refusal(saga_id, owner)
@@ -222,6 +231,7 @@ class PostgresSagaStore(PostgresDatabase):
         error: str | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
+        durable: bool = True,
     ) -> Saga:
         now = _now(now)
         try:
@@ -236,6 +246,7 @@ class PostgresSagaStore(PostgresDatabase):
                 now,
                 state.is_finished,
                 audit=audit,
+                durable=durable,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != _ONE_UNFINISHED_INDEX:

@@ -6,6 +6,7 @@ one SQLiteDatabase, so one connection serves both.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -199,14 +200,18 @@ class SQLiteSagaStore:
 
     # --- plumbing ----------------------------------------------------------------------------------
 
+    # One hop to aiosqlite's thread per statement (execute, fetch and close together), not three.
+
     async def _fetchone(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Row | None:
-        async with self.db.execute(sql, tuple(params)) as cursor:
-            row: sqlite3.Row | None = await cursor.fetchone()
-        return row
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def _fetchall(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
-        async with self.db.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self.db.execute_fetchall(sql, tuple(params)))
+
+    def _statement(self) -> asyncio.Lock:
+        """A write of one statement: atomic by itself, so the lock suffices (no BEGIN, no COMMIT, two hops fewer)."""
+        return self._lock
 
     def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
         """A write transaction under the database's lock (BEGIN IMMEDIATE; see SQLiteDatabase.transaction)."""
@@ -224,6 +229,21 @@ class SQLiteSagaStore:
         if saga.owner != owner:
             raise SagaOwnershipLost(saga_id, owner, saga.owner)
         return saga
+
+    async def _refusal(self, saga_id: str, owner: str) -> Exception:
+        """Why a fenced update changed no row: the saga is gone, or another owner has it."""
+        saga = await self._saga_row(saga_id)
+        return SagaNotFound(saga_id) if saga is None else SagaOwnershipLost(saga_id, owner, saga.owner)
+
+    async def _fenced_update(self, saga_id: str, owner: str, assignments: str, params: Sequence[object]) -> Saga:
+        """``UPDATE sagas SET <assignments>`` of the saga ``owner`` owns, in one statement; refused otherwise."""
+        row = await self._fetchone(
+            f"UPDATE sagas SET {assignments} WHERE saga_id = ? AND owner = ? RETURNING {_SAGA_COLUMNS}",
+            (*params, saga_id, owner),
+        )
+        if row is None:
+            raise await self._refusal(saga_id, owner)
+        return _row_to_saga(row)
 
     async def _update_saga(self, saga_id: str, assignments: str, params: Sequence[object]) -> Saga:
         row = await self._fetchone(
@@ -267,7 +287,7 @@ class SQLiteSagaStore:
             _ts(now),
             _ts(now),
         )
-        async with self._transaction():
+        async with self._statement():
             try:
                 row = await self._fetchone(
                     "INSERT INTO sagas (saga_id, kind, subject_id, state, data, owner, lease_expires_at, "
@@ -319,21 +339,24 @@ class SQLiteSagaStore:
         error: str | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
+        durable: bool = True,  # with synchronous=NORMAL no commit here waits for the disk (sqlitedb.py)
     ) -> Saga:
         now = _now(now)
-        async with self._transaction():
-            saga = await self._owned(saga_id, owner)
-            lease = None if state.is_finished else _opt_ts(saga.lease_expires_at)
+        async with self._statement() if audit is None else self._transaction():
             try:
-                changed = await self._update_saga(
+                changed = await self._fenced_update(
                     saga_id,
-                    "state = ?, error_code = ?, error = ?, lease_expires_at = ?, updated_at = ?",
-                    (state.value, error_code, error, lease, _ts(now)),
+                    owner,
+                    "state = ?, error_code = ?, error = ?, updated_at = ?, "
+                    "lease_expires_at = CASE WHEN ? THEN NULL ELSE lease_expires_at END",
+                    (state.value, error_code, error, _ts(now), state.is_finished),
                 )
             except sqlite3.IntegrityError as exc:
-                if _is_unfinished_saga_conflict(exc):
-                    raise DuplicateSaga(saga.kind, saga.subject_id) from exc
-                raise
+                if not _is_unfinished_saga_conflict(exc):
+                    raise
+                saga = await self._saga_row(saga_id)
+                assert saga is not None  # it violated an index, so it exists
+                raise DuplicateSaga(saga.kind, saga.subject_id) from exc
             if audit is not None:
                 await audit_rows.insert_sqlite(self.db, audit)
         if audit is not None:
@@ -342,13 +365,12 @@ class SQLiteSagaStore:
 
     async def bump_attempts(self, saga_id: str, *, owner: str, now: datetime | None = None) -> Saga:
         now = _now(now)
-        async with self._transaction():
-            await self._owned(saga_id, owner)
-            return await self._update_saga(saga_id, "attempts = attempts + 1, updated_at = ?", (_ts(now),))
+        async with self._statement():
+            return await self._fenced_update(saga_id, owner, "attempts = attempts + 1, updated_at = ?", (_ts(now),))
 
     async def renew_lease(self, saga_id: str, *, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
         now = _now(now)
-        async with self._transaction():
+        async with self._statement():
             row = await self._fetchone(
                 "UPDATE sagas SET lease_expires_at = ?, updated_at = ? "
                 f"WHERE saga_id = ? AND owner = ? AND state IN {_UNFINISHED_SQL} RETURNING saga_id",
@@ -368,7 +390,7 @@ class SQLiteSagaStore:
         now = _now(now)
         of_kinds = "" if kinds is None else f" AND kind IN ({','.join('?' * len(kinds))})"
         # One statement, so one write lock: another connection's claim runs before or after it, never between.
-        async with self._transaction():
+        async with self._statement():
             rows = await self._fetchall(
                 "UPDATE sagas SET owner = ?, lease_expires_at = ?, updated_at = ? WHERE saga_id IN ("
                 f"  SELECT saga_id FROM sagas WHERE state IN {_UNFINISHED_SQL}{of_kinds}"
@@ -464,14 +486,14 @@ class SQLiteSagaStore:
         return None if row is None else _row_to_file(row)
 
     async def delete_file(self, file_id: str) -> bool:
-        async with self._transaction():
+        async with self._statement():
             row = await self._fetchone("DELETE FROM files WHERE file_id = ? RETURNING file_id", (file_id,))
         return row is not None
 
     async def update_file_location(
         self, file_id: str, *, storage_element_id: str, storage_key: str
     ) -> FileRecord | None:
-        async with self._transaction():
+        async with self._statement():
             row = await self._fetchone(
                 f"UPDATE files SET storage_element_id = ?, storage_key = ? WHERE file_id = ? RETURNING {_FILE_COLUMNS}",
                 (storage_element_id, storage_key, file_id),
@@ -496,7 +518,7 @@ class SQLiteSagaStore:
         self, *, limit: int, lease_seconds: float, now: datetime | None = None
     ) -> list[OutboxMessage]:
         now = _now(now)
-        async with self._transaction():
+        async with self._statement():
             rows = await self._fetchall(
                 "UPDATE outbox SET next_attempt_at = ? WHERE message_id IN ("
                 "  SELECT message_id FROM outbox WHERE delivered_at IS NULL AND next_attempt_at <= ?"
@@ -508,7 +530,7 @@ class SQLiteSagaStore:
 
     async def mark_delivered(self, message_id: int, *, now: datetime | None = None) -> bool:
         now = _now(now)
-        async with self._transaction():
+        async with self._statement():
             row = await self._fetchone(
                 "UPDATE outbox SET delivered_at = ? WHERE message_id = ? AND delivered_at IS NULL RETURNING message_id",
                 (_ts(now), message_id),
@@ -523,7 +545,7 @@ class SQLiteSagaStore:
             return cursor.rowcount
 
     async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
-        async with self._transaction():
+        async with self._statement():
             row = await self._fetchone(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
                 "WHERE message_id = ? AND delivered_at IS NULL RETURNING message_id",

@@ -113,10 +113,14 @@ class SagaStore(Protocol):
         error: str | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
+        durable: bool = True,
     ) -> Saga:
         """Move the saga to ``state`` with the given error (None clears it); a finished state drops the lease.
 
         With ``audit`` (a delete or transfer saga done), its row is written in the same transaction.
+        ``durable=False`` (for a change recovery can make again, such as completing a registered upload):
+        committed without waiting for it to reach the disk, so a crash may lose it but never reorders it
+        after a later durable commit (PostgreSQL: synchronous_commit off for that transaction).
 
         Fenced like ``advance``. Raises DuplicateSaga when moving back to an unfinished state would make
         a second unfinished saga for the subject.

@@ -109,24 +109,25 @@ class SQLiteSessionStore:
             return False
         return True
 
-    # Every statement holds the database's lock until its cursor is closed (see sqlitedb.py for why).
+    # Every statement holds the database's lock until it has run to its end (see sqlitedb.py for why):
+    # executed, fetched and closed in one hop to aiosqlite's thread.
 
     async def _fetchone(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Row | None:
-        async with self.database.lock, self.db.execute(sql, tuple(params)) as cursor:
-            row: sqlite3.Row | None = await cursor.fetchone()
-        return row
+        async with self.database.lock:
+            rows = list(await self.db.execute_fetchall(sql, tuple(params)))
+        return rows[0] if rows else None
 
     async def _fetchall(self, sql: str, params: Iterable[object] = ()) -> list[Upload]:
-        async with self.database.lock, self.db.execute(sql, tuple(params)) as cursor:
-            rows = await cursor.fetchall()
+        async with self.database.lock:
+            rows = await self.db.execute_fetchall(sql, tuple(params))
         return [_row_to_upload(r) for r in rows]
 
     async def _audited(self, event: AuditEvent, sql: str, params: tuple[object, ...]) -> sqlite3.Row | None:
         """Run ``sql`` and write ``event``'s row in one transaction; publish the event once it is committed
         (and only when the statement changed something: it returned a row)."""
         async with self.database.transaction(lambda: self.db) as db:
-            async with db.execute(sql, params) as cursor:
-                row: sqlite3.Row | None = await cursor.fetchone()
+            rows = list(await db.execute_fetchall(sql, params))
+            row = rows[0] if rows else None
             if row is not None:
                 await audit_rows.insert_sqlite(db, event)
         if row is not None:

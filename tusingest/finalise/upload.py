@@ -400,6 +400,7 @@ class UploadSagas:
             begun_on = None if recorded or data.element_id in data.tried else data.element_id
             if step == "inspected" and begun_on is not None:
                 step = "placing"  # onto the element the begin recorded
+                await self._stage(upload.id, "placing")
             elif step == "inspected" or data.element_id in data.tried:
                 with (
                     self.metrics.finalise_stage.labels("storage_selection").time(),

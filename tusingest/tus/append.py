@@ -26,6 +26,8 @@ from starlette.types import Receive
 from tusingest.observability.logs import note_upload
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action
+from tusingest.sessions.content import digest_tag
+from tusingest.staging import RunningDigest
 from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
@@ -162,10 +164,11 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
         end = BodyEnd.COMPLETE
         if upload.state is not UploadState.COMPLETE:
             started_at = upload.offset
-            new_offset, end = await _stage(ctx, upload, body, room, interrupt, rules)
+            new_offset, end, digest = await _stage(ctx, upload, body, room, interrupt, rules)
             if new_offset != upload.offset or end is BodyEnd.COMPLETE:
                 upload = await ctx.commit(upload, new_offset)
                 ctx.metrics.bytes_received.inc(upload.offset - started_at)
+            _keep_digest(ctx, upload, digest)
             if upload.offset == started_at and (refusal := rules.cut_short(upload, end)) is not None:
                 raise refusal
             upload = await rules.settle(ctx, upload, end, new=False)
@@ -208,9 +211,10 @@ async def create(
         if rules.content_length is not None and rules.content_length > room:
             raise rules.too_large(room)
         end = BodyEnd.COMPLETE
+        digest = None
         try:
             if body is not None:
-                offset, end = await _stage(ctx, upload, body, room, interrupt, rules)
+                offset, end, digest = await _stage(ctx, upload, body, room, interrupt, rules)
                 upload = upload.evolve(offset=offset)
             upload = await rules.settle(ctx, upload, end, new=True)
         except BaseException:
@@ -218,6 +222,7 @@ async def create(
             raise
         await ctx.store.create(upload, audit=requester.audit(Action.UPLOAD_CREATED, upload))
         upload = upload.as_stored()
+        _keep_digest(ctx, upload, digest)
         ctx.metrics.tus_uploads.labels("created").inc()
         ctx.metrics.bytes_received.inc(upload.offset)
         completing = upload.is_complete and rules.hand_on()
@@ -232,14 +237,22 @@ def _room(ctx: TusContext, upload: Upload) -> int:
     return length - upload.offset
 
 
+def _keep_digest(ctx: TusContext, upload: Upload, digest: RunningDigest | None) -> None:
+    """Keep the running digest of what is now committed (never of more: invariant 1)."""
+    if digest is not None and digest.offset == upload.offset:
+        ctx.staging.digests.keep(upload.id, digest)
+
+
 async def _stage(
     ctx: TusContext, upload: Upload, body: Body, room: int, interrupt: Interrupt, rules: AppendRules
-) -> tuple[int, BodyEnd]:
+) -> tuple[int, BodyEnd, RunningDigest | None]:
     """Write the body to staging at the upload's offset and sync it; returns the durable offset
-    (the upload's own when nothing of the body may be kept) and how the body ended."""
+    (the upload's own when nothing of the body may be kept), how the body ended, and the running
+    digest up to that offset, to be kept once the offset is committed (None: none to keep)."""
     inspector = await _start_inspector(ctx, upload) if rules.inspect else None
     checksum = rules.checksum
-    async with await ctx.staging.open_writer(upload.id, upload.offset) as writer:
+    writer_at = ctx.staging.open_writer(upload.id, upload.offset, digest_tag=digest_tag(upload))
+    async with await writer_at as writer:
         try:
             end = await write_body(
                 body,
@@ -262,11 +275,11 @@ async def _stage(
             # The digest covers the whole body, so a part of it cannot be verified. Keeping
             # unverified bytes would break the client's request; it resends from the old offset.
             await writer.discard()
-            return upload.offset, end
+            return upload.offset, end, None
         if checksum is not None and not checksum.matches():
             await writer.discard()
             raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
-        return await writer.sync(), end
+        return await writer.sync(), end, writer.digest
 
 
 async def _start_inspector(ctx: TusContext, upload: Upload) -> StartInspector | None:

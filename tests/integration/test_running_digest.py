@@ -127,6 +127,30 @@ async def test_a_body_refused_by_its_checksum_never_enters_the_digest(start_sqli
     assert_digest_of(await kept_digest(server, upload_id), first + second)
 
 
+@pytest.mark.parametrize("algorithm", ["md5", "sha256", "sha1"])
+async def test_a_first_patch_s_checksum_is_checked_against_the_running_digest_where_it_can_be(
+    start_sqlite: ServerFactory, algorithm: str
+) -> None:
+    """From offset 0 an MD5 or SHA-256 Upload-Checksum is the running digest's (sha1: its own hash)."""
+    import base64
+
+    server = await start_sqlite(staging_write_buffer_kb=64)
+    body = os.urandom(700 * KiB)
+
+    def checksum(data: bytes) -> str:
+        return f"{algorithm} " + base64.b64encode(hashlib.new(algorithm, data).digest()).decode()
+
+    async with server.client() as client:
+        url = await create(client, len(body) + 1)
+        upload_id = url.rsplit("/", 1)[1]
+        wrong = await client.patch(url, headers=patch_headers(0, **{"Upload-Checksum": checksum(b"x")}), content=body)
+        assert wrong.status_code == 460
+        assert await server.parts.staging.staged_size(upload_id) == 0
+        right = await client.patch(url, headers=patch_headers(0, **{"Upload-Checksum": checksum(body)}), content=body)
+    assert right.status_code == 204 and right.headers["Upload-Offset"] == str(len(body))
+    assert_digest_of(await kept_digest(server, upload_id), body)
+
+
 async def test_a_node_that_resumes_an_upload_begun_elsewhere_rebuilds_the_digest_from_staging(
     start_node: ServerFactory,
 ) -> None:

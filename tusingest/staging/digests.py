@@ -43,6 +43,11 @@ class RunningDigest:
         twin.tag, twin.md5, twin.sha256, twin.offset = self.tag, self.md5.copy(), self.sha256.copy(), self.offset
         return twin
 
+    @staticmethod
+    def has(algorithm: str) -> bool:
+        """Whether ``digest`` gives the digest of this algorithm (a tus checksum's name)."""
+        return algorithm in ("md5", "sha256")
+
     def digest(self, algorithm: str) -> bytes | None:
         """The raw digest of ``algorithm`` (md5 or sha256) so far; None for any other."""
         if algorithm == "md5":

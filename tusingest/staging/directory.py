@@ -205,10 +205,14 @@ class ChunkWriter:
             for data in batch:
                 digest.update(data)
 
-    async def sync(self) -> int:
-        """Write out everything and fsync it; returns the durable offset. Call before committing."""
+    async def drain(self) -> None:
+        """Hand everything to the file (not synced): ``digest`` then covers every byte written."""
         await self._flush()
         await self._wait_inflight()
+
+    async def sync(self) -> int:
+        """Write out everything and fsync it; returns the durable offset. Call before committing."""
+        await self.drain()
         fd, new_files, new_directory, directory = self._fd, self._new_files, self._new_directory, self._directory
 
         def _sync() -> None:

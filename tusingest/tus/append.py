@@ -27,7 +27,7 @@ from tusingest.observability.logs import note_upload
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action
 from tusingest.sessions.content import digest_tag
-from tusingest.staging import RunningDigest
+from tusingest.staging import ChunkWriter, RunningDigest
 from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
@@ -253,13 +253,17 @@ async def _stage(
     checksum = rules.checksum
     writer_at = ctx.staging.open_writer(upload.id, upload.offset, digest_tag=digest_tag(upload))
     async with await writer_at as writer:
+        # Compute once, use twice: from offset 0 the body is the whole prefix, so an MD5 or SHA-256
+        # Upload-Checksum is the running digest's (hashed off the event loop), not a second hash.
+        digest = writer.digest
+        shared = checksum is not None and digest is not None and digest.offset == 0 and digest.has(checksum.algorithm)
         try:
             end = await write_body(
                 body,
                 writer,
                 room,
                 interrupt,
-                checksum.update if checksum is not None else None,
+                checksum.update if checksum is not None and not shared else None,
                 inspector.feed if inspector is not None else None,
             )
             whole = writer.written == room or rules.completes
@@ -276,10 +280,19 @@ async def _stage(
             # unverified bytes would break the client's request; it resends from the old offset.
             await writer.discard()
             return upload.offset, end, None
-        if checksum is not None and not checksum.matches():
+        if checksum is not None and not checksum.matches(await _body_digest(writer, checksum.algorithm, shared)):
             await writer.discard()
             raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
         return await writer.sync(), end, writer.digest
+
+
+async def _body_digest(writer: ChunkWriter, algorithm: str, shared: bool) -> bytes | None:
+    """The body's digest from the writer's running digest when ``shared``; None: the checksum's own."""
+    if not shared:
+        return None
+    await writer.drain()  # every batch hashed
+    digest = writer.digest
+    return digest.digest(algorithm) if digest is not None else None
 
 
 async def _start_inspector(ctx: TusContext, upload: Upload) -> StartInspector | None:

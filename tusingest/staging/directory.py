@@ -379,26 +379,17 @@ class DirectoryStaging:
 
     async def read(self, upload_id: str, length: int, block_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The first ``length`` bytes of an upload, in blocks of at most ``block_size``."""
-        directory = self.directory(upload_id)
-        chunks = await self._run(lambda: _list_chunks(directory))
         position = 0
-        for chunk in chunks:
-            if position >= length:
-                break
-            if chunk.start != position:
-                raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
-            want = min(chunk.size, length - position)
-            f = await self._run(functools.partial(io.FileIO, chunk.path, "r"))
+        for path, size in await self.chunk_files(upload_id, length):
+            f = await self._run(functools.partial(io.FileIO, path, "r"))
             with f:
-                while want > 0:
-                    block = await self._run(functools.partial(f.read, min(block_size, want)))
+                while size > 0:
+                    block = await self._run(functools.partial(f.read, min(block_size, size)))
                     if not block:
                         raise StagingError(f"staging for upload {upload_id} ended early at byte {position}")
-                    want -= len(block)
+                    size -= len(block)
                     position += len(block)
                     yield block
-        if position < length:
-            raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
 
     async def chunk_files(self, upload_id: str, length: int) -> list[tuple[Path, int]]:
         """The staged files that hold the first ``length`` bytes, in order, each with how many of

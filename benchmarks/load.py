@@ -33,8 +33,10 @@ tusingest through ``benchmarks/serve_patched.py``, whose monkeypatches stand in 
 ``--tmp-dir /dev/shm`` puts staging and SQLite on tmpfs to take the disk out of the figures.
 
 Figures: MiB/s (all bytes / wall time of the scenario, creations included), uploads/s, p50 and p99 latency of
-the PATCH requests (of the POSTs for ``small``), the server's peak RSS (and its RSS when idle before the load),
-and the CPU seconds the server and this client used, so that a client-bound run can be told apart.
+the PATCH requests (of the POSTs for ``small``), the p50 and maximum of each upload's last PATCH (it answers once
+the file is verified, placed and registered, so it shows what finalisation adds after the last byte), the
+server's peak RSS (and its RSS when idle before the load), and the CPU seconds the server and this client used,
+so that a client-bound run can be told apart.
 
 The client is built not to be the bottleneck: one payload of the PATCH size is made once with ``os.urandom`` and
 sent as ``bytes`` in every request, one ``aiohttp.ClientSession`` with a bounded ``TCPConnector`` pool serves the
@@ -310,14 +312,17 @@ async def wait_ready(session: aiohttp.ClientSession, server: Server, deadline_s:
 @dataclass
 class Recorder:
     latencies_ms: list[float] = field(default_factory=list)
+    last_patch_ms: list[float] = field(default_factory=list)  # each upload's last PATCH: it waits for the file
     bytes_sent: int = 0
     uploads_done: int = 0
     upload_ids: list[str] = field(default_factory=list)
 
-    async def timed(self, request: Callable[[], Awaitable[None]]) -> None:
+    async def timed(self, request: Callable[[], Awaitable[None]]) -> float:
         started = time.perf_counter()
         await request()
-        self.latencies_ms.append((time.perf_counter() - started) * 1000)
+        elapsed = (time.perf_counter() - started) * 1000
+        self.latencies_ms.append(elapsed)
+        return elapsed
 
 
 async def _fail(response: aiohttp.ClientResponse, what: str) -> BenchError:
@@ -366,9 +371,11 @@ async def upload_by_patches(
             if got != expected:
                 raise BenchError(f"PATCH answered Upload-Offset {got}, expected {expected}")
 
-        await recorder.timed(patch)
+        elapsed = await recorder.timed(patch)
         offset = expected
         recorder.bytes_sent += size
+        if offset == length:
+            recorder.last_patch_ms.append(elapsed)
     if offset != length:
         raise BenchError(f"upload ended at offset {offset}, its length is {length}")
     recorder.uploads_done += 1
@@ -489,6 +496,8 @@ class Result:
     requests: int
     p50_ms: float
     p99_ms: float
+    last_patch_p50_ms: float  # PATCH scenarios: the PATCH that completes an upload answers once the file is stored
+    last_patch_max_ms: float
     peak_rss_mib: float
     idle_rss_mib: float
     server_cpu_s: float
@@ -505,7 +514,9 @@ class Result:
         return (
             f"{self.scenario:<10} store={self.store:<8} {label}size={human(self.size)} x{self.uploads} "
             f"{self.mib_s:8.1f} MiB/s {self.uploads_s:8.1f} uploads/s  {what} p50 {self.p50_ms:7.1f} ms "
-            f"p99 {self.p99_ms:7.1f} ms  peak RSS {self.peak_rss_mib:6.1f} MiB (idle {self.idle_rss_mib:.1f})  "
+            f"p99 {self.p99_ms:7.1f} ms  last PATCH p50 {self.last_patch_p50_ms:7.1f} "
+            f"max {self.last_patch_max_ms:7.1f} ms  "
+            f"peak RSS {self.peak_rss_mib:6.1f} MiB (idle {self.idle_rss_mib:.1f})  "
             f"cpu server {self.server_cpu_s:.1f}s client {self.client_cpu_s:.1f}s  wall {self.wall_s:.2f}s"
         )
 
@@ -564,6 +575,8 @@ async def bench(args: argparse.Namespace, server: Server) -> Result:
         requests=len(recorder.latencies_ms),
         p50_ms=round(percentile(recorder.latencies_ms, 50), 2),
         p99_ms=round(percentile(recorder.latencies_ms, 99), 2),
+        last_patch_p50_ms=round(percentile(recorder.last_patch_ms, 50), 2) if recorder.last_patch_ms else 0.0,
+        last_patch_max_ms=round(max(recorder.last_patch_ms), 2) if recorder.last_patch_ms else 0.0,
         peak_rss_mib=round(sampler.peak / MiB, 1),
         idle_rss_mib=round(idle / MiB, 1),
         server_cpu_s=round(server_cpu, 2),

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     tus_extensions: Annotated[tuple[str, ...], NoDecode] = TUS_EXTENSIONS
     max_file_size_mb: int = Field(1024, ge=1)
     chunk_size_mb: int = Field(10, ge=5, le=5120)  # also the S3 multipart part size (>= 5 MiB)
-    staging_chunk_max_mb: int = Field(256, ge=1)
+    staging_chunk_max_mb: int = Field(8192, ge=1)  # one file per normal upload: a directory element links it
     staging_write_buffer_kb: int = Field(4096, ge=64, le=262144)
 
     # false: the tus endpoint is not routed and the facade refuses X-Upload-Session-ID; only whole-file

@@ -172,3 +172,105 @@ async def test_a_put_that_need_not_be_durable_leaves_its_directory_fsync_to_the_
     assert after_object == []
     assert synced == [folder]
     assert (folder / "f.bin").read_bytes() == b"object"
+
+
+# --- place_file: the staged file becomes the object without passing through the process -----------
+
+
+def staged_file(directory: Path, name: str, data: bytes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(data)
+    return path
+
+
+async def test_place_file_links_one_whole_file_on_the_same_filesystem(
+    backend: DirectoryBackend, tmp_path: Path
+) -> None:
+    source = staged_file(tmp_path / "staging", "0.chunk", b"the staged bytes")
+    info = await backend.place_file("a/b.bin", [(source, 16)], length=16, metadata={"File-Id": "f1"})
+    placed = backend.root / "a" / "b.bin"
+    assert placed.stat().st_ino == source.stat().st_ino and source.stat().st_nlink == 2
+    assert placed.read_bytes() == b"the staged bytes" and source.read_bytes() == b"the staged bytes"
+    assert info.size == 16 and (await backend.head("a/b.bin")) == info
+    assert [p.name for p in placed.parent.iterdir()] == ["b.bin"]  # no temp file left
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "through memory"])
+async def test_place_file_copies_several_files_and_only_their_given_lengths(
+    backend: DirectoryBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    if not kernel_copy:
+
+        def unsupported(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    first = staged_file(tmp_path / "staging", "0.chunk", b"A" * 3000)
+    second = staged_file(tmp_path / "staging", "1.chunk", b"B" * 5000 + b"garbage past the committed offset")
+    await backend.place_file("k", [(first, 3000), (second, 5000)], length=8000)
+    placed = backend.root / "k"
+    assert placed.read_bytes() == b"A" * 3000 + b"B" * 5000
+    assert placed.stat().st_nlink == 1 and first.stat().st_nlink == 1
+
+
+async def test_place_file_copies_across_filesystems(tmp_path: Path, other_filesystem: Path) -> None:
+    backend = DirectoryBackend("dir-shm", other_filesystem / "element")
+    source = staged_file(tmp_path / "staging", "0.chunk", os.urandom(100_000))
+    await backend.place_file("k", [(source, 100_000)], length=100_000)
+    placed = backend.root / "k"
+    assert placed.read_bytes() == source.read_bytes() and placed.stat().st_nlink == 1
+
+
+async def test_place_file_refuses_a_length_the_files_do_not_add_up_to_and_leaves_nothing(
+    backend: DirectoryBackend, tmp_path: Path
+) -> None:
+    source = staged_file(tmp_path / "staging", "0.chunk", b"12345")
+    with pytest.raises(BackendError) as refused:
+        await backend.place_file("k", [(source, 5)], length=6)
+    assert refused.value.transient is False
+    assert not backend.root.exists() or not any(backend.root.rglob("*"))
+
+
+_KILLED_PLACE = """
+import asyncio, os, sys, time
+from pathlib import Path
+from tusingest.elements.directory import DirectoryBackend
+
+async def main() -> None:
+    root, source, marker = sys.argv[1:4]
+    async def stop_here() -> None:
+        Path(marker).write_text("linked")
+        await asyncio.Event().wait()  # killed here, between the link and the rename
+    await DirectoryBackend("dir-1", root).place_file("a/k", [(Path(source), 6)], length=6, before_commit=stop_here)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_place_killed_between_link_and_rename_leaves_nothing_once_the_key_is_placed_again(
+    backend: DirectoryBackend, tmp_path: Path
+) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from tests.fixtures.rawhttp import eventually
+
+    source = staged_file(tmp_path / "staging", "0.chunk", b"staged")
+    marker = tmp_path / "linked"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_PLACE, str(backend.root), str(source), str(marker)])
+    try:
+        await eventually(lambda: asyncio.to_thread(marker.exists), bool, timeout=30)
+    finally:
+        child.kill()
+        child.wait(10)
+    (left,) = (backend.root / "a").iterdir()
+    assert is_temp_name(left.name) and source.stat().st_nlink == 2  # the kill left its temp link
+    assert [key async for key in backend.list_keys()] == []
+
+    # What the saga does when it puts the key again after a takeover or restart.
+    assert await backend.discard_incomplete("a/k") == 1
+    await backend.place_file("a/k", [(source, 6)], length=6)
+    assert [p.name for p in (backend.root / "a").iterdir()] == ["k"]
+    assert (backend.root / "a" / "k").read_bytes() == b"staged" and source.stat().st_nlink == 2

@@ -10,9 +10,10 @@ can never take), which say nothing about the element's health.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 
@@ -136,3 +137,27 @@ async def close_stream(chunks: AsyncIterator[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+@runtime_checkable
+class FilePlacer(Protocol):
+    """Optional, beside ``Backend``: an element that can take an object from files on this machine
+    without the bytes passing through the process (a directory element: a hard link on the same
+    file system, else a kernel copy). The saga uses it when the element has it, ``put`` otherwise."""
+
+    async def place_file(
+        self,
+        key: str,
+        files: Sequence[tuple[Path, int]],
+        *,
+        length: int,
+        content_type: str = "application/octet-stream",
+        content_encoding: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> ObjectInfo:
+        """Store the first ``size`` bytes of each ``(path, size)``, in order, under key: as durable
+        and atomic as ``put``, and the files stay as they are (the caller may still need them).
+        ``before_commit`` is awaited once the bytes are in place under a temp name, before they
+        become the object (a test stops there); what a kill leaves is removed like a put's."""
+        ...

@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -45,6 +45,7 @@ _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 _TEMP_NAME = re.compile(r"^\..*\.[0-9a-f]{16}\.tmp$")
 _TEMP_STEM_BYTES = 200  # "." + stem + "." + 16 hex + ".tmp": 222 bytes at most
 _NOT_THERE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_NO_LINKS = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
 # Errors a later attempt may not see: a full disk can be freed, an NFS server can come back.
 _TRANSIENT_ERRNOS = frozenset(
     {
@@ -220,6 +221,25 @@ class _TempObject:
                 if attempt == 4:
                     raise
 
+    def link(self, source: Path) -> bool:
+        """Make the temp file a hard link of source; False where the file system cannot (another
+        file system, no hard links), and the temp file is then not created."""
+        for attempt in range(5):
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, self.path)
+                break
+            except FileNotFoundError:
+                if attempt == 4 or not source.exists():
+                    raise
+            except OSError as exc:
+                if exc.errno in _NO_LINKS:
+                    return False
+                raise
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        os.utime(self.fd)  # young, so sweep_incomplete does not take it for an old put's leftover
+        return True
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         _write_all(self.fd, data)
 
@@ -243,7 +263,11 @@ class _TempObject:
             pass  # never created, or already renamed onto the key
 
 
-def _copy_file(source: int, target: int, size: int) -> None:
+def _copy_file(source: int, target: int, size: int) -> int:
+    """Copy ``size`` bytes from source's position to target's (both advance); returns how many
+    were copied (fewer only when source ends first)."""
+    source_start = os.lseek(source, 0, os.SEEK_CUR)
+    target_start = os.lseek(target, 0, os.SEEK_CUR)
     copied = 0
     try:
         while copied < size:
@@ -255,10 +279,12 @@ def _copy_file(source: int, target: int, size: int) -> None:
         # Kernels and filesystems without copy_file_range support: copy through memory.
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
-        os.lseek(source, copied, os.SEEK_SET)
-        os.lseek(target, copied, os.SEEK_SET)
-        while block := os.read(source, READ_CHUNK_SIZE):
+        os.lseek(source, source_start + copied, os.SEEK_SET)
+        os.lseek(target, target_start + copied, os.SEEK_SET)
+        while copied < size and (block := os.read(source, min(READ_CHUNK_SIZE, size - copied))):
             _write_all(target, block)
+            copied += len(block)
+    return copied
 
 
 class DirectoryBackend:
@@ -333,6 +359,59 @@ class DirectoryBackend:
             await self._discard(temp, working)
             raise
         return ObjectInfo(key, total, content_type, content_encoding, stored_metadata)
+
+    async def place_file(
+        self,
+        key: str,
+        files: Sequence[tuple[Path, int]],
+        *,
+        length: int,
+        content_type: str = "application/octet-stream",
+        content_encoding: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> ObjectInfo:
+        """``FilePlacer``: one whole file on this element's file system becomes the object by hard
+        link (no byte is copied; the file and the object share an inode, and the file stays as it
+        is), anything else by ``copy_file_range`` into the temp file (a kernel copy, through
+        memory only across file systems). Then fsync and rename as ``put`` does."""
+        target = self._path(key)
+        total = sum(size for _, size in files)
+        if total != length:
+            raise self._length_error(key, total, length)
+        stored_metadata = {name.lower(): value for name, value in (metadata or {}).items()}
+        attributes = _encode_attributes(content_type, content_encoding, stored_metadata)
+        temp = _TempObject(target)
+
+        def fill() -> None:
+            if len(files) == 1:
+                path, size = files[0]
+                status = os.stat(path)
+                if status.st_size == size and status.st_dev == self._root_device() and temp.link(path):
+                    return
+            temp.open()
+            for path, size in files:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    copied = _copy_file(fd, temp.fd, size)
+                finally:
+                    os.close(fd)
+                if copied != size:
+                    raise BackendError(f"{path} ended after {copied} of {size} bytes", transient=False)
+
+        filling = asyncio.ensure_future(asyncio.to_thread(fill))
+        working: asyncio.Future[None] | None = filling
+        try:
+            await self._finish("place", key, filling)
+            working = None
+            if before_commit is not None:
+                await before_commit()
+            working = asyncio.ensure_future(asyncio.to_thread(temp.commit, b"", attributes))
+            await self._finish("place", key, working)
+        except BaseException:
+            await self._discard(temp, working)
+            raise
+        return ObjectInfo(key, length, content_type, content_encoding, stored_metadata)
 
     def _length_error(self, key: str, total: int, length: int) -> BackendError:
         return BackendError(

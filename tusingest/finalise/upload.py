@@ -39,7 +39,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel
 
 from tusingest.auth import ANONYMOUS_SUBJECT
-from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectRefused
+from tusingest.elements.backend import Backend, BackendError, FilePlacer, InvalidKey, ObjectInfo, ObjectRefused
 from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.finalise.clamd import ClamdScanner, ScannerUnavailable
 from tusingest.finalise.compression import should_compress
@@ -69,9 +69,9 @@ from tusingest.saga.webhooks import (
     webhook_event,
     webhook_messages,
 )
-from tusingest.sessions import SessionStore, Upload, UploadState
+from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action, AuditEvent, Outcome
-from tusingest.sessions.content import read_upload
+from tusingest.sessions.content import read_upload, whole_digests
 from tusingest.sessions.metadata import metadata_text
 from tusingest.sessions.model import utcnow
 from tusingest.sessions.progress import ProgressBus, ProgressEvent
@@ -482,8 +482,10 @@ class UploadSagas:
         return state.element.element_id
 
     async def _single_pass_head(self, upload: Upload, data: UploadSagaData) -> bool:
-        """With no scanner and nothing to compress, the put itself is the one pass: hashes are taken
-        as the bytes go to the element (checked after it). Decided on the first 64 KiB; False when
+        """With no scanner and nothing to compress, the bytes need no pass of their own. When this
+        node hashed them as they were committed (``whole_digests``), size and declared digests are
+        checked now and the put only places them; otherwise the put is the one pass, hashing as
+        the bytes go to the element (checked after it). Decided on the first 64 KiB; False when
         the file needs the full inspection first (a scan must finish before anything is placed)."""
         if self.scanner is not None:
             return False
@@ -491,6 +493,7 @@ class UploadSagas:
         length = upload.length or 0
         if length > self.policy.max_size:
             raise FileRejected("file_too_large", f"the file has {length} bytes; the limit is {self.policy.max_size}")
+        digests = whole_digests(self.staging, upload)
         head = bytearray()
         async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
             head += block
@@ -502,10 +505,15 @@ class UploadSagas:
         ):
             return False
         data.size, data.content_type, data.compression, data.single_pass = length, content_type, None, True
+        data.md5, data.sha256, data.hashed_size = "", "", 0
+        if digests is not None:
+            data.md5, data.sha256, data.hashed_size = digests.md5, digests.sha256, digests.size
+            self._check_single_pass(data)  # refused before anything is placed
         return True
 
     def _check_single_pass(self, data: UploadSagaData) -> None:
-        """After a single-pass put: the size read and any client-declared digest must hold."""
+        """Single pass: the size hashed and any client-declared digest must hold (after the put
+        that hashed the bytes, or before placing bytes hashed as they were committed)."""
         if data.hashed_size != data.size:
             raise FileRejected("size_mismatch", f"read {data.hashed_size} bytes, the upload declares {data.size}")
         found = {"md5": data.md5, "sha256": data.sha256}
@@ -518,10 +526,12 @@ class UploadSagas:
     async def _put_object(
         self, upload_id: str, data: UploadSagaData, element_id: str, *, repeated: bool
     ) -> tuple[ObjectInfo, bool]:
-        """Put the object; in single-pass mode also take its hashes on the way (True then)."""
+        """Put the object; in single-pass mode without digests yet, also take its hashes on the way
+        (True then). Staged bytes that need no hashing go to an element that takes files
+        (``FilePlacer``: a directory links or kernel-copies them) without passing through here."""
         compression = data.compression
         size = data.placed_size()
-        single_pass = data.single_pass
+        single_pass = data.single_pass and not data.sha256  # known digests: nothing to hash on the way
 
         async def hashed(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             md5, sha256, total = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
@@ -543,9 +553,23 @@ class UploadSagas:
                 return hashed(self._staged(upload_id))
             return self._staged(upload_id)
 
-        metadata = {"file-id": data.file_id or ""} | ({} if single_pass else {"sha256": data.sha256})
+        metadata = {"file-id": data.file_id or ""} | ({"sha256": data.sha256} if data.sha256 else {})
+        files = None
+        if not compression and not single_pass:
+            upload = await self.sessions.get(upload_id)
+            if upload is not None and upload.kind is UploadKind.SINGLE:
+                files = await self.staging.chunk_files(upload_id, size)
 
         async def put(backend: Backend) -> ObjectInfo:
+            if files is not None and isinstance(backend, FilePlacer):
+                return await backend.place_file(
+                    data.key,
+                    files,
+                    length=size,
+                    content_type=data.content_type,
+                    metadata=metadata,
+                    before_commit=lambda: self.failpoints.reach("put_midway", element_id),
+                )
             return await backend.put(
                 data.key,
                 self.failpoints.midway("put_midway", stream(), size, element_id),

@@ -12,7 +12,25 @@ from collections.abc import AsyncGenerator
 
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.store import SessionStore
-from tusingest.staging import DirectoryStaging, StagingError
+from tusingest.staging import Digests, DirectoryStaging, StagingError
+
+
+def digest_tag(upload: Upload) -> str | None:
+    """What tells this upload's running digest from that of an earlier upload of the same id; None
+    for uploads that keep none: a partial's bytes are hashed as part of its final upload, once that
+    is complete (MD5 and SHA-256 states cannot be joined)."""
+    if upload.kind is not UploadKind.SINGLE:
+        return None
+    return f"{upload.created_at.timestamp():.6f}"
+
+
+def whole_digests(staging: DirectoryStaging, upload: Upload) -> Digests | None:
+    """MD5 and SHA-256 of a complete upload as its bytes were committed on this node, or None when
+    this node did not see them all (the finaliser then hashes them as it reads them)."""
+    tag = digest_tag(upload)
+    if tag is None or upload.length is None or upload.offset != upload.length:
+        return None
+    return staging.digests.whole(upload.id, tag, upload.length)
 
 
 async def read_upload(

@@ -5,6 +5,7 @@ than that after a crash or an aborted request; they are cut off when a writer is
 and never read, because every reader is bounded by a committed length.
 """
 
+from tusingest.staging.digests import DigestCache, Digests, RunningDigest
 from tusingest.staging.directory import ChunkWriter, DirectoryStaging, StagingError
 
-__all__ = ["ChunkWriter", "DirectoryStaging", "StagingError"]
+__all__ = ["ChunkWriter", "DigestCache", "Digests", "DirectoryStaging", "RunningDigest", "StagingError"]

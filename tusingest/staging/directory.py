@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tusingest.staging.digests import DigestCache, RunningDigest
+
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 _IOV_MAX = 512  # well under the kernel's IOV_MAX (1024)
@@ -106,11 +108,23 @@ class ChunkWriter:
     in flight, so a request holds at most two buffers. ``sync_file_range`` starts writeback
     of each batch at once, so the fsync at the commit point has little left to do.
 
+    With a ``RunningDigest`` (positioned at ``offset``), each batch is hashed on the same thread
+    right after it is written; ``digest`` then covers exactly the bytes up to ``offset``.
+
     Not safe for concurrent use: one writer per upload at a time is the locker's job.
     """
 
-    def __init__(self, staging: DirectoryStaging, directory: Path, fd: int, chunk_start: int, offset: int) -> None:
+    def __init__(
+        self,
+        staging: DirectoryStaging,
+        directory: Path,
+        fd: int,
+        chunk_start: int,
+        offset: int,
+        digest: RunningDigest | None = None,
+    ) -> None:
         self._staging = staging
+        self._digest = digest
         self._directory = directory
         self._fd = fd
         self._chunk_start = chunk_start
@@ -131,6 +145,12 @@ class ChunkWriter:
     @property
     def written(self) -> int:
         return self.offset - self._start_offset
+
+    @property
+    def digest(self) -> RunningDigest | None:
+        """The running digest of the upload up to the synced offset (valid after ``sync``); None
+        without one, or once the writer's bytes were discarded. Keep it only after the commit."""
+        return self._digest
 
     async def __aenter__(self) -> ChunkWriter:
         return self
@@ -178,12 +198,21 @@ class ChunkWriter:
                     rest = rest[os.write(self._fd, rest) :]
             _start_writeback(self._fd)
         except OSError as exc:
+            self._digest = None  # what reached the file is unknown now; nothing of it is kept
             raise StagingError(f"cannot write staged bytes of upload {self._directory.name}: {exc}") from exc
+        digest = self._digest
+        if digest is not None:  # hashlib lets go of the GIL: the event loop keeps receiving meanwhile
+            for data in batch:
+                digest.update(data)
+
+    async def drain(self) -> None:
+        """Hand everything to the file (not synced): ``digest`` then covers every byte written."""
+        await self._flush()
+        await self._wait_inflight()
 
     async def sync(self) -> int:
         """Write out everything and fsync it; returns the durable offset. Call before committing."""
-        await self._flush()
-        await self._wait_inflight()
+        await self.drain()
         fd, new_files, new_directory, directory = self._fd, self._new_files, self._new_directory, self._directory
 
         def _sync() -> None:
@@ -203,6 +232,7 @@ class ChunkWriter:
     async def discard(self) -> None:
         """Forget this request's bytes: cut the staged data back to where the writer started."""
         self._pending, self._pending_bytes = [], 0
+        self._digest = None
         await self.aclose()
         await self._staging.truncate(self._directory.name, self._start_offset)
 
@@ -215,16 +245,41 @@ class ChunkWriter:
         os.close(self._fd)
 
 
+def _rebuild(tag: str, chunks: list[Chunk], offset: int, block_size: int = 1 << 20) -> RunningDigest:
+    """The running digest of the first ``offset`` staged bytes, read back from the chunk files."""
+    digest = RunningDigest(tag)
+    buffer = memoryview(bytearray(block_size))
+    for chunk in chunks:
+        if digest.offset >= offset:
+            break
+        if chunk.start != digest.offset:
+            raise StagingError(f"staging for upload {chunk.path.parent.name} has a gap at byte {digest.offset}")
+        want = min(chunk.size, offset - chunk.start)
+        with io.FileIO(chunk.path, "r") as f:
+            while want > 0:
+                got = f.readinto(buffer[: min(block_size, want)])
+                if not got:
+                    break
+                digest.update(buffer[:got])
+                want -= got
+    if digest.offset != offset:
+        raise StagingError(f"staging holds {digest.offset} bytes of an upload the store says has {offset}")
+    return digest
+
+
 class DirectoryStaging:
     def __init__(
         self,
         root: str | Path,
         *,
-        chunk_max_bytes: int = 256 << 20,
+        chunk_max_bytes: int = 8 << 30,
         write_buffer_bytes: int = 4 << 20,
         threads: int = 16,
+        digests: DigestCache | None = None,
     ) -> None:
         self.root = Path(root)
+        # The running digests of uploads written on this node (``ChunkWriter.digest``).
+        self.digests = digests if digests is not None else DigestCache()
         self.chunk_max_bytes = chunk_max_bytes
         self.write_buffer_bytes = write_buffer_bytes
         self._threads = threads
@@ -270,9 +325,22 @@ class DirectoryStaging:
         directory = self.directory(upload_id)
         await self._run(lambda: self._truncate(directory, offset))
 
-    async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
-        """A writer positioned at the committed ``offset``; anything staged past it is dropped."""
+    async def open_writer(self, upload_id: str, offset: int, *, digest_tag: str | None = None) -> ChunkWriter:
+        """A writer positioned at the committed ``offset``; anything staged past it is dropped.
+
+        With a ``digest_tag`` (which upload of this id it is) the writer keeps a running digest: a
+        copy of the one kept at ``offset``, or, when this node keeps none there (the upload was
+        begun on another node, or before a restart), one rebuilt from the first ``offset`` staged
+        bytes. Call under the upload's lock, like every write."""
         directory = self.directory(upload_id)
+
+        def _digest(kept: list[Chunk]) -> RunningDigest | None:
+            if digest_tag is None:
+                return None
+            if offset == 0:
+                return RunningDigest(digest_tag)
+            found = self.digests.take(upload_id, digest_tag, offset)
+            return found if found is not None else _rebuild(digest_tag, kept, offset)
 
         def _open() -> ChunkWriter:
             try:
@@ -288,16 +356,17 @@ class DirectoryStaging:
                     pass
                 else:  # a new upload: nothing to list or cut, and the new entries need syncing
                     fd = os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640)
-                    writer = ChunkWriter(self, directory, fd, 0, 0)
+                    writer = ChunkWriter(self, directory, fd, 0, 0, _digest([]))
                     writer._new_files = writer._new_directory = True
                     return writer
             kept = self._truncate(directory, offset)
+            digest = _digest(kept)
             if kept and kept[-1].size < self.chunk_max_bytes:
                 last = kept[-1]
-                return ChunkWriter(self, directory, os.open(last.path, os.O_WRONLY | os.O_APPEND), last.start, offset)
-            writer = ChunkWriter(
-                self, directory, os.open(_chunk_path(directory, offset), _CREATE_FLAGS, 0o640), offset, offset
-            )
+                fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
+                return ChunkWriter(self, directory, fd, last.start, offset, digest)
+            fd = os.open(_chunk_path(directory, offset), _CREATE_FLAGS, 0o640)
+            writer = ChunkWriter(self, directory, fd, offset, offset, digest)
             writer._new_files = True
             return writer
 
@@ -358,8 +427,27 @@ class DirectoryStaging:
             for f, _, _ in opened:
                 f.close()
 
+    async def chunk_files(self, upload_id: str, length: int) -> list[tuple[Path, int]]:
+        """The staged files that hold the first ``length`` bytes, in order, each with how many of
+        its bytes belong to them: for a Storage Element that takes files (link, kernel copy)."""
+        directory = self.directory(upload_id)
+        chunks = await self._run(lambda: _list_chunks(directory))
+        parts, position = [], 0
+        for chunk in chunks:
+            if position >= length:
+                break
+            if chunk.start != position:
+                raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
+            size = min(chunk.size, length - position)
+            parts.append((chunk.path, size))
+            position += size
+        if position < length:
+            raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
+        return parts
+
     async def remove(self, upload_id: str) -> None:
         directory = self.directory(upload_id)
+        self.digests.forget(upload_id)
         await self._run(lambda: shutil.rmtree(directory, ignore_errors=True))
 
     async def last_written(self, upload_id: str) -> datetime | None:

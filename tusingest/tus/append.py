@@ -26,7 +26,8 @@ from starlette.types import Receive
 from tusingest.observability.logs import note_upload
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action
-from tusingest.staging import StagingError
+from tusingest.sessions.content import digest_tag
+from tusingest.staging import ChunkWriter, RunningDigest, StagingError
 from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
@@ -173,12 +174,13 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
         end = BodyEnd.COMPLETE
         if upload.state is not UploadState.COMPLETE:
             started_at = upload.offset
-            new_offset, end = await _stage(ctx, upload, body, (room, allowed), interrupt, rules)
+            new_offset, end, digest = await _stage(ctx, upload, body, (room, allowed), interrupt, rules)
             if end is BodyEnd.OVERFLOW:
                 raise await rules.overflow(ctx, upload, room, allowed, new=False)
             if new_offset != upload.offset or end is BodyEnd.COMPLETE:
                 upload = await ctx.commit(upload, new_offset)
                 ctx.metrics.bytes_received.inc(upload.offset - started_at)
+            _keep_digest(ctx, upload, digest)
             if upload.offset == started_at and (refusal := rules.cut_short(upload, end)) is not None:
                 raise refusal
             upload = await rules.settle(ctx, upload, end, new=False)
@@ -227,9 +229,10 @@ async def create(
         if rules.content_length is not None and rules.content_length > allowed:
             raise await rules.overflow(ctx, upload, room, allowed, new=True)
         end = BodyEnd.COMPLETE
+        digest = None
         try:
             if body is not None:
-                offset, end = await _stage(ctx, upload, body, (room, allowed), interrupt, rules)
+                offset, end, digest = await _stage(ctx, upload, body, (room, allowed), interrupt, rules)
                 if end is BodyEnd.OVERFLOW:
                     raise await rules.overflow(ctx, upload, room, allowed, new=True)
                 upload = upload.evolve(offset=offset)
@@ -239,6 +242,7 @@ async def create(
             raise
         await ctx.store.create(upload, audit=requester.audit(Action.UPLOAD_CREATED, upload))
         upload = upload.as_stored()
+        _keep_digest(ctx, upload, digest)
         ctx.metrics.tus_uploads.labels("created").inc()
         ctx.metrics.bytes_received.inc(upload.offset)
         completing = upload.is_complete and rules.hand_on()
@@ -253,23 +257,35 @@ def _room(ctx: TusContext, upload: Upload) -> int:
     return length - upload.offset
 
 
+def _keep_digest(ctx: TusContext, upload: Upload, digest: RunningDigest | None) -> None:
+    """Keep the running digest of what is now committed (never of more: invariant 1)."""
+    if digest is not None and digest.offset == upload.offset:
+        ctx.staging.digests.keep(upload.id, digest)
+
+
 async def _stage(
     ctx: TusContext, upload: Upload, body: Body, bounds: tuple[int, int], interrupt: Interrupt, rules: AppendRules
-) -> tuple[int, BodyEnd]:
+) -> tuple[int, BodyEnd, RunningDigest | None]:
     """Write the body to staging at the upload's offset and sync it; returns the durable offset
-    (the upload's own when nothing of the body may be kept) and how the body ended. ``bounds``:
-    the room the upload has left, and how much of it this body may take."""
+    (the upload's own when nothing of the body may be kept), how the body ended, and the running
+    digest up to that offset, to be kept once the offset is committed (None: none to keep).
+    ``bounds``: the room the upload has left, and how much of it this body may take."""
     room, allowed = bounds
     inspector = await _start_inspector(ctx, upload) if rules.inspect else None
     checksum = rules.checksum
-    async with await ctx.staging.open_writer(upload.id, upload.offset) as writer:
+    writer_at = ctx.staging.open_writer(upload.id, upload.offset, digest_tag=digest_tag(upload))
+    async with await writer_at as writer:
+        # Compute once, use twice: from offset 0 the body is the whole prefix, so an MD5 or SHA-256
+        # Upload-Checksum is the running digest's (hashed off the event loop), not a second hash.
+        digest = writer.digest
+        shared = checksum is not None and digest is not None and digest.offset == 0 and digest.has(checksum.algorithm)
         try:
             end = await write_body(
                 body,
                 writer,
                 allowed,
                 interrupt,
-                checksum.update if checksum is not None else None,
+                checksum.update if checksum is not None and not shared else None,
                 inspector.feed if inspector is not None else None,
             )
             whole = writer.written == room or rules.completes
@@ -283,16 +299,25 @@ async def _stage(
             raise
         if end is BodyEnd.OVERFLOW:
             await writer.discard()  # nothing of a body past its room is kept; the caller answers it
-            return upload.offset, end
+            return upload.offset, end, None
         if checksum is not None and end is not BodyEnd.COMPLETE:
             # The digest covers the whole body, so a part of it cannot be verified. Keeping
             # unverified bytes would break the client's request; it resends from the old offset.
             await writer.discard()
-            return upload.offset, end
-        if checksum is not None and not checksum.matches():
+            return upload.offset, end, None
+        if checksum is not None and not checksum.matches(await _body_digest(writer, checksum.algorithm, shared)):
             await writer.discard()
             raise ChecksumMismatch(f"the body does not match its {checksum.algorithm} Upload-Checksum")
-        return await writer.sync(), end
+        return await writer.sync(), end, writer.digest
+
+
+async def _body_digest(writer: ChunkWriter, algorithm: str, shared: bool) -> bytes | None:
+    """The body's digest from the writer's running digest when ``shared``; None: the checksum's own."""
+    if not shared:
+        return None
+    await writer.drain()  # every batch hashed
+    digest = writer.digest
+    return digest.digest(algorithm) if digest is not None else None
 
 
 async def _start_inspector(ctx: TusContext, upload: Upload) -> StartInspector | None:

@@ -264,13 +264,14 @@ async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_regi
     seed = 1515
     rng = random.Random(seed)
     kills = {"mid-body": 0, "after-answer": 0, "missed": 0}
-    ids, payloads, resumes, failed_requests = [], [], 0, 0
+    ids, payloads, resumes, failed_requests, planned = [], [], 0, 0, 0
     for index in range(UPLOADS):
         payload = rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE))
         chunk = rng.randint(MIN_CHUNK, MAX_CHUNK)
         kill_at = rng.randrange(3) if rng.random() < 0.75 else None  # which PATCH of the upload
         moment = rng.choice(["mid-body", "after-answer"])
         fraction = rng.uniform(0.1, 0.9)
+        planned += kill_at is not None
         # One node down at a time, as in a cluster that loses a machine: the one killed for the
         # previous upload is back (its restart runs in the background) before the next begins.
         await eventually(lambda: all_up(setup.cluster), bool, timeout=30)
@@ -311,7 +312,7 @@ async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_regi
     await nothing_left_over(setup, ids)
     total = kills["mid-body"] + kills["after-answer"]
     print(
-        f"\ncluster kill loop, seed {seed}: {UPLOADS} uploads, {total} SIGKILLs "
+        f"\ncluster kill loop, seed {seed}: {UPLOADS} uploads, {planned} kills planned, {total} SIGKILLs "
         f"({kills['mid-body']} mid-body, {kills['after-answer']} after the answer, {kills['missed']} missed), "
         f"{resumes} resumes from HEAD, {failed_requests} failed requests after them; "
         "0 lost, 0 corrupted, each registered once"

@@ -51,6 +51,17 @@ PATCH_ANSWER_SECONDS = 40.0  # above FINALISE_WAIT_SECONDS: the completing PATCH
 # upload is busy (423), its request was interrupted before committing anything (400), or a 5xx.
 RETRIED = frozenset({400, 409, 423})
 
+# Short leases and timeouts, so recovery after a kill happens within a test's time.
+KILL_TEST_SETTINGS = {
+    "SAGA_LEASE_SECONDS": "3",
+    "SAGA_RECOVERY_INTERVAL_SECONDS": "1",
+    "LOCK_TIMEOUT_SECONDS": "3",
+    "FINALISE_WAIT_SECONDS": "20",
+    "SHUTDOWN_GRACE_SECONDS": "5",
+    "STAGING_WRITE_BUFFER_KB": "256",  # small writes, so a body cut mid-way has bytes to keep
+    "COMPRESSION_ENABLED": "false",  # random bytes do not compress; spare the two cores the try
+}
+
 Moment = Literal["mid-body", "body-sent", "in-saga", "after-answer"]
 
 
@@ -357,16 +368,7 @@ async def test_random_sigkills_of_the_receiving_node_leave_every_upload_register
     staging = tmp_path / "staging"
     element = tmp_path / "element"
     env = clean_env(
-        DATABASE_URL=postgres_url,
-        STAGING_DIR=str(staging),
-        DEFAULT_ELEMENT_DIR=str(element),
-        SAGA_LEASE_SECONDS="3",
-        SAGA_RECOVERY_INTERVAL_SECONDS="1",
-        LOCK_TIMEOUT_SECONDS="3",
-        FINALISE_WAIT_SECONDS="20",
-        SHUTDOWN_GRACE_SECONDS="5",
-        STAGING_WRITE_BUFFER_KB="256",  # small writes, so a body cut mid-way has bytes to keep
-        COMPRESSION_ENABLED="false",  # random bytes do not compress; spare the two cores the try
+        DATABASE_URL=postgres_url, STAGING_DIR=str(staging), DEFAULT_ELEMENT_DIR=str(element), **KILL_TEST_SETTINGS
     )
     uploads = plan(seed)
     planned_kills = sum(u.kill is not None for u in uploads)

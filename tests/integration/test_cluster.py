@@ -1,0 +1,320 @@
+"""Three `tusingest serve` nodes behind a private nginx (round-robin, the proxy settings of
+deploy/nginx/tusingest-proxy.conf), sharing PostgreSQL (a fresh database per test), Redis, one
+staging directory and one directory Storage Element: shared-directory staging. Clients know only
+nginx's address. Each PATCH of an upload lands on another node; a node SIGKILLed while it
+receives a PATCH costs the client a retry, never a byte; a seeded run of uploads with kills at
+random moments ends with every upload registered once, exact, and nothing left over.
+
+S3 staging (STAGING_BACKEND=s3, issue 15 item 1) is not built yet; these tests cover the
+shared-directory mode."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.test_cluster_kills import KILL_TEST_SETTINGS, Cluster, Node, backoff, database, poll
+from tests.e2e.test_serve_cli import clean_env
+from tests.fixtures.nginx import Nginx, running_nginx
+from tests.fixtures.rawhttp import eventually, open_request, read_response
+from tests.fixtures.redis import RedisServer
+from tests.fixtures.server import OCTETS, TUS
+
+SETTLE_SECONDS = 40.0  # how long a delivered upload may take to become a registered file
+
+
+@dataclass
+class Setup:
+    cluster: Cluster
+    nginx: Nginx
+    db: asyncpg.Pool
+    http: httpx.AsyncClient  # to nginx only
+    staging: Path
+    element: Path
+
+    def node_at(self, upstream: str) -> Node:
+        """The node an ``X-Upstream`` value (``127.0.0.1:port``) names."""
+        port = int(upstream.rsplit(":", 1)[1])
+        return next(node for node in self.cluster.nodes if node.port == port)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> AsyncIterator[Setup]:
+    staging, element = tmp_path / "staging", tmp_path / "element"
+    env = clean_env(
+        DATABASE_URL=postgres_url,
+        REDIS_URL=redis_server.url,
+        STAGING_DIR=str(staging),
+        DEFAULT_ELEMENT_DIR=str(element),
+        TRUST_PROXY_HEADERS="true",
+        **KILL_TEST_SETTINGS,
+    )
+    cluster = Cluster(tmp_path, env)
+    try:
+        await cluster.start()
+        with running_nginx(tmp_path / "nginx", [node.port for node in cluster.nodes]) as nginx:
+            async with database(postgres_url) as db, httpx.AsyncClient(base_url=nginx.url, timeout=30) as http:
+                yield Setup(cluster, nginx, db, http, staging, element)
+    finally:
+        await cluster.stop()
+
+
+def patch_headers(offset: int, length: int) -> dict[str, str]:
+    return TUS | {"Upload-Offset": str(offset), "Content-Type": OCTETS, "Content-Length": str(length)}
+
+
+async def create(setup: Setup, length: int) -> str:
+    """A new upload, through nginx; its path. Its Location is nginx's: the nodes trust X-Forwarded-*."""
+    response = await setup.http.post("/files/", headers=TUS | {"Upload-Length": str(length)})
+    assert response.status_code == 201, response.text
+    location = response.headers["Location"]
+    assert location.startswith(setup.nginx.url + "/files/"), location
+    return httpx.URL(location).path
+
+
+def receiving(cluster: Cluster) -> Node | None:
+    """The node with a request connection open (from nginx, which keeps none open between
+    requests): while one PATCH is in flight, the node receiving it."""
+    for node in cluster.nodes:
+        if node.process is None or node.process.poll() is not None:
+            continue
+        try:
+            connections = psutil.Process(node.process.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == node.port for c in connections):
+            return node
+    return None
+
+
+async def receiving_node(cluster: Cluster, timeout: float = 10) -> Node | None:
+    return await poll(lambda: asyncio.to_thread(receiving, cluster), lambda node: node is not None, timeout, 0.02)
+
+
+async def raw_patch(
+    setup: Setup, path: str, offset: int, body: bytes, cut: int, at_cut: Callable[[], Awaitable[bool]]
+) -> tuple[int, dict[str, str]] | None:
+    """A PATCH through nginx on a raw socket: ``cut`` bytes of ``body``, then ``at_cut()`` (True
+    if it killed the receiving node), then the rest unless it did. The answer, or None if the
+    connection failed before one came."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await open_request(setup.nginx.url + path, "PATCH", patch_headers(offset, len(body)))
+        writer.write(body[:cut])
+        await writer.drain()
+        if not await at_cut() and cut < len(body):
+            writer.write(body[cut:])
+            await writer.drain()
+        async with asyncio.timeout(60):
+            return await read_response(reader)
+    except (OSError, TimeoutError, IndexError, ValueError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def head_offset(setup: Setup, path: str) -> int | None:
+    try:
+        response = await setup.http.head(path, headers=TUS)
+    except httpx.TransportError:
+        return None
+    assert response.status_code < 500 or response.status_code in (502, 503), f"HEAD {path}: {response.status_code}"
+    return int(response.headers["Upload-Offset"]) if response.status_code == 200 else None
+
+
+@dataclass
+class Delivery:
+    answers: list[str] = field(default_factory=list)  # "status node" of each PATCH, in order
+    retries: int = 0
+
+
+async def finish(setup: Setup, path: str, payload: bytes, delivery: Delivery, chunk: int | None = None) -> None:
+    """What a tus client does after a failure: HEAD for the offset, PATCH the rest (in ``chunk``
+    pieces), and again on any failure; nginx picks the node each time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        assert loop.time() < deadline, f"{path}: not delivered in 60 s; PATCH answers {delivery.answers}"
+        offset = await head_offset(setup, path)
+        if offset is None:
+            delivery.retries += 1
+            await backoff(delivery.retries)
+            continue
+        if offset == len(payload):
+            return
+        body = payload[offset : offset + (chunk or len(payload))]
+        try:
+            response = await setup.http.patch(path, headers=patch_headers(offset, len(body)), content=body)
+        except httpx.TransportError:
+            delivery.answers.append("no answer")
+            delivery.retries += 1
+            await backoff(delivery.retries)
+            continue
+        delivery.answers.append(f"{response.status_code} {response.headers.get('x-upstream')}")
+        if response.status_code != 204:
+            assert response.status_code in (400, 409, 423, 502, 503), f"PATCH {path}: {response.status_code}"
+            delivery.retries += 1
+            await backoff(delivery.retries)
+
+
+async def registered_once(setup: Setup, upload_id: str, payload: bytes) -> None:
+    """The upload is one file in the registry with the source's SHA-256, stored exactly on the element."""
+    query = "SELECT sha256, size_bytes, storage_key FROM files WHERE upload_id = $1"
+    rows = await poll(lambda: setup.db.fetch(query, upload_id), bool, SETTLE_SECONDS, 0.1)
+    assert len(rows) == 1, f"upload {upload_id}: {len(rows)} file rows"
+    (row,) = rows
+    source = hashlib.sha256(payload).hexdigest()
+    assert (row["sha256"], row["size_bytes"]) == (source, len(payload))
+    assert hashlib.sha256((setup.element / row["storage_key"]).read_bytes()).hexdigest() == source
+
+
+async def nothing_left_over(setup: Setup, upload_ids: list[str]) -> None:
+    """No saga unfinished, no staging left, on the element only each file and its attr.json."""
+    unsettled = "SELECT subject_id, state, step FROM sagas WHERE state IN ('running', 'compensating')"
+    assert not await poll(lambda: setup.db.fetch(unsettled), lambda rows: not rows, SETTLE_SECONDS, 0.2)
+    keys = await setup.db.fetch("SELECT storage_key FROM files WHERE upload_id = ANY($1::text[])", upload_ids)
+    expected = {row["storage_key"] for row in keys} | {row["storage_key"] + ".attr.json" for row in keys}
+
+    async def on_element() -> set[str]:
+        return {p.relative_to(setup.element).as_posix() for p in setup.element.rglob("*") if p.is_file()}
+
+    assert await poll(on_element, lambda found: found == expected, 10, 0.1) == expected
+
+    async def staged() -> list[str]:
+        return sorted(p.name for p in setup.staging.iterdir()) if setup.staging.exists() else []
+
+    assert await poll(staged, lambda left: not left, 10, 0.1) == []
+
+
+async def test_each_patch_of_an_upload_lands_on_another_node_and_the_file_is_exact(setup: Setup) -> None:
+    payload = random.Random(15).randbytes(3 << 20)
+    path = await create(setup, len(payload))
+    third = len(payload) // 3
+    upstreams = []
+    for offset in range(0, len(payload), third):
+        body = payload[offset : offset + third]
+        response = await setup.http.patch(path, headers=patch_headers(offset, len(body)), content=body)
+        assert response.status_code == 204, response.text
+        assert response.headers["Upload-Offset"] == str(offset + len(body))
+        upstreams.append(response.headers["X-Upstream"])
+    assert len(upstreams) == 3 and len(set(upstreams)) == 3, upstreams
+
+    async def patched() -> list[str]:  # nginx logs a request just after its answer went out
+        return [line.split("upstream=")[1].split()[0] for line in setup.nginx.access_log() if line.startswith("PATCH")]
+
+    assert await eventually(patched, lambda logged: len(logged) == 3) == upstreams  # nginx's own log says the same
+    upload_id = path.rsplit("/", 1)[1]
+    await registered_once(setup, upload_id, payload)
+    await nothing_left_over(setup, [upload_id])
+
+
+async def test_a_node_killed_mid_patch_costs_a_retry_through_nginx_and_another_node_finishes(setup: Setup) -> None:
+    payload = random.Random(16).randbytes(6 << 20)
+    path = await create(setup, len(payload))
+    upload_id = path.rsplit("/", 1)[1]
+    sent = 3 << 20
+    killed: list[Node] = []
+
+    async def kill_the_receiver() -> bool:
+        node = await receiving_node(setup.cluster)
+        assert node is not None, "no node is receiving the PATCH"
+
+        async def staged_bytes() -> int:
+            folder = setup.staging / upload_id
+            return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+        await eventually(staged_bytes, lambda size: size >= 1 << 20, timeout=20)  # mid-body, with bytes kept
+        assert await setup.cluster.kill(node, node.generation, f"mid-body of PATCH {upload_id}")
+        killed.append(node)
+        return True
+
+    answer = await raw_patch(setup, path, 0, payload, sent, kill_the_receiver)
+    assert answer is None or answer[0] == 502, answer  # the node died under nginx: no 204, no 5xx of its own
+    delivery = Delivery()
+    await finish(setup, path, payload, delivery)
+    (victim,) = killed
+    finisher = delivery.answers[-1].split()[1]
+    assert delivery.answers[-1].startswith("204") and setup.node_at(finisher) is not victim, delivery.answers
+    await registered_once(setup, upload_id, payload)
+    await nothing_left_over(setup, [upload_id])
+
+
+UPLOADS = 8
+
+
+async def all_up(cluster: Cluster) -> bool:
+    return all(node.process is not None for node in cluster.nodes)
+
+
+MIN_SIZE, MAX_SIZE = 256 << 10, 3 << 20
+MIN_CHUNK, MAX_CHUNK = 128 << 10, 1 << 20
+
+
+async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_register_each_once(setup: Setup) -> None:
+    seed = 1515
+    rng = random.Random(seed)
+    kills = {"mid-body": 0, "after-answer": 0, "missed": 0}
+    ids, payloads, resumes, failed_requests, planned = [], [], 0, 0, 0
+    for index in range(UPLOADS):
+        payload = rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE))
+        chunk = rng.randint(MIN_CHUNK, MAX_CHUNK)
+        kill_at = rng.randrange(3) if rng.random() < 0.75 else None  # which PATCH of the upload
+        moment = rng.choice(["mid-body", "after-answer"])
+        fraction = rng.uniform(0.1, 0.9)
+        planned += kill_at is not None
+        # One node down at a time, as in a cluster that loses a machine: the one killed for the
+        # previous upload is back (its restart runs in the background) before the next begins.
+        await eventually(lambda: all_up(setup.cluster), bool, timeout=30)
+        path = await create(setup, len(payload))
+        offset, patches = 0, 0
+        delivery = Delivery()
+        while offset < len(payload):
+            body = payload[offset : offset + chunk]
+            armed = kill_at is not None and (patches == kill_at or offset + len(body) == len(payload))
+            patches += 1
+
+            async def at_cut(armed: bool = armed, moment: str = moment, index: int = index) -> bool:
+                if not armed or moment != "mid-body":
+                    return False
+                node = await receiving_node(setup.cluster, timeout=2)
+                done = node is not None and await setup.cluster.kill(node, node.generation, f"mid-body #{index}")
+                kills["mid-body" if done else "missed"] += 1
+                return done
+
+            answer = await raw_patch(setup, path, offset, body, int(len(body) * fraction), at_cut)
+            if armed:
+                kill_at = None
+            if answer is not None and armed and moment == "after-answer" and "x-upstream" in answer[1]:
+                node = setup.node_at(answer[1]["x-upstream"].split(",")[-1].strip())
+                done = await setup.cluster.kill(node, node.generation, f"after-answer #{index}")
+                kills["after-answer" if done else "missed"] += 1
+            if answer is not None and answer[0] == 204:
+                offset = int(answer[1]["upload-offset"])
+                continue
+            resumes += 1
+            await finish(setup, path, payload, delivery, chunk)  # HEAD, then the rest, through nginx
+            break
+        failed_requests += delivery.retries
+        ids.append(path.rsplit("/", 1)[1])
+        payloads.append(payload)
+    for upload_id, payload in zip(ids, payloads, strict=True):
+        await registered_once(setup, upload_id, payload)
+    await nothing_left_over(setup, ids)
+    total = kills["mid-body"] + kills["after-answer"]
+    print(
+        f"\ncluster kill loop, seed {seed}: {UPLOADS} uploads, {planned} kills planned, {total} SIGKILLs "
+        f"({kills['mid-body']} mid-body, {kills['after-answer']} after the answer, {kills['missed']} missed), "
+        f"{resumes} resumes from HEAD, {failed_requests} failed requests after them; "
+        "0 lost, 0 corrupted, each registered once"
+    )
+    assert total >= 3, f"only {total} kills happened: the test proved little ({kills})"

@@ -194,7 +194,7 @@ async def test_a_node_killed_while_its_completing_commit_waits_on_the_database_s
                 # Not on `blocker`: inside its transaction pg_stat_activity is a snapshot taken once.
                 count: int = await watcher.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'UPDATE uploads SET upload_offset%'"
+                    "AND query LIKE '%UPDATE uploads SET upload_offset%'"  # alone, or in the WITH that NOTIFYs
                 )
                 return count
 

@@ -391,8 +391,7 @@ class UploadSagas:
                 if not await self._single_pass_head(upload, data):
                     data.inspected(await self._inspect(upload, data))
                 checked.set_attributes({"content_type": data.content_type or "", "single_pass": data.single_pass})
-            if recorded:
-                saga = await self._advance(saga, "inspected", data)
+            saga = await self._step(saga, "inspected", data, recorded=recorded)
             step = "inspected"
         await self.failpoints.reach("inspected")
 
@@ -423,15 +422,13 @@ class UploadSagas:
                     if step == "placing":
                         info, hashed = await self._put_object(saga.subject_id, data, element_id, repeated=repeated)
                         data.stored_size = info.size
-                        if recorded:
-                            saga = await self._advance(saga, "placed", data)
+                        saga = await self._step(saga, "placed", data, recorded=recorded)
                         step = "placed"
                         if hashed:
                             self._check_single_pass(data)
                         await self.failpoints.reach("placed", element_id)
                     await self._put_sidecar(data, element_id, repeated=repeated)
-                    if recorded:
-                        saga = await self._advance(saga, "sidecar_written", data)
+                    saga = await self._step(saga, "sidecar_written", data, recorded=recorded)
                     step = "sidecar_written"
             except (ObjectRefused, InvalidKey) as exc:
                 # The file's own fault (its name, its sidecar): another element would refuse it
@@ -788,6 +785,18 @@ class UploadSagas:
 
     async def _advance(self, saga: Saga, step: str, data: UploadSagaData) -> Saga:
         return await self.runner.advance(saga, step, data)
+
+    async def _step(self, saga: Saga, step: str, data: UploadSagaData, *, recorded: bool) -> Saga:
+        """A step done: into the saga log (a large file), or only into the debug log (a small one)."""
+        if recorded:
+            return await self._advance(saga, step, data)
+        log.debug(
+            "upload saga %s: step %s done (in memory)",
+            saga.saga_id,
+            step,
+            extra={"saga": KIND, "saga_id": saga.saga_id, "step": step},
+        )
+        return saga
 
     async def _stage(self, upload_id: str, stage: str, refusal: Refused | None = None) -> None:
         """Tell the upload's watchers the stage it reached (registered and failed once they are durable)."""

@@ -401,12 +401,7 @@ class UploadSagas:
                 step = "placing"  # onto the element the begin recorded
                 await self._stage(upload.id, "placing")
             elif step == "inspected" or data.element_id in data.tried:
-                with (
-                    self.metrics.finalise_stage.labels("storage_selection").time(),
-                    tracing.span(tracing.STORAGE_SELECTION, {"upload.id": upload.id}) as selecting,
-                ):
-                    data.element_id = self._choose(data, data.placed_size())
-                    selecting.set_attribute("element.id", data.element_id)
+                data.element_id = self._choose(data, data.placed_size())
                 # Recorded also for a small file: the log must name the element before anything goes there.
                 saga = await self._advance(saga, "placing", data)
                 step = "placing"
@@ -467,15 +462,22 @@ class UploadSagas:
         )
 
     def _choose(self, data: UploadSagaData, size: int) -> str:
-        try:
-            with self.metrics.storage_selection.time():
-                state = self.pool.select(
-                    size, retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
-                )
-        except NoElementAvailable as exc:
-            if data.tried:
-                raise _GiveUp("storage_unavailable", str(exc)) from exc
-            raise
+        """The element for the file (at the begin for a small file, in the saga for a large one or a
+        failover), measured and traced as the storage selection stage wherever it happens."""
+        with (
+            self.metrics.finalise_stage.labels("storage_selection").time(),
+            tracing.span(tracing.STORAGE_SELECTION, {"upload.id": data.upload_id}) as selecting,
+        ):
+            try:
+                with self.metrics.storage_selection.time():
+                    state = self.pool.select(
+                        size, retention=_RETENTIONS.get(data.retention_policy or ""), exclude=data.tried
+                    )
+            except NoElementAvailable as exc:
+                if data.tried:
+                    raise _GiveUp("storage_unavailable", str(exc)) from exc
+                raise
+            selecting.set_attribute("element.id", state.element.element_id)
         return state.element.element_id
 
     async def _single_pass_head(self, upload: Upload, data: UploadSagaData) -> bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +25,13 @@ import psutil
 import pytest
 
 from tests.e2e.test_cluster_kills import KILL_TEST_SETTINGS, Cluster, Node, backoff, database, poll
+from tests.e2e.test_saga_recovery import serving
 from tests.e2e.test_serve_cli import clean_env
 from tests.fixtures.nginx import Nginx, running_nginx
 from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.server import OCTETS, TUS
+from tusingest.finalise.upload import SMALL_FILE
 
 SETTLE_SECONDS = 40.0  # how long a delivered upload may take to become a registered file
 
@@ -318,3 +322,94 @@ async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_regi
         "0 lost, 0 corrupted, each registered once"
     )
     assert total >= 3, f"only {total} kills happened: the test proved little ({kills})"
+
+
+def serve_log(node: Node) -> str:
+    return "".join(log.read_text(errors="replace") for log in sorted(node.cwd.glob("serve-*.log")))
+
+
+async def restart_with(setup: Setup, node: Node, **settings: str) -> None:
+    """``node`` stopped (SIGTERM) and started again on its port with ``settings`` added to the cluster's."""
+    async with node.lock:
+        if node.stack is not None:
+            await node.stack.aclose()
+        stack = AsyncExitStack()
+        node.process = await stack.enter_async_context(serving(node.cwd, setup.cluster.env | settings, node.port))
+        node.stack = stack
+        node.generation += 1
+
+
+async def sigkill(node: Node) -> None:
+    """SIGKILL ``node`` and leave it down (no restart): what survives must do its work."""
+    async with node.lock:
+        assert node.process is not None and node.stack is not None
+        node.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(node.process.wait, 10)
+        await node.stack.aclose()
+        node.process = node.stack = None
+        node.generation += 1
+
+
+async def upstream_of_head(setup: Setup, path: str) -> str:
+    response = await setup.http.head(path, headers=TUS)
+    assert response.status_code == 200, response.status_code
+    return response.headers["X-Upstream"]
+
+
+async def test_a_node_killed_in_the_middle_of_finalisation_is_finished_by_another_node_within_the_lease(
+    setup: Setup,
+) -> None:
+    # One node pauses its sagas once the file is inspected (a large file: the step is in the saga
+    # log), the completing PATCH reaches it through nginx, and it is SIGKILLed there for good.
+    lease = float(KILL_TEST_SETTINGS["SAGA_LEASE_SECONDS"])
+    interval = float(KILL_TEST_SETTINGS["SAGA_RECOVERY_INTERVAL_SECONDS"])
+    paused = setup.cluster.nodes[0]
+    await restart_with(setup, paused, SAGA_FAILPOINTS="inspected=pause")
+    payload = random.Random(17).randbytes(SMALL_FILE + (1 << 20))
+    path = await create(setup, len(payload))
+    upload_id = path.rsplit("/", 1)[1]
+    # nginx goes round-robin in its configured order: after the node before ``paused`` answered,
+    # the next request goes to ``paused`` (each HEAD moves one node on; nothing else talks to nginx).
+    before = setup.cluster.nodes[-1]
+    for _ in range(len(setup.cluster.nodes)):
+        if setup.node_at(await upstream_of_head(setup, path)) is before:
+            break
+    else:
+        pytest.fail("nginx did not go round-robin over the nodes")
+    victims: list[Node] = []
+    killed_at: list[float] = []
+
+    async def kill_once_paused() -> bool:
+        node = await receiving_node(setup.cluster)
+        assert node is paused, f"the completing PATCH went to {node and node.name}, not {paused.name}"
+        await eventually(
+            lambda: asyncio.to_thread(serve_log, paused), lambda log: "failpoint inspected reached" in log, timeout=30
+        )
+        saga = await setup.db.fetchrow("SELECT state, step, owner FROM sagas WHERE subject_id = $1", upload_id)
+        assert saga is not None and (saga["state"], saga["step"]) == ("running", "inspected"), saga
+        assert paused.process is not None and f"-{paused.process.pid}-" in saga["owner"], saga
+        await sigkill(paused)
+        killed_at.append(asyncio.get_running_loop().time())
+        victims.append(paused)
+        return True
+
+    answer = await raw_patch(setup, path, 0, payload, len(payload), kill_once_paused)
+    assert victims == [paused]
+    assert answer is None or answer[0] == 502, answer  # nginx's, for the connection the node dropped
+    survivors = {node.process.pid for node in setup.cluster.nodes if node.process is not None}
+    assert len(survivors) == 2
+
+    query = "SELECT state, step, owner FROM sagas WHERE subject_id = $1"
+    saga = await poll(lambda: setup.db.fetchrow(query, upload_id), lambda row: row["state"] != "running", 30, 0.1)
+    took = asyncio.get_running_loop().time() - killed_at[0]
+    assert saga["state"] == "completed", saga
+    # The lease runs out, a survivor's next recovery round claims the saga and finishes it from
+    # its step: the file is already inspected, so what is left is the put and the registration.
+    assert took < lease + 2 * interval + 8, f"recovered {took:.1f} s after the kill (lease {lease:g} s)"
+    assert any(f"-{pid}-" in saga["owner"] for pid in survivors), saga
+    await registered_once(setup, upload_id, payload)
+    head = await setup.http.head(path, headers=TUS)
+    assert head.headers["ArtStore-Upload-Status"] == "completed"
+    assert setup.node_at(head.headers["X-Upstream"]) is not paused
+    await nothing_left_over(setup, [upload_id])
+    print(f"\nfinalisation kill: the saga was finished by another node {took:.1f} s after the kill (lease {lease:g} s)")

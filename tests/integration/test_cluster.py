@@ -3,7 +3,9 @@ deploy/nginx/tusingest-proxy.conf), sharing PostgreSQL (a fresh database per tes
 staging directory and one directory Storage Element: shared-directory staging. Clients know only
 nginx's address. Each PATCH of an upload lands on another node; a node SIGKILLed while it
 receives a PATCH costs the client a retry, never a byte; a seeded run of uploads with kills at
-random moments ends with every upload registered once, exact, and nothing left over.
+random moments ends with every upload registered once, exact, and nothing left over; a node
+killed in the middle of a saga has it finished by another node once its lease runs out; a
+rolling SIGTERM restart of all three under running uploads answers no 5xx of a node's own.
 
 S3 staging (STAGING_BACKEND=s3, issue 15 item 1) is not built yet; these tests cover the
 shared-directory mode."""

@@ -245,25 +245,47 @@ class ChunkWriter:
         os.close(self._fd)
 
 
-def _rebuild(tag: str, chunks: list[Chunk], offset: int, block_size: int = 1 << 20) -> RunningDigest:
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """The part of one chunk file that holds bytes of a wanted range."""
+
+    chunk: Chunk
+    skip: int  # where in the file the range begins
+    size: int  # how many of its bytes belong to the range
+
+
+def _covering(chunks: list[Chunk], upload_id: str, length: int, start: int = 0) -> list[_Span]:
+    """The spans of ``chunks`` that hold bytes ``start`` up to ``length``, in order; StagingError where a
+    chunk is missing in between or the chunks end before ``length`` (staging and store disagree)."""
+    spans, position = [], 0
+    for chunk in chunks:
+        if position >= length:
+            break
+        if chunk.start != position:
+            raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
+        end = min(chunk.end, length)
+        if end > start:
+            skip = max(0, start - chunk.start)
+            spans.append(_Span(chunk, skip, end - chunk.start - skip))
+        position = end
+    if position < length:
+        raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
+    return spans
+
+
+def _rebuild(tag: str, upload_id: str, chunks: list[Chunk], offset: int, block_size: int = 1 << 20) -> RunningDigest:
     """The running digest of the first ``offset`` staged bytes, read back from the chunk files."""
     digest = RunningDigest(tag)
     buffer = memoryview(bytearray(block_size))
-    for chunk in chunks:
-        if digest.offset >= offset:
-            break
-        if chunk.start != digest.offset:
-            raise StagingError(f"staging for upload {chunk.path.parent.name} has a gap at byte {digest.offset}")
-        want = min(chunk.size, offset - chunk.start)
-        with io.FileIO(chunk.path, "r") as f:
+    for span in _covering(chunks, upload_id, offset):
+        want = span.size
+        with io.FileIO(span.chunk.path, "r") as f:
             while want > 0:
                 got = f.readinto(buffer[: min(block_size, want)])
                 if not got:
-                    break
+                    raise StagingError(f"staging for upload {upload_id} ended early at byte {digest.offset}")
                 digest.update(buffer[:got])
                 want -= got
-    if digest.offset != offset:
-        raise StagingError(f"staging holds {digest.offset} bytes of an upload the store says has {offset}")
     return digest
 
 
@@ -340,7 +362,7 @@ class DirectoryStaging:
             if offset == 0:
                 return RunningDigest(digest_tag)
             found = self.digests.take(upload_id, digest_tag, offset)
-            return found if found is not None else _rebuild(digest_tag, kept, offset)
+            return found if found is not None else _rebuild(digest_tag, upload_id, kept, offset)
 
         def _open() -> ChunkWriter:
             try:
@@ -389,20 +411,9 @@ class DirectoryStaging:
 
         def _open() -> list[tuple[io.FileIO, int, int]]:
             opened: list[tuple[io.FileIO, int, int]] = []  # (file, where to start in it, how much to read)
-            position = 0
             try:
-                for chunk in _list_chunks(directory):
-                    if position >= length:
-                        break
-                    if chunk.start != position:
-                        raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
-                    end = min(chunk.end, length)
-                    if end > start:
-                        skip = max(0, start - chunk.start)
-                        opened.append((io.FileIO(chunk.path, "r"), skip, end - chunk.start - skip))
-                    position = end
-                if position < length:
-                    raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
+                for span in _covering(_list_chunks(directory), upload_id, length, start):
+                    opened.append((io.FileIO(span.chunk.path, "r"), span.skip, span.size))
             except BaseException:
                 for f, _, _ in opened:
                     f.close()
@@ -432,18 +443,7 @@ class DirectoryStaging:
         its bytes belong to them: for a Storage Element that takes files (link, kernel copy)."""
         directory = self.directory(upload_id)
         chunks = await self._run(lambda: _list_chunks(directory))
-        parts, position = [], 0
-        for chunk in chunks:
-            if position >= length:
-                break
-            if chunk.start != position:
-                raise StagingError(f"staging for upload {upload_id} has a gap at byte {position}")
-            size = min(chunk.size, length - position)
-            parts.append((chunk.path, size))
-            position += size
-        if position < length:
-            raise StagingError(f"staging for upload {upload_id} holds {position} bytes, {length} expected")
-        return parts
+        return [(span.chunk.path, span.size) for span in _covering(chunks, upload_id, length)]
 
     async def remove(self, upload_id: str) -> None:
         directory = self.directory(upload_id)

@@ -114,11 +114,7 @@ def access_line(fields: dict[str, Any]) -> None:
         _access_log.info("request", extra=fields)
         return
     event = dict(fields)
-    event["event"] = "request"
-    event["level"] = "info"
-    event["logger"] = ACCESS_LOGGER
-    event["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    _add_context(None, "", event)
+    _described(event, "request", "info", ACCESS_LOGGER, datetime.now(UTC))
     line = formatter_.render(event) + handler.terminator
     handler.acquire()
     try:
@@ -131,7 +127,8 @@ def access_line(fields: dict[str, Any]) -> None:
 
 
 def formatter(*, json_lines: bool) -> logging.Formatter:
-    """The formatter that turns a stdlib record into one JSON object (or one readable line)."""
+    """The formatter that turns a stdlib record into one JSON object (``JsonLines``) or, for a terminal,
+    one readable line (structlog's console renderer)."""
     if json_lines:
         return JsonLines()
     shared: list[structlog.types.Processor] = [
@@ -141,17 +138,23 @@ def formatter(*, json_lines: bool) -> logging.Formatter:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_context,
     ]
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
-    )
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if json_lines else _keep,
-            renderer,
+            structlog.dev.ConsoleRenderer(colors=False),  # renders an exception's traceback itself
         ],
     )
+
+
+def _described(event: dict[str, Any], message: str, level: str, logger: str, at: datetime | float) -> None:
+    """The fields every JSON line has, added to ``event``: its message, level, logger, UTC time, trace, upload."""
+    event["event"] = message
+    event["level"] = level
+    event["logger"] = logger
+    moment = at if isinstance(at, datetime) else datetime.fromtimestamp(at, UTC)
+    event["timestamp"] = moment.isoformat().replace("+00:00", "Z")
+    _add_context(None, "", event)
 
 
 # The attributes every LogRecord has; the rest of a record's __dict__ is what ``extra=`` added.
@@ -169,11 +172,7 @@ class JsonLines(logging.Formatter):
         event: dict[str, Any] = {
             key: value for key, value in record.__dict__.items() if key not in _RECORD_ATTRIBUTES and key[0] != "_"
         }
-        event["event"] = record.getMessage()
-        event["level"] = record.levelname.lower()
-        event["logger"] = record.name
-        event["timestamp"] = datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z")
-        _add_context(None, "", event)
+        _described(event, record.getMessage(), record.levelname.lower(), record.name, record.created)
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -185,10 +184,6 @@ class JsonLines(logging.Formatter):
             return orjson.dumps(event, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
         except orjson.JSONEncodeError:  # what orjson refuses (an int beyond 64 bits, say), json writes
             return json.dumps(event, default=repr)
-
-
-def _keep(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    return event
 
 
 access_log = logging.getLogger(ACCESS_LOGGER)

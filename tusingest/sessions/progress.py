@@ -83,7 +83,19 @@ _CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Ti
 RESYNC: Final = None  # what a subscriber gets when events may have been missed: re-read the state
 
 Subscription = asyncio.Queue[ProgressEvent | None]
+QUEUE_MAX: Final = 256  # events a subscriber may fall behind before it is told to re-read the state instead
 type Listening = asyncpg.Connection[Any] | PoolConnectionProxy[Any]  # lazy: asyncpg's classes are generic to mypy only
+
+
+def _offer(queue: Subscription, event: ProgressEvent | None) -> None:
+    """Queue ``event``; a subscriber that fell QUEUE_MAX events behind (a client that does not read) gets
+    its backlog replaced by one RESYNC, so a stream's memory stays bounded and it still ends up current."""
+    try:
+        queue.put_nowait(event)
+    except asyncio.QueueFull:
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(RESYNC)
 
 
 class ProgressBus:
@@ -101,7 +113,7 @@ class ProgressBus:
     @contextlib.contextmanager
     def subscribe(self, upload_id: str) -> Iterator[Subscription]:
         """A queue of the upload's events from now on, until the block ends."""
-        queue: Subscription = asyncio.Queue()
+        queue: Subscription = asyncio.Queue(maxsize=QUEUE_MAX)
         self._subscribers.setdefault(upload_id, set()).add(queue)
         try:
             yield queue
@@ -118,12 +130,12 @@ class ProgressBus:
     def deliver(self, event: ProgressEvent) -> None:
         """Hand ``event`` to this process's subscribers of its upload."""
         for queue in self._subscribers.get(event.upload_id, ()):
-            queue.put_nowait(event)
+            _offer(queue, event)
 
     def resync(self) -> None:
         for watchers in self._subscribers.values():
             for queue in watchers:
-                queue.put_nowait(RESYNC)
+                _offer(queue, RESYNC)
 
     def end_streams(self) -> None:
         """Shutting down: wake every subscriber to see ``closing`` and end (as ``request_release_all``

@@ -151,6 +151,35 @@ async def test_a_first_patch_s_checksum_is_checked_against_the_running_digest_wh
     assert_digest_of(await kept_digest(server, upload_id), body)
 
 
+@pytest.mark.parametrize("sent", ["no checksum", "right sha256", "wrong sha256"])
+async def test_hooks_that_read_no_digests_make_staging_hash_nothing(start_sqlite: ServerFactory, sent: str) -> None:
+    """Only hooks that use the running digests pay for them: with PlainHooks (the tus path alone, as
+    benchmarks/compare.py's tus-path variant runs it) staging keeps none, and an Upload-Checksum is
+    still checked, by the checksum's own hash. The hooks are swapped in the running app: a test-only
+    move, the way benchmarks/serve_patched.py swaps them."""
+    import base64
+
+    from tusingest.tus import PlainHooks
+
+    server = await start_sqlite(staging_write_buffer_kb=64)
+    server.parts.tus.ctx.hooks = PlainHooks(server.parts.store)
+    body = os.urandom(700 * KiB)
+    headers = patch_headers(0)
+    if sent != "no checksum":
+        hashed = hashlib.sha256(body if sent == "right sha256" else b"x").digest()
+        headers |= {"Upload-Checksum": "sha256 " + base64.b64encode(hashed).decode()}
+    async with server.client() as client:
+        url = await create(client, len(body))
+        upload_id = url.rsplit("/", 1)[1]
+        response = await client.patch(url, headers=headers, content=body)
+        assert response.status_code == (460 if sent == "wrong sha256" else 204)
+        head = await client.head(url, headers=TUS)
+    assert head.headers["Upload-Offset"] == ("0" if sent == "wrong sha256" else str(len(body)))
+    assert len(server.parts.staging.digests) == 0
+    upload = await server.parts.store.get(upload_id)
+    assert upload is not None and (upload.offset == len(body)) is (sent != "wrong sha256")
+
+
 async def test_a_node_that_resumes_an_upload_begun_elsewhere_rebuilds_the_digest_from_staging(
     start_node: ServerFactory,
 ) -> None:

@@ -45,6 +45,7 @@ class FinaliserHooks:
         self.wait_seconds = wait_seconds
         # Only worth looking early when some types are refused.
         self.head_bytes = HEAD_BYTES if policy.mime_validation and policy.allowed_mime_types else 0
+        self.wants_digests = True  # the saga checks and records them instead of reading the file again
 
     async def inspect_start(self, upload: Upload, head: bytes) -> None:
         mime = await asyncio.to_thread(detect_mime, head)

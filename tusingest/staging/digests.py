@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 class RunningDigest:
     """MD5 and SHA-256 of the first ``offset`` bytes of an upload. Not thread-safe: one writer
-    updates it at a time (the upload's lock), on staging's writer thread."""
+    updates it at a time (the upload's lock), on staging's threads: one batch at a time, its MD5
+    and its SHA-256 on two threads at once (they touch different hash objects)."""
 
     __slots__ = ("md5", "offset", "sha256", "tag")
 
@@ -37,6 +38,21 @@ class RunningDigest:
         self.md5.update(data)
         self.sha256.update(data)
         self.offset += len(data)
+
+    def update_md5(self, batch: list[bytes]) -> None:
+        """One half of ``update`` for a batch, so that MD5 and SHA-256 can run on two threads at once;
+        the caller runs both halves, each once per batch and in batch order, then calls ``advance``."""
+        for data in batch:
+            self.md5.update(data)
+
+    def update_sha256(self, batch: list[bytes]) -> None:
+        """The other half (see ``update_md5``)."""
+        for data in batch:
+            self.sha256.update(data)
+
+    def advance(self, size: int) -> None:
+        """Both halves of a batch of ``size`` bytes are done: the digest now covers them."""
+        self.offset += size
 
     def copy(self) -> RunningDigest:
         twin = RunningDigest.__new__(RunningDigest)

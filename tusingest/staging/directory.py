@@ -20,7 +20,7 @@ import io
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,8 +108,9 @@ class ChunkWriter:
     in flight, so a request holds at most two buffers. ``sync_file_range`` starts writeback
     of each batch at once, so the fsync at the commit point has little left to do.
 
-    With a ``RunningDigest`` (positioned at ``offset``), each batch is hashed on the same thread
-    right after it is written; ``digest`` then covers exactly the bytes up to ``offset``.
+    With a ``RunningDigest`` (positioned at ``offset``), each batch's MD5 and SHA-256 run on two
+    more staging threads while it is written (hashlib lets go of the GIL), so the slowest of the
+    three, not their sum, sets the pace; ``digest`` then covers exactly the bytes up to ``offset``.
 
     Not safe for concurrent use: one writer per upload at a time is the locker's job.
     """
@@ -132,7 +133,8 @@ class ChunkWriter:
         self._queued = offset  # the upload offset after every batch handed to the thread
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._inflight: asyncio.Future[None] | None = None
+        self._inflight: Awaitable[object] | None = None  # the batch being written (and hashed)
+        self._hashing = 0  # its size, when it is being hashed too
         self._new_files = False
         self._new_directory = False
         self._closed = False
@@ -169,7 +171,10 @@ class ChunkWriter:
     async def _wait_inflight(self) -> None:
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
+            hashed, self._hashing = self._hashing, 0
             await inflight
+            if self._digest is not None:  # None: the write failed, and nothing of it is kept
+                self._digest.advance(hashed)
 
     async def _flush(self) -> None:
         await self._wait_inflight()
@@ -182,7 +187,20 @@ class ChunkWriter:
             self._chunk_start = roll_at
         self._queued += size
         loop = asyncio.get_running_loop()
-        self._inflight = loop.run_in_executor(self._staging.executor, self._write_batch, batch, size, roll_at)
+        executor = self._staging.executor
+        write = loop.run_in_executor(executor, self._write_batch, batch, size, roll_at)
+        digest = self._digest
+        if digest is None:
+            self._inflight = write
+            return
+        # All three finish before the next batch starts (``_wait_inflight``): each hash sees its
+        # batches in order, and a request still holds at most two batches.
+        self._inflight = asyncio.gather(
+            write,
+            loop.run_in_executor(executor, digest.update_md5, batch),
+            loop.run_in_executor(executor, digest.update_sha256, batch),
+        )
+        self._hashing = size
 
     def _write_batch(self, batch: list[bytes], size: int, roll_at: int | None) -> None:
         """Runs on a staging thread, never two at once for one writer."""
@@ -200,10 +218,6 @@ class ChunkWriter:
         except OSError as exc:
             self._digest = None  # what reached the file is unknown now; nothing of it is kept
             raise StagingError(f"cannot write staged bytes of upload {self._directory.name}: {exc}") from exc
-        digest = self._digest
-        if digest is not None:  # hashlib lets go of the GIL: the event loop keeps receiving meanwhile
-            for data in batch:
-                digest.update(data)
 
     async def drain(self) -> None:
         """Hand everything to the file (not synced): ``digest`` then covers every byte written."""

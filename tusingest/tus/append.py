@@ -273,7 +273,8 @@ async def _stage(
     room, allowed = bounds
     inspector = await _start_inspector(ctx, upload) if rules.inspect else None
     checksum = rules.checksum
-    writer_at = ctx.staging.open_writer(upload.id, upload.offset, digest_tag=digest_tag(upload))
+    tag = digest_tag(upload) if ctx.hooks.wants_digests else None
+    writer_at = ctx.staging.open_writer(upload.id, upload.offset, digest_tag=tag)
     async with await writer_at as writer:
         # Compute once, use twice: from offset 0 the body is the whole prefix, so an MD5 or SHA-256
         # Upload-Checksum is the running digest's (hashed off the event loop), not a second hash.

@@ -53,6 +53,10 @@ class UploadHooks(Protocol):
     head_bytes: int
     """How many first bytes ``inspect_start`` wants to see; 0: never called."""
 
+    wants_digests: bool
+    """Whether ``completed`` uses the running MD5 and SHA-256 of the committed bytes (the staging
+    digest cache): staging then hashes every byte as it writes it, and only then."""
+
     async def inspect_start(self, upload: Upload, head: bytes) -> None:
         """The first bytes of a single upload, as soon as they arrive, before they are committed.
         Raising refuses the upload there and then (a type that will never be accepted)."""
@@ -93,6 +97,7 @@ class PlainHooks:
     """No finaliser: a complete upload is simply marked complete."""
 
     head_bytes = 0
+    wants_digests = False  # nothing reads them
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store

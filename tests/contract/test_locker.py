@@ -158,6 +158,28 @@ async def test_request_release_all_asks_every_holder(locker: Locker) -> None:
     assert sorted(asked) == ["u0", "u1"]
 
 
+async def test_a_lock_taken_after_request_release_all_is_asked_to_release_at_once(locker: Locker) -> None:
+    """A request that got its lock while the node stops (it waited for the lock, or its head came in
+    just before the signal) lets go as soon as it holds it, like the ones that held a lock already."""
+    asked: list[str] = []
+    holding = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def first() -> None:
+        async with locker.lock("u", on_release_request=lambda: (asked.append("first"), finish.set())):
+            holding.set()
+            await finish.wait()
+
+    task = asyncio.create_task(first())
+    await holding.wait()
+    locker.request_release_all()
+    async with locker.lock("u", on_release_request=lambda: asked.append("waiter"), ask_holder=False):
+        assert asked == ["first", "waiter"]  # asked before its block began
+    async with locker.lock("other", on_release_request=lambda: asked.append("newcomer")):
+        assert asked[-1] == "newcomer"
+    await task
+
+
 # -- across nodes: two PostgresLockers on one database ------------------------------------------
 
 

@@ -52,7 +52,9 @@ class Locker(Protocol):
         """
 
     def request_release_all(self) -> None:
-        """Ask every holder on this node to let go (graceful shutdown)."""
+        """Ask every holder on this node to let go (graceful shutdown), and from then on every
+        request that takes a lock here, at once: a PATCH that waited for its lock while the node
+        began to stop commits what it has and lets go, instead of running to the end of its body."""
 
     async def open(self) -> None:
         """Connect to what the locks live in; raise StoreError with an operator-facing message."""
@@ -83,6 +85,7 @@ class MemoryLocker:
         self.default_timeout = default_timeout
         self.metrics = metrics or Metrics()  # lock waits and release requests
         self._holders: dict[str, _Holder] = {}
+        self._stopping = False  # request_release_all was called: every new holder is asked at once
 
     def is_locked(self, upload_id: str) -> bool:
         return upload_id in self._holders
@@ -113,6 +116,8 @@ class MemoryLocker:
                 raise LockTimeout(upload_id) from None
         mine = _Holder(on_release_request)
         self._holders[upload_id] = mine
+        if self._stopping:
+            mine.ask()
         try:
             yield
         finally:
@@ -125,6 +130,7 @@ class MemoryLocker:
         return self.lock(upload_id, on_release_request=on_release_request)
 
     def request_release_all(self) -> None:
+        self._stopping = True
         for holder in list(self._holders.values()):
             holder.ask()
 

@@ -47,12 +47,14 @@ async def create(client: httpx.AsyncClient, length: int) -> str:
 
 
 async def kept_digest(server: LiveServer, upload_id: str) -> RunningDigest | None:
-    """The running digest the node keeps for the upload at its committed offset."""
+    """The running digest the node keeps for the upload at its committed offset (None: none, or one
+    that stands before it)."""
     upload = await server.parts.store.get(upload_id)
     assert upload is not None
     tag = digest_tag(upload)
     assert tag is not None
-    return server.parts.staging.digests.take(upload_id, tag, upload.offset)
+    kept = server.parts.staging.digests.take(upload_id, tag, upload.offset)
+    return kept if kept is not None and kept.offset == upload.offset else None
 
 
 def assert_digest_of(digest: RunningDigest | None, data: bytes) -> None:
@@ -180,24 +182,56 @@ async def test_hooks_that_read_no_digests_make_staging_hash_nothing(start_sqlite
     assert upload is not None and (upload.offset == len(body)) is (sent != "wrong sha256")
 
 
-async def test_a_node_that_resumes_an_upload_begun_elsewhere_rebuilds_the_digest_from_staging(
-    start_node: ServerFactory,
-) -> None:
+async def test_nodes_that_take_turns_rebuild_and_catch_up_the_digest_from_staging(start_node: ServerFactory) -> None:
+    """Round robin over two nodes: the second rebuilds the state from the staged prefix, the first
+    catches up from where it stood, and the file is registered with the right digests."""
     first_node, second_node = await start_node(), await start_node()
     payload = os.urandom(2 * MiB)
     half = len(payload) // 2
+    tail = b"0123456789" * 2
     async with first_node.client() as one, second_node.client() as two:
-        url = await create(one, len(payload) + 10)
+        url = await create(one, len(payload) + len(tail))
         upload_id = url.rsplit("/", 1)[1]
         assert (await one.patch(url, headers=patch_headers(0), content=payload[:half])).status_code == 204
         assert await kept_digest(second_node, upload_id) is None  # like a restarted node: it holds nothing
         assert (await two.patch(url, headers=patch_headers(half), content=payload[half:])).status_code == 204
         assert_digest_of(await kept_digest(second_node, upload_id), payload)
-        # The first node's state stands at the old offset: it rebuilds too when the upload comes back.
-        assert await kept_digest(first_node, upload_id) is None
-        assert (await one.patch(url, headers=patch_headers(len(payload)), content=b"0123456789")).status_code == 204
-    record = await first_node.parts.saga_store.file_for_upload(upload_id)
-    whole = payload + b"0123456789"
+        # The first node's state stands at the old offset: it hashes the second node's bytes to catch up.
+        stale = await first_node.parts.store.get(upload_id)
+        assert stale is not None
+        tag = digest_tag(stale)
+        assert tag is not None
+        kept = first_node.parts.staging.digests.take(upload_id, tag, stale.offset)
+        assert kept is not None and kept.offset == half
+        assert (await one.patch(url, headers=patch_headers(len(payload)), content=tail[:10])).status_code == 204
+        assert_digest_of(await kept_digest(first_node, upload_id), payload + tail[:10])
+        done = await two.patch(url, headers=patch_headers(len(payload) + 10), content=tail[10:])
+        assert done.status_code == 204
+    record = await second_node.parts.saga_store.file_for_upload(upload_id)
+    whole = payload + tail
+    assert record is not None
+    assert (record.md5, record.sha256) == (hashlib.md5(whole).hexdigest(), hashlib.sha256(whole).hexdigest())
+
+
+async def test_a_node_that_would_read_back_too_much_keeps_no_digest_and_the_finaliser_hashes_the_file(
+    start_node: ServerFactory,
+) -> None:
+    """Past ``digest_catch_up_bytes`` a writer hashes nothing (no prefix read on the request path);
+    the file is still registered with the right digests, taken as the finaliser reads it."""
+    first_node, second_node = await start_node(), await start_node()
+    second_node.parts.staging.digest_catch_up_bytes = 256 * KiB  # set on the running node: test-only
+    payload = os.urandom(2 * MiB)
+    half = len(payload) // 2
+    async with first_node.client() as one, second_node.client() as two:
+        url = await create(one, len(payload) + 1)
+        upload_id = url.rsplit("/", 1)[1]
+        assert (await one.patch(url, headers=patch_headers(0), content=payload[:half])).status_code == 204
+        assert (await two.patch(url, headers=patch_headers(half), content=payload[half:])).status_code == 204
+        assert await kept_digest(second_node, upload_id) is None
+        done = await two.patch(url, headers=patch_headers(len(payload)), content=b"!")
+        assert done.status_code == 204
+    record = await second_node.parts.saga_store.file_for_upload(upload_id)
+    whole = payload + b"!"
     assert record is not None
     assert (record.md5, record.sha256) == (hashlib.md5(whole).hexdigest(), hashlib.sha256(whole).hexdigest())
 

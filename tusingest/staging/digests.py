@@ -6,11 +6,15 @@ hashes on a copy (``DigestCache.take``); the copy is kept (``DigestCache.keep``)
 offset is committed, so a kept state never runs ahead of the commit point (invariant 1) and a
 body that is discarded (a checksum mismatch, a refused start, a failed commit) never enters it.
 
-The cache is per node, bounded (least recently used first out) and in memory: a node that holds
-no state for an upload at its committed offset (another node began it, a restart) rebuilds it
-once from the staged prefix. Restoring pickled hashlib state instead (``rehash`` on PyPI) would
-save that read, but it copies CPython's private hash structs, so its soundness depends on the
-exact OpenSSL and CPython build on every node; a rebuild depends on nothing.
+The cache is per node, bounded (least recently used first out) and in memory. A node whose state
+for an upload stands before its committed offset (other nodes took the PATCHes since: a load
+balancer's round robin) catches up by hashing the staged bytes in between; one that holds none
+(another node began it, a restart) rebuilds it from the staged prefix. Either only while what is
+to be read is small (``DirectoryStaging.digest_catch_up_bytes``): past that, the writer keeps no
+digest and the finaliser hashes the file once as it reads it, so an upload spread over several
+nodes is never read again and again. Restoring pickled hashlib state instead (``rehash`` on PyPI)
+would save the reads, but it copies CPython's private hash structs, so its soundness depends on
+the exact OpenSSL and CPython build on every node; a catch-up depends on nothing.
 """
 
 from __future__ import annotations
@@ -91,10 +95,12 @@ class DigestCache:
         self._lock = threading.Lock()  # staging threads and the event loop both use it
 
     def take(self, upload_id: str, tag: str, offset: int) -> RunningDigest | None:
-        """A copy to hash on, when the kept state is exactly at ``offset``; else None."""
+        """A copy to hash on, of the kept state when it is at ``offset`` or before it (this node
+        wrote the upload's earlier bytes, another node the ones since: the caller hashes those
+        from staging to catch up); else None."""
         with self._lock:
             kept = self._entries.get(upload_id)
-            if kept is None or kept.tag != tag or kept.offset != offset:
+            if kept is None or kept.tag != tag or kept.offset > offset:
                 return None
             self._entries.move_to_end(upload_id)
             return kept.copy()

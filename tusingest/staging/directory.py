@@ -287,13 +287,16 @@ def _covering(chunks: list[Chunk], upload_id: str, length: int, start: int = 0) 
     return spans
 
 
-def _rebuild(tag: str, upload_id: str, chunks: list[Chunk], offset: int, block_size: int = 1 << 20) -> RunningDigest:
-    """The running digest of the first ``offset`` staged bytes, read back from the chunk files."""
-    digest = RunningDigest(tag)
+def _catch_up(
+    digest: RunningDigest, upload_id: str, chunks: list[Chunk], offset: int, block_size: int = 1 << 20
+) -> RunningDigest:
+    """``digest`` moved on to ``offset`` by the staged bytes from its own offset up to there."""
     buffer = memoryview(bytearray(block_size))
-    for span in _covering(chunks, upload_id, offset):
+    for span in _covering(chunks, upload_id, offset, digest.offset):
         want = span.size
         with io.FileIO(span.chunk.path, "r") as f:
+            if span.skip:
+                f.seek(span.skip)
             while want > 0:
                 got = f.readinto(buffer[: min(block_size, want)])
                 if not got:
@@ -310,6 +313,7 @@ class DirectoryStaging:
         *,
         chunk_max_bytes: int = 8 << 30,
         write_buffer_bytes: int = 4 << 20,
+        digest_catch_up_bytes: int = 64 << 20,
         threads: int = 16,
         digests: DigestCache | None = None,
     ) -> None:
@@ -318,6 +322,9 @@ class DirectoryStaging:
         self.digests = digests if digests is not None else DigestCache()
         self.chunk_max_bytes = chunk_max_bytes
         self.write_buffer_bytes = write_buffer_bytes
+        # The most staged bytes a writer reads back to bring a running digest up to its offset
+        # (about 0.15 s of hashing); beyond it, the finaliser hashes the whole file once instead.
+        self.digest_catch_up_bytes = digest_catch_up_bytes
         self._threads = threads
         self._executor: ThreadPoolExecutor | None = None
 
@@ -365,9 +372,10 @@ class DirectoryStaging:
         """A writer positioned at the committed ``offset``; anything staged past it is dropped.
 
         With a ``digest_tag`` (which upload of this id it is) the writer keeps a running digest: a
-        copy of the one kept at ``offset``, or, when this node keeps none there (the upload was
-        begun on another node, or before a restart), one rebuilt from the first ``offset`` staged
-        bytes. Call under the upload's lock, like every write."""
+        copy of the one this node kept, brought up to ``offset`` from the staged bytes when other
+        nodes wrote some since, or rebuilt from the staged prefix when it keeps none (the upload
+        was begun on another node, or before a restart); None when that would mean reading more
+        than ``digest_catch_up_bytes``. Call under the upload's lock, like every write."""
         directory = self.directory(upload_id)
 
         def _digest(kept: list[Chunk]) -> RunningDigest | None:
@@ -375,8 +383,10 @@ class DirectoryStaging:
                 return None
             if offset == 0:
                 return RunningDigest(digest_tag)
-            found = self.digests.take(upload_id, digest_tag, offset)
-            return found if found is not None else _rebuild(digest_tag, upload_id, kept, offset)
+            digest = self.digests.take(upload_id, digest_tag, offset) or RunningDigest(digest_tag)
+            if offset - digest.offset > self.digest_catch_up_bytes:
+                return None  # the finaliser hashes the file as it reads it
+            return _catch_up(digest, upload_id, kept, offset) if digest.offset < offset else digest
 
         def _open() -> ChunkWriter:
             try:

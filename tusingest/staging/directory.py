@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,6 +135,7 @@ class ChunkWriter:
         self._pending_bytes = 0
         self._inflight: Awaitable[object] | None = None  # the batch being written (and hashed)
         self._hashing = 0  # its size, when it is being hashed too
+        self._writing: Future[None] | None = None  # the thread's own handle on the batch being written
         self._new_files = False
         self._new_directory = False
         self._closed = False
@@ -188,7 +189,8 @@ class ChunkWriter:
         self._queued += size
         loop = asyncio.get_running_loop()
         executor = self._staging.executor
-        write = loop.run_in_executor(executor, self._write_batch, batch, size, roll_at)
+        self._writing = executor.submit(self._write_batch, batch, size, roll_at)
+        write = asyncio.wrap_future(self._writing)
         digest = self._digest
         if digest is None:
             self._inflight = write
@@ -254,9 +256,17 @@ class ChunkWriter:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(StagingError):
-            await self._wait_inflight()
-        os.close(self._fd)
+        try:
+            with contextlib.suppress(StagingError):
+                await self._wait_inflight()
+        finally:
+            writing = self._writing
+            if writing is not None and not writing.done():
+                # Cancelled while a batch is still being written on its thread: close the file after
+                # that write, never under it (a reused descriptor would take the rest of the batch).
+                writing.add_done_callback(lambda _: os.close(self._fd))
+            else:
+                os.close(self._fd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,72 @@
+"""Staging's ChunkWriter on a real directory: the hashes of many batches run beside their writes and
+come out in order, and a request cancelled while a batch is being written never has the file closed
+under that write (a reused descriptor would receive the rest of the batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from tusingest.staging import DirectoryStaging
+
+
+async def test_batches_of_every_size_are_written_and_hashed_in_order(tmp_path: Path) -> None:
+    staging = DirectoryStaging(tmp_path, write_buffer_bytes=64 << 10)
+    pieces = [random.Random(seed).randbytes(random.Random(seed).randint(1, 200_000)) for seed in range(60)]
+    try:
+        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
+            for piece in pieces:
+                await writer.write(piece)
+            offset = await writer.sync()
+            digest = writer.digest
+    finally:
+        staging.close()
+    data = b"".join(pieces)
+    assert offset == len(data)
+    assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == data
+    assert digest is not None and digest.offset == len(data)
+    assert digest.md5.hexdigest() == hashlib.md5(data).hexdigest()
+    assert digest.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_cancelled_request_never_closes_the_file_under_a_batch_still_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write is held inside ``os.writev`` by a wrapper around the real call: a timing seam, so the
+    cancellation lands while the thread is in the middle of the batch."""
+    staging = DirectoryStaging(tmp_path, write_buffer_bytes=64 << 10)
+    inside, release = threading.Event(), threading.Event()
+    real_writev = os.writev
+
+    def held_writev(fd: int, buffers: list[bytes]) -> int:
+        inside.set()
+        release.wait(30)
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", held_writev)
+    writer = await staging.open_writer("u", 0, digest_tag="t")
+    chunk = tmp_path / "u" / f"{0:020d}.chunk"
+
+    async def request() -> None:
+        async with writer:
+            await writer.write(b"a" * (64 << 10))  # a full buffer: the batch goes to a thread
+            await writer.drain()
+
+    task = asyncio.create_task(request())
+    assert await asyncio.to_thread(inside.wait, 30)
+    fd = writer._fd
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert os.fstat(fd).st_ino == chunk.stat().st_ino  # still open: its batch is still being written
+    release.set()
+    await asyncio.to_thread(staging.close)  # waits for the staging threads to finish
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed once the write was done
+    assert chunk.read_bytes() == b"a" * (64 << 10)

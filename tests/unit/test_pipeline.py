@@ -12,6 +12,7 @@ import brotli
 import pytest
 
 from tusingest.finalise.pipeline import FileRejected, FinalisePolicy, declared_checksums, inspect
+from tusingest.staging import Digests
 
 TEXT = b"".join(f"line {n}: the quick brown fox jumps over the lazy dog\n".encode() for n in range(60_000))
 
@@ -21,14 +22,23 @@ async def blocks(data: bytes, size: int = 100_000) -> AsyncIterator[bytes]:
         yield data[start : start + size]
 
 
-async def run(data: bytes, tmp_path: Path, expected: int | None = None, **policy: object) -> object:
+async def run(
+    data: bytes,
+    tmp_path: Path,
+    expected: int | None = None,
+    *,
+    digests: Digests | None = None,
+    metadata: dict[str, str] | None = None,
+    **policy: object,
+) -> object:
     return await inspect(
         blocks(data),
         expected_size=len(data) if expected is None else expected,
         policy=FinalisePolicy(**{"max_size": 1 << 30, "compression_min_size": 1 << 20, **policy}),  # type: ignore[arg-type]
         scanner=None,
-        metadata={},
+        metadata=metadata or {},
         spool_path=tmp_path / "spool",
+        digests=digests,
     )
 
 
@@ -45,6 +55,30 @@ async def test_a_large_text_is_compressed_into_the_spool_and_round_trips(tmp_pat
     stored = (tmp_path / "spool").read_bytes()
     assert len(stored) == compression.stored_size < len(TEXT) // 4
     assert brotli.decompress(stored) == TEXT
+    assert result.sha256 == hashlib.sha256(TEXT).hexdigest()  # type: ignore[attr-defined]
+
+
+async def test_both_hashes_of_many_blocks_come_out_in_order(tmp_path: Path) -> None:
+    data = os.urandom(3_000_017)  # 31 blocks, MD5 and SHA-256 on two threads
+    result = await run(data, tmp_path)
+    assert result.md5 == hashlib.md5(data).hexdigest()  # type: ignore[attr-defined]
+    assert result.sha256 == hashlib.sha256(data).hexdigest()  # type: ignore[attr-defined]
+
+
+async def test_digests_taken_as_the_bytes_were_committed_are_used_not_taken_again(tmp_path: Path) -> None:
+    """Made-up digests stand in for staging's running ones: the pass reports them, so it did not hash;
+    it still compresses, counts and checks the declared ones against them."""
+    known = Digests(len(TEXT), "0" * 32, "1" * 64)
+    result = await run(TEXT, tmp_path, digests=known)
+    assert (result.md5, result.sha256) == (known.md5, known.sha256)  # type: ignore[attr-defined]
+    assert brotli.decompress((tmp_path / "spool").read_bytes()) == TEXT
+    with pytest.raises(FileRejected) as refused:
+        await run(TEXT, tmp_path, digests=known, metadata={"sha256": hashlib.sha256(TEXT).hexdigest()})
+    assert refused.value.code == "checksum_mismatch"
+
+
+async def test_digests_of_another_length_are_ignored_and_the_bytes_hashed(tmp_path: Path) -> None:
+    result = await run(TEXT, tmp_path, digests=Digests(len(TEXT) - 1, "0" * 32, "1" * 64))
     assert result.sha256 == hashlib.sha256(TEXT).hexdigest()  # type: ignore[attr-defined]
 
 

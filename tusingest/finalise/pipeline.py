@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +30,7 @@ from tusingest.finalise.compression import (
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime, mime_allowed
 from tusingest.finalise.refusals import Refused
 from tusingest.observability import tracing
+from tusingest.staging import Digests
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +110,35 @@ def declared_checksums(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 class _Pass:
-    """The per-block work that runs off the event loop: hashing, compressing, spooling."""
+    """The per-block work that runs off the event loop: hashing, compressing, spooling. ``block``
+    and ``md5_block`` run on two threads at once (hashlib lets go of the GIL), each once per block
+    and in order; with ``digests`` known already (staging hashed the bytes as they were committed)
+    nothing is hashed again."""
 
-    def __init__(self, compressor: StreamCompressor | None, spool: BinaryIO | None) -> None:
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.sha256 = hashlib.sha256()
+    def __init__(self, compressor: StreamCompressor | None, spool: BinaryIO | None, digests: Digests | None) -> None:
+        self.digests = digests
+        self.md5 = hashlib.md5(usedforsecurity=False) if digests is None else None
+        self.sha256 = hashlib.sha256() if digests is None else None
         self.compressor = compressor
         self.spool = spool
         self.size = 0
 
     def block(self, data: bytes) -> None:
         self.size += len(data)
-        self.md5.update(data)
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         if self.compressor is not None and self.spool is not None:
             self.spool.write(self.compressor.compress(data))
+
+    def md5_block(self, data: bytes) -> None:
+        if self.md5 is not None:
+            self.md5.update(data)
+
+    def hexdigests(self) -> tuple[str, str]:
+        if self.md5 is None or self.sha256 is None:
+            assert self.digests is not None
+            return self.digests.md5, self.digests.sha256
+        return self.md5.hexdigest(), self.sha256.hexdigest()
 
     def finish(self) -> int:
         if self.compressor is None or self.spool is None:
@@ -142,9 +157,12 @@ async def inspect(
     scanner: ClamdScanner | None,
     metadata: Mapping[str, str],
     spool_path: Path,
+    digests: Digests | None = None,
 ) -> Inspection:
     """Read the upload once and decide about it. Raises FileRejected, or ScannerUnavailable when
-    the scanner cannot be reached and scanning fails closed (a transient failure: retry later)."""
+    the scanner cannot be reached and scanning fails closed (a transient failure: retry later).
+    ``digests``: MD5 and SHA-256 of exactly ``expected_size`` bytes, taken as they were committed;
+    the pass then checks them against the declared ones instead of hashing again."""
     if expected_size > policy.max_size:
         raise FileRejected("file_too_large", f"the file has {expected_size} bytes; the limit is {policy.max_size}")
     declared = declared_checksums(metadata)
@@ -167,7 +185,7 @@ async def inspect(
     if compressor is not None:
         await asyncio.to_thread(spool_path.parent.mkdir, parents=True, exist_ok=True)
         spool = await asyncio.to_thread(open, spool_path, "wb")
-    work = _Pass(compressor, spool)
+    work = _Pass(compressor, spool, digests if digests is not None and digests.size == expected_size else None)
     started = time.time_ns()
     scanned, scan_note = scanner is not None, None
     try:
@@ -181,12 +199,14 @@ async def inspect(
 
             async def feed(data: bytes) -> None:
                 nonlocal session, scanned, scan_note
+                # The scan goes to clamd while this block is hashed and compressed on two threads.
+                # Every part ends before the next block starts, also when the scan fails.
+                work_done = _all(asyncio.to_thread(work.block, data), asyncio.to_thread(work.md5_block, data))
                 if session is None:
-                    await asyncio.to_thread(work.block, data)
+                    await work_done
                     return
                 try:
-                    # The scan goes to clamd while this block is hashed and compressed in a thread.
-                    await asyncio.gather(session.feed(data), asyncio.to_thread(work.block, data))
+                    await _all(work_done, session.feed(data))
                 except ScannerUnavailable as exc:
                     scanned, scan_note, session = _scan_unavailable(exc, policy)
                 except ScanLimitExceeded as exc:
@@ -221,7 +241,7 @@ async def inspect(
 
     if work.size != expected_size:
         raise FileRejected("size_mismatch", f"read {work.size} bytes, the upload declares {expected_size}")
-    md5, sha256 = work.md5.hexdigest(), work.sha256.hexdigest()
+    md5, sha256 = work.hexdigests()
     for algorithm, value in declared.items():
         actual = sha256 if algorithm == "sha256" else md5
         if actual != value:
@@ -242,6 +262,14 @@ async def inspect(
         else:
             await asyncio.to_thread(spool_path.unlink, True)
     return Inspection(work.size, md5, sha256, content_type, scanned, scan_note, compression)
+
+
+async def _all(*parts: Awaitable[object]) -> None:
+    """Await every part to its end, then raise the first failure (``gather`` would raise at once and
+    leave the others running, so the next block's work could overtake them)."""
+    for outcome in await asyncio.gather(*parts, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _scan_unavailable(exc: ScannerUnavailable, policy: FinalisePolicy) -> tuple[bool, str, None]:

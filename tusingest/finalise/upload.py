@@ -459,6 +459,7 @@ class UploadSagas:
             scanner=self.scanner,
             metadata=data.metadata,
             spool_path=spool,
+            digests=whole_digests(self.staging, upload),  # hashed as committed: not hashed again
         )
 
     def _choose(self, data: UploadSagaData, size: int) -> str:

@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the project's venv)::
 
-    .venv/bin/python benchmarks/compare.py                       # 3 rounds of every scenario and variant
+    .venv/bin/python benchmarks/compare.py                       # 3 rounds, every scenario, the first 4 variants
     .venv/bin/python benchmarks/compare.py --rounds 1 --scenarios small --variants node,full-sqlite
     .venv/bin/python benchmarks/compare.py --results /tmp/compare.jsonl --quick   # smaller sizes, a smoke run
 
@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "tus-sqlite-granian": ["--store", "sqlite", "--patches", "plainhooks", "--asgi", "granian"],
     "full-sqlite-granian": ["--store", "sqlite", "--asgi", "granian"],
 }
+DEFAULT_VARIANTS = ("node", "tus-sqlite", "full-sqlite", "full-postgres")  # the Granian ones need `pip install granian`
 SCENARIOS = ("single", "concurrent", "small")
 QUICK: dict[str, list[str]] = {  # a smoke run: the same shapes, a fraction of the bytes
     "single": ["--size", "64MiB", "--patch-size", "8MiB"],
@@ -113,7 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="times each variant runs per scenario (3)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of: " + ", ".join(SCENARIOS))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--results", type=Path, help="JSON lines of every run (default: a temporary file)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: checks the harness, not the speed")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per run, seconds")

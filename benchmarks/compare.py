@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the project's venv)::
 
-    .venv/bin/python benchmarks/compare.py                       # 3 rounds of every scenario and variant
+    .venv/bin/python benchmarks/compare.py                       # 3 rounds, every scenario, the first 4 variants
     .venv/bin/python benchmarks/compare.py --rounds 1 --scenarios small --variants node,full-sqlite
     .venv/bin/python benchmarks/compare.py --results /tmp/compare.jsonl --quick   # smaller sizes, a smoke run
 
@@ -21,6 +21,11 @@ Variants:
     a benchmark-only launcher, not a production setting.
 ``full-sqlite`` / ``full-postgres``
     tusingest as shipped: bytes in, verified, placed on the directory Storage Element, registered.
+``tus-sqlite-granian`` / ``full-sqlite-granian``
+    The same on Granian instead of Hypercorn (``load.py --asgi granian``); with ``--baseline full-sqlite`` the
+    ratio column compares the two servers (issue 16 part 5)::
+
+        .venv/bin/python benchmarks/compare.py --variants full-sqlite,full-sqlite-granian --baseline full-sqlite
 
 Scenarios are load.py's: ``single`` (1 x 512 MiB, 16 MiB PATCHes), ``concurrent`` (8 x 64 MiB, 8 MiB PATCHes),
 ``small`` (200 x 64 KiB, 16 in flight). The figures are never asserted by a test; docs/benchmarks.md keeps them
@@ -47,7 +52,10 @@ VARIANTS: dict[str, list[str]] = {
     "tus-sqlite": ["--store", "sqlite", "--patches", "plainhooks"],
     "full-sqlite": ["--store", "sqlite"],
     "full-postgres": ["--store", "postgres"],
+    "tus-sqlite-granian": ["--store", "sqlite", "--patches", "plainhooks", "--asgi", "granian"],
+    "full-sqlite-granian": ["--store", "sqlite", "--asgi", "granian"],
 }
+DEFAULT_VARIANTS = ("node", "tus-sqlite", "full-sqlite", "full-postgres")  # the Granian ones need `pip install granian`
 SCENARIOS = ("single", "concurrent", "small")
 QUICK: dict[str, list[str]] = {  # a smoke run: the same shapes, a fraction of the bytes
     "single": ["--size", "64MiB", "--patch-size", "8MiB"],
@@ -73,9 +81,10 @@ def throughput(row: dict[str, Any]) -> float:
     return float(row["uploads_s"] if row["scenario"] == "small" else row["mib_s"])
 
 
-def report(rows: list[dict[str, Any]], scenarios: list[str], variants: list[str]) -> str:
+def report(rows: list[dict[str, Any]], scenarios: list[str], variants: list[str], baseline: str = "node") -> str:
+    against = "@tus/server" if baseline == "node" else baseline
     lines = [
-        "| scenario | variant | median | vs @tus/server | p99 ms | peak RSS MiB | server CPU s/GiB | runs |",
+        f"| scenario | variant | median | vs {against} | p99 ms | peak RSS MiB | server CPU s/GiB | runs |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for scenario in scenarios:
@@ -89,8 +98,8 @@ def report(rows: list[dict[str, Any]], scenarios: list[str], variants: list[str]
             if not runs:
                 continue
             unit = "uploads/s" if scenario == "small" else "MiB/s"
-            node = medians.get("node")
-            ratio = f"{medians[variant] / node:.2f}x" if node else "-"
+            base = medians.get(baseline)
+            ratio = f"{medians[variant] / base:.2f}x" if base else "-"
             p99 = statistics.median(float(row["p99_ms"]) for row in runs)
             rss = max(float(row["peak_rss_mib"]) for row in runs)
             cpu = statistics.median(float(row["server_cpu_s"]) / (int(row["total_bytes"]) / GIB) for row in runs)
@@ -105,10 +114,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="times each variant runs per scenario (3)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of: " + ", ".join(SCENARIOS))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--results", type=Path, help="JSON lines of every run (default: a temporary file)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: checks the harness, not the speed")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per run, seconds")
+    parser.add_argument("--baseline", default="node", help="the variant the ratio column divides by (node)")
     args = parser.parse_args()
     scenarios = [name for name in args.scenarios.split(",") if name]
     variants = [name for name in args.variants.split(",") if name]
@@ -118,6 +130,8 @@ def main() -> None:
     for name in variants:
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}")
+    if args.baseline not in VARIANTS:
+        parser.error(f"unknown baseline {args.baseline!r}")
     results = args.results or Path(tempfile.mkstemp(prefix="compare-", suffix=".jsonl")[1])
     results.write_text("")
     if "node" in variants:
@@ -129,7 +143,7 @@ def main() -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     print()
     print(f"results: {results}")
-    print(report(rows, scenarios, variants))
+    print(report(rows, scenarios, variants, args.baseline))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ Comparisons: ``--server bare`` runs ``benchmarks/bare_app.py`` (Starlette + Hype
 store, no fsync) instead of tusingest; ``--server node`` runs the Node reference, @tus/server with @tus/file-store
 (``benchmarks/node_reference/server.mjs``; ``npm ci`` in that folder first); ``--patches recv1m,sfr,...`` runs
 tusingest through ``benchmarks/serve_patched.py``, whose monkeypatches stand in for proposed optimisations;
-``--tmp-dir /dev/shm`` puts staging and SQLite on tmpfs to take the disk out of the figures.
+``--tmp-dir /dev/shm`` puts staging and SQLite on tmpfs to take the disk out of the figures; ``--asgi granian``
+serves tusingest on Granian instead of Hypercorn (``serve_patched.py``'s ``granian`` patch, ``pip install granian``
+first), for the comparison in docs/benchmarks.md.
 
 Figures: MiB/s (all bytes / wall time of the scenario, creations included), uploads/s, p50 and p99 latency of
 the PATCH requests (of the POSTs for ``small``), the p50 and maximum of each upload's last PATCH (it answers once
@@ -242,8 +244,9 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
         if not (here / "node_reference" / "node_modules" / "@tus" / "server").is_dir():
             raise BenchError("--server node: run `npm ci` in benchmarks/node_reference first")
         return [shutil.which("node") or "node", str(here / "node_reference" / "server.mjs"), *listen]
-    if args.patches:
-        return [sys.executable, str(here / "serve_patched.py"), "--patches", args.patches, "serve", *listen]
+    patches = ",".join(filter(None, [args.patches, "granian" if args.asgi == "granian" else ""]))
+    if patches:
+        return [sys.executable, str(here / "serve_patched.py"), "--patches", patches, "serve", *listen]
     return [args.tusingest, "serve", *listen]
 
 
@@ -596,6 +599,8 @@ def default_label(args: argparse.Namespace) -> str:
         parts.append("node @tus/server")
     if args.patches:
         parts.append(f"patches={args.patches}")
+    if args.asgi != "hypercorn":
+        parts.append(f"asgi={args.asgi}")
     if args.tmp_dir:
         parts.append(f"tmp={args.tmp_dir}")
     return " ".join(parts)
@@ -628,6 +633,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "node: benchmarks/node_reference/server.mjs, @tus/server + @tus/file-store",
     )
     parser.add_argument("--patches", default="", help="run tusingest through serve_patched.py with these patches")
+    parser.add_argument(
+        "--asgi",
+        choices=["hypercorn", "granian"],
+        default="hypercorn",
+        help="the ASGI server tusingest runs on (granian: serve_patched.py's granian patch; issue 16 part 5)",
+    )
     parser.add_argument("--tusingest", default=str(Path(sys.executable).parent / "tusingest"), help="the CLI")
     parser.add_argument("--tmp-dir", default=None, help="where the staging directory and SQLite file go")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole scenario, seconds")
@@ -646,6 +657,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.in_flight = args.uploads
     if args.scenario == "small":
         args.patch_size = args.size
+    if args.asgi != "hypercorn" and args.server != "tusingest":
+        parser.error("--asgi applies to --server tusingest only")
     if args.server in ("bare", "node") and args.store != "sqlite":
         parser.error(f"--server {args.server} has no session store: use --store sqlite (the default)")
     if args.uploads < 1 or args.in_flight < 1:

@@ -36,6 +36,9 @@ Patches (comma-separated):
     ``post1`` plus: the body of a creation-with-upload (at most the write buffer, 4 MiB) is gathered in memory and
     staged in one worker-thread call (mkdir, open, write, fsync file, fsync directory, fsync parent, close) instead
     of two thread hops and a listing of the new, empty directory.
+``granian``
+    Granian serves the app instead of Hypercorn (``tests/fixtures/granian.py``, same Config, same start-up and
+    SIGTERM path); ``load.py --asgi granian`` asks for it. Measured, not offered (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -169,9 +172,9 @@ def patch_pool32() -> None:
 
     original = cli._serve
 
-    async def _serve(settings: Any, listener: Any) -> None:
+    async def _serve(settings: Any, listener: Any, *args: Any) -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="pool32"))
-        await original(settings, listener)
+        await original(settings, listener, *args)
 
     cli._serve = _serve
 
@@ -274,6 +277,12 @@ def patch_plainhooks() -> None:
     finaliser_module.FinaliserHooks = plain  # type: ignore[assignment,misc]
 
 
+def patch_granian() -> None:
+    from tests.fixtures.granian import use_granian  # the repository root is on sys.path (main)
+
+    use_granian()
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "recv1m": patch_recv1m,
     "sfr": patch_sfr,
@@ -284,6 +293,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "post1": patch_post1,
     "postfast": patch_postfast,
     "plainhooks": patch_plainhooks,
+    "granian": patch_granian,
 }
 
 

@@ -21,10 +21,13 @@ import pytest
 from tusclient.client import TusClient
 from tusclient.uploader import Uploader
 
+from tests.fixtures import granian
 from tests.fixtures.rawhttp import eventually, open_request, read_response
-from tests.fixtures.server import OCTETS, TUS
+from tests.fixtures.server import ASGI_SERVER, OCTETS, TUS
 
 TUSINGEST = [sys.executable, "-m", "tusingest"]
+# TUSINGEST_TEST_ASGI=granian: every `tusingest serve` of the tests runs on Granian (tests/fixtures/granian.py).
+SERVE = [*granian.COMMAND, "serve"] if ASGI_SERVER == "granian" else [*TUSINGEST, "serve"]
 
 
 def free_port() -> int:
@@ -44,7 +47,7 @@ def clean_env(**values: str) -> dict[str, str]:
 async def running(
     cwd: Path, env: dict[str, str], port: int, stderr: int | IO[bytes] = subprocess.PIPE
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([*TUSINGEST, "serve", "--port", str(port)], cwd=cwd, env=env, stderr=stderr)
+    process = subprocess.Popen([*SERVE, "--port", str(port)], cwd=cwd, env=env, stderr=stderr)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
 
@@ -151,9 +154,7 @@ async def test_sigterm_lets_an_in_flight_patch_commit_what_it_received(workdir: 
 def test_serve_refuses_a_bad_setting_with_a_message_naming_it(
     workdir: Path, variable: str, value: str, words: str
 ) -> None:
-    result = subprocess.run(
-        [*TUSINGEST, "serve"], cwd=workdir, env=clean_env(**{variable: value}), capture_output=True, timeout=30
-    )
+    result = subprocess.run([*SERVE], cwd=workdir, env=clean_env(**{variable: value}), capture_output=True, timeout=30)
     assert result.returncode == 2
     assert words in result.stderr.decode()
 
@@ -162,7 +163,7 @@ def test_serve_on_a_port_in_use_exits_2_with_one_line_and_never_says_it_listens(
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [*TUSINGEST, "serve", "--port", str(port)], cwd=workdir, env=clean_env(), capture_output=True, timeout=30
+            [*SERVE, "--port", str(port)], cwd=workdir, env=clean_env(), capture_output=True, timeout=30
         )
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
@@ -172,7 +173,7 @@ def test_serve_on_a_port_in_use_exits_2_with_one_line_and_never_says_it_listens(
 
 def test_serve_refuses_an_unmigrated_database_and_says_to_migrate(workdir: Path, empty_postgres_url: str) -> None:
     result = subprocess.run(
-        [*TUSINGEST, "serve", "--port", str(free_port())],
+        [*SERVE, "--port", str(free_port())],
         cwd=workdir,
         env=clean_env(DATABASE_URL=empty_postgres_url),
         capture_output=True,
@@ -220,7 +221,7 @@ async def test_cleanup_command_expires_idle_uploads_and_removes_their_bytes(work
 def serve_on_all_addresses(workdir: Path, port: int, env: dict[str, str], *flags: str) -> list[str]:
     """`serve --host 0.0.0.0`, which must exit 2 here; returns its stderr lines."""
     result = subprocess.run(
-        [*TUSINGEST, "serve", "--host", "0.0.0.0", "--port", str(port), *flags],
+        [*SERVE, "--host", "0.0.0.0", "--port", str(port), *flags],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -36,6 +36,12 @@ Patches (comma-separated):
     ``post1`` plus: the body of a creation-with-upload (at most the write buffer, 4 MiB) is gathered in memory and
     staged in one worker-thread call (mkdir, open, write, fsync file, fsync directory, fsync parent, close) instead
     of two thread hops and a listing of the new, empty directory.
+``appqueue2``
+    Hypercorn's ``max_app_queue_size`` 2 instead of 8: at most 2 reads of 512 KiB wait per connection for the app
+    (1 MiB instead of 4 MiB), the rest waits in the kernel's socket buffers. For the peak-RSS experiments.
+``tracemalloc``
+    Not an optimisation: traces Python's allocations and writes the top lines of the snapshot that held the most
+    at once to ``$TRACEMALLOC_OUT`` when the server exits, to see which buffers make the peak RSS (slow).
 """
 
 from __future__ import annotations
@@ -274,6 +280,51 @@ def patch_plainhooks() -> None:
     finaliser_module.FinaliserHooks = plain  # type: ignore[assignment,misc]
 
 
+def patch_appqueue2() -> None:
+    import tusingest.serving as serving
+
+    made = serving.hypercorn_config
+
+    def config(*args: Any, **kwargs: Any) -> Any:
+        result = made(*args, **kwargs)
+        result.max_app_queue_size = 2
+        return result
+
+    serving.hypercorn_config = config  # the CLI imports it from the module when it serves
+
+
+def patch_tracemalloc() -> None:
+    """Trace Python's allocations; keep the snapshot of the most memory held at once and write its top lines
+    (by line of allocation) to $TRACEMALLOC_OUT at exit. Slows the server down: for where, not how fast."""
+    import atexit
+    import threading
+    import time
+    import tracemalloc
+
+    tracemalloc.start(8)
+    best: dict[str, Any] = {"size": 0, "snapshot": None}
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.25)
+            current, _ = tracemalloc.get_traced_memory()
+            if current > best["size"] * 1.05:
+                best["size"], best["snapshot"] = current, tracemalloc.take_snapshot()
+
+    def report() -> None:
+        snapshot = best["snapshot"]
+        if snapshot is None:
+            return
+        with open(os.environ.get("TRACEMALLOC_OUT", "/tmp/tracemalloc.txt"), "w") as out:
+            out.write(f"most traced at once: {best['size'] / (1 << 20):.1f} MiB\n")
+            for stat in snapshot.statistics("traceback")[:12]:
+                out.write(f"{stat.size / (1 << 20):8.1f} MiB {stat.count:6d} blocks\n")
+                out.writelines(f"    {line}\n" for line in stat.traceback.format()[-8:])
+
+    threading.Thread(target=watch, daemon=True).start()
+    atexit.register(report)
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "recv1m": patch_recv1m,
     "sfr": patch_sfr,
@@ -284,6 +335,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "post1": patch_post1,
     "postfast": patch_postfast,
     "plainhooks": patch_plainhooks,
+    "appqueue2": patch_appqueue2,
+    "tracemalloc": patch_tracemalloc,
 }
 
 

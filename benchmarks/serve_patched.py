@@ -301,7 +301,7 @@ def patch_tracemalloc() -> None:
     import time
     import tracemalloc
 
-    tracemalloc.start(8)
+    tracemalloc.start(int(os.environ.get("TRACEMALLOC_FRAMES", "1")))  # more frames: slower start
     best: dict[str, Any] = {"size": 0, "snapshot": None}
 
     def watch() -> None:

@@ -27,7 +27,8 @@ that the server has not read yet, so the figure includes reading that tail. The 
 do not complete an upload (``mid`` below) shows that fixed part: the tail of the body, the fsync and the commit;
 what the last PATCH adds beyond it is finalisation (inspection pass, scan, compression, placing, registering).
 
-Every upload's first 32 bytes are unique, so no cache (clamd keeps one of clean files) sees the same file twice.
+Every upload's first 32 bytes are unique, so no cache (clamd keeps one of clean files, by MD5) sees the same file
+twice; the bytes of clamd's own scans are tagged anew too.
 The last response must be 204 with ``ArtStore-Upload-Status: completed`` and the SHA-256 the client computed.
 
 Also clamd's own time for the same bytes: a direct INSTREAM (``tusingest.finalise.clamd.ClamdScanner``, as the
@@ -97,12 +98,15 @@ class Payload:
         self.text = mode == "brotli"
 
     def bodies(self, size: int, serial: int) -> list[bytes]:
-        tag = f"upload {serial:08d} {time.time_ns():016x}\n".encode()[:32].ljust(32, b".")
-        first = tag + self.block[32 : min(size, len(self.block))]
-        bodies = [first]
+        bodies = [self.tagged(self.block[: min(size, len(self.block))], serial)]
         while sum(map(len, bodies)) < size:
             bodies.append(self.block[: min(len(self.block), size - sum(map(len, bodies)))])
         return bodies
+
+    @staticmethod
+    def tagged(body: bytes, serial: int) -> bytes:
+        """``body`` with its first 32 bytes made unique (a serial number and the time)."""
+        return f"upload {serial:08d} {time.time_ns():016x}\n".encode()[:32].ljust(32, b".") + body[32:]
 
 
 async def patch(location: str, offset: int, body: bytes) -> tuple[float, float, dict[str, str]]:
@@ -170,9 +174,12 @@ async def upload(base_url: str, bodies: list[bytes], sample: Sample) -> None:
     sample.last_patch_ms.append(whole_ms)
 
 
-async def clamd_own_time(scanner: ClamdScanner, bodies: list[bytes], sample: Sample) -> None:
-    """clamd's time from the first byte of a direct INSTREAM to its verdict: whole file, then last PATCH alone."""
-    for parts, into in ((bodies, sample.clamd_whole_ms), (bodies[-1:], sample.clamd_last_patch_ms)):
+async def clamd_own_time(scanner: ClamdScanner, bodies: list[bytes], serial: int, sample: Sample) -> None:
+    """clamd's time from the first byte of a direct INSTREAM to its verdict: the whole file, then its last PATCH
+    alone. Each is tagged anew: clamd caches the verdicts of clean files by MD5, and has seen these bytes."""
+    whole = [Payload.tagged(bodies[0], -serial), *bodies[1:]]
+    last = [Payload.tagged(bodies[-1], -serial)]
+    for parts, into in ((whole, sample.clamd_whole_ms), (last, sample.clamd_last_patch_ms)):
         started = time.perf_counter()
         async with scanner.session() as session:
             for part in parts:
@@ -235,7 +242,7 @@ async def run_mode(
                 bodies = payload.bodies(size, serial)
                 await upload(server.base_url, bodies, sample)
                 if scanner is not None:
-                    await clamd_own_time(scanner, bodies, sample)
+                    await clamd_own_time(scanner, bodies, serial, sample)
         finally:
             sampler.stop()
         row = Row(

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -32,7 +34,7 @@ MiB = load.MiB
 
 
 async def grow(args: argparse.Namespace, server: load.Server) -> None:
-    payload = load.os.urandom(args.size)
+    payload = os.urandom(args.size)
     connector = aiohttp.TCPConnector(limit=args.in_flight)
     async with aiohttp.ClientSession(connector=connector) as session:
         await load.wait_ready(session, server)
@@ -45,14 +47,14 @@ async def grow(args: argparse.Namespace, server: load.Server) -> None:
         print(f"idle RSS {idle / MiB:.1f} MiB", flush=True)
         started = time.perf_counter()
         try:
+
+            async def worker(queue: Iterator[int]) -> None:
+                for _ in queue:  # the shared iterator bounds the uploads of this mark
+                    await load.upload_in_one_post(session, server.base_url, payload, recorder)
+
             for done in range(args.every, args.uploads + 1, args.every):
                 queue = iter(range(args.every))
-
-                async def worker() -> None:
-                    for _ in queue:  # the shared iterator bounds the uploads of this mark
-                        await load.upload_in_one_post(session, server.base_url, payload, recorder)
-
-                await asyncio.gather(*(worker() for _ in range(args.in_flight)))
+                await asyncio.gather(*(worker(queue) for _ in range(args.in_flight)))
                 print(
                     f"after {done:5d} uploads: RSS {sampler.sample() / MiB:6.1f} MiB  (peak so far "
                     f"{sampler.peak / MiB:.1f})  {time.perf_counter() - started:6.1f} s",

@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--size", type=load.parse_size, default=64 << 10)
     parser.add_argument("--in-flight", type=int, default=16)
+    parser.add_argument("--patches", default="", help="run the server through serve_patched.py with these")
     parser.add_argument("--tusingest", default=str(Path(sys.executable).parent / "tusingest"), help="the CLI")
     args = parser.parse_args(argv)
-    server_args = load.parse_args(["--tusingest", args.tusingest])
+    server_args = load.parse_args(["--tusingest", args.tusingest, "--patches", args.patches])
     workdir = Path(tempfile.mkdtemp(prefix="tusrss-"))
     try:
         with (

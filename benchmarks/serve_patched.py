@@ -41,7 +41,8 @@ Patches (comma-separated):
     (1 MiB instead of 4 MiB), the rest waits in the kernel's socket buffers. For the peak-RSS experiments.
 ``tracemalloc``
     Not an optimisation: traces Python's allocations and writes the top lines of the snapshot that held the most
-    at once to ``$TRACEMALLOC_OUT`` when the server exits, to see which buffers make the peak RSS (slow).
+    at once, and what grew since a baseline, to ``$TRACEMALLOC_OUT`` when the server exits (slow): which buffers
+    make the peak RSS, what a long run accumulates.
 """
 
 from __future__ import annotations
@@ -294,32 +295,39 @@ def patch_appqueue2() -> None:
 
 
 def patch_tracemalloc() -> None:
-    """Trace Python's allocations; keep the snapshot of the most memory held at once and write its top lines
-    (by line of allocation) to $TRACEMALLOC_OUT at exit. Slows the server down: for where, not how fast."""
+    """Trace Python's allocations; at exit write to $TRACEMALLOC_OUT the top lines (by line of allocation) of the
+    snapshot that held the most at once, and what grew since the first snapshot taken $TRACEMALLOC_BASELINE_S (20)
+    seconds after start. Slows the server down: for where, not how fast."""
     import atexit
     import threading
     import time
     import tracemalloc
 
     tracemalloc.start(int(os.environ.get("TRACEMALLOC_FRAMES", "1")))  # more frames: slower start
-    best: dict[str, Any] = {"size": 0, "snapshot": None}
+    started = time.monotonic()
+    baseline_after = float(os.environ.get("TRACEMALLOC_BASELINE_S", "20"))
+    kept: dict[str, Any] = {"size": 0, "most": None, "baseline": None, "last": None}
 
     def watch() -> None:
         while True:
             time.sleep(0.25)
             current, _ = tracemalloc.get_traced_memory()
-            if current > best["size"] * 1.05:
-                best["size"], best["snapshot"] = current, tracemalloc.take_snapshot()
+            if current > kept["size"] * 1.05:
+                kept["size"], kept["most"] = current, tracemalloc.take_snapshot()
+            if kept["baseline"] is None and time.monotonic() - started > baseline_after:
+                kept["baseline"] = tracemalloc.take_snapshot()
 
     def report() -> None:
-        snapshot = best["snapshot"]
-        if snapshot is None:
-            return
         with open(os.environ.get("TRACEMALLOC_OUT", "/tmp/tracemalloc.txt"), "w") as out:
-            out.write(f"most traced at once: {best['size'] / (1 << 20):.1f} MiB\n")
-            for stat in snapshot.statistics("traceback")[:12]:
-                out.write(f"{stat.size / (1 << 20):8.1f} MiB {stat.count:6d} blocks\n")
-                out.writelines(f"    {line}\n" for line in stat.traceback.format()[-8:])
+            if kept["most"] is not None:
+                out.write(f"most traced at once: {kept['size'] / (1 << 20):.1f} MiB\n")
+                for stat in kept["most"].statistics("traceback")[:12]:
+                    out.write(f"{stat.size / (1 << 20):8.1f} MiB {stat.count:6d} blocks\n")
+                    out.writelines(f"    {line}\n" for line in stat.traceback.format()[-8:])
+            if kept["baseline"] is not None:
+                out.write(f"\ngrown since {baseline_after:.0f} s after start:\n")
+                for diff in tracemalloc.take_snapshot().compare_to(kept["baseline"], "lineno")[:15]:
+                    out.write(f"    {diff}\n")
 
     threading.Thread(target=watch, daemon=True).start()
     atexit.register(report)

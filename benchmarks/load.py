@@ -66,7 +66,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,14 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_server(args: argparse.Namespace, database_url: str, workdir: Path, max_file_mb: int) -> Iterator[Server]:
+def run_server(
+    args: argparse.Namespace,
+    database_url: str,
+    workdir: Path,
+    max_file_mb: int,
+    settings: Mapping[str, str] | None = None,
+) -> Iterator[Server]:
+    """``settings``: more environment for the server (e.g. compression or clamd), over the defaults below."""
     port = free_port()
     staging = workdir / "staging"
     log_path = workdir / "server.log"
@@ -265,6 +272,7 @@ def run_server(args: argparse.Namespace, database_url: str, workdir: Path, max_f
         "MAX_FILE_SIZE_MB": str(max_file_mb),
         # Quiet unless asked: LOG_LEVEL=info measures the access lines too (the observability A/B).
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "warning"),
+        **(settings or {}),
     }
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -668,13 +676,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    runner: Callable[[Any], Any] = asyncio.run
+def uvloop_runner() -> Callable[[Any], Any]:
+    """``uvloop.run`` when uvloop is installed (as the server runs), else ``asyncio.run``."""
     with contextlib.suppress(ImportError):
         import uvloop
 
-        runner = uvloop.run
+        return uvloop.run
+    return asyncio.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runner = uvloop_runner()
     os.sync()  # start from clean page cache: dirty pages of a previous run would be written back during this one
     workdir = Path(tempfile.mkdtemp(prefix="tusbench-", dir=args.tmp_dir))
     max_file_mb = max(5120, -(-args.size // MiB))

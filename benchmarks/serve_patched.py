@@ -39,6 +39,13 @@ Patches (comma-separated):
 ``granian``
     Granian serves the app instead of Hypercorn (``tests/fixtures/granian.py``, same Config, same start-up and
     SIGTERM path); ``load.py --asgi granian`` asks for it. Measured, not offered (docs/benchmarks.md).
+``appqueue2``
+    Hypercorn's ``max_app_queue_size`` 2 instead of 8: at most 2 reads of 512 KiB wait per connection for the app
+    (1 MiB instead of 4 MiB), the rest waits in the kernel's socket buffers. For the peak-RSS experiments.
+``tracemalloc``
+    Not an optimisation: traces Python's allocations and writes the top lines of the snapshot that held the most
+    at once, and what grew since a baseline, to ``$TRACEMALLOC_OUT`` when the server exits (slow): which buffers
+    make the peak RSS, what a long run accumulates.
 """
 
 from __future__ import annotations
@@ -283,6 +290,58 @@ def patch_granian() -> None:
     use_granian()
 
 
+def patch_appqueue2() -> None:
+    import tusingest.serving as serving
+
+    made = serving.hypercorn_config
+
+    def config(*args: Any, **kwargs: Any) -> Any:
+        result = made(*args, **kwargs)
+        result.max_app_queue_size = 2
+        return result
+
+    serving.hypercorn_config = config  # the CLI imports it from the module when it serves
+
+
+def patch_tracemalloc() -> None:
+    """Trace Python's allocations; at exit write to $TRACEMALLOC_OUT the top lines (by line of allocation) of the
+    snapshot that held the most at once, and what grew since the first snapshot taken $TRACEMALLOC_BASELINE_S (20)
+    seconds after start. Slows the server down: for where, not how fast."""
+    import atexit
+    import threading
+    import time
+    import tracemalloc
+
+    tracemalloc.start(int(os.environ.get("TRACEMALLOC_FRAMES", "1")))  # more frames: slower start
+    started = time.monotonic()
+    baseline_after = float(os.environ.get("TRACEMALLOC_BASELINE_S", "20"))
+    kept: dict[str, Any] = {"size": 0, "most": None, "baseline": None, "last": None}
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.25)
+            current, _ = tracemalloc.get_traced_memory()
+            if current > kept["size"] * 1.05:
+                kept["size"], kept["most"] = current, tracemalloc.take_snapshot()
+            if kept["baseline"] is None and time.monotonic() - started > baseline_after:
+                kept["baseline"] = tracemalloc.take_snapshot()
+
+    def report() -> None:
+        with open(os.environ.get("TRACEMALLOC_OUT", "/tmp/tracemalloc.txt"), "w") as out:
+            if kept["most"] is not None:
+                out.write(f"most traced at once: {kept['size'] / (1 << 20):.1f} MiB\n")
+                for stat in kept["most"].statistics("traceback")[:12]:
+                    out.write(f"{stat.size / (1 << 20):8.1f} MiB {stat.count:6d} blocks\n")
+                    out.writelines(f"    {line}\n" for line in stat.traceback.format()[-8:])
+            if kept["baseline"] is not None:
+                out.write(f"\ngrown since {baseline_after:.0f} s after start:\n")
+                for diff in tracemalloc.take_snapshot().compare_to(kept["baseline"], "lineno")[:15]:
+                    out.write(f"    {diff}\n")
+
+    threading.Thread(target=watch, daemon=True).start()
+    atexit.register(report)
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "recv1m": patch_recv1m,
     "sfr": patch_sfr,
@@ -294,6 +353,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "postfast": patch_postfast,
     "plainhooks": patch_plainhooks,
     "granian": patch_granian,
+    "appqueue2": patch_appqueue2,
+    "tracemalloc": patch_tracemalloc,
 }
 
 

@@ -7,7 +7,9 @@ is a handful of large files, and a concatenated upload can refer to its partials
 Bytes gather in memory and go to the page cache in large batches (``write_buffer_bytes``) on
 staging's own threads, one batch in flight per request, so the event loop keeps receiving
 while a batch is copied; there is no thread hop per received chunk. Opening, truncating and
-the fsync at the commit point run once per request on the same threads.
+the fsync at the commit point run once per request on the same threads. The node's writers
+share one budget for these buffers (``write_budget_bytes``): many at once write smaller batches,
+so memory stays bounded as uploads are added, not per upload.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from tusingest.staging.digests import DigestCache, RunningDigest
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 _IOV_MAX = 512  # well under the kernel's IOV_MAX (1024)
+# A writer holds at most this many batches: one gathering, one in flight on a staging thread.
+_BATCHES_PER_WRITER = 2
+# The smallest batch a shared budget cuts to: below it, thread hops per byte start to cost.
+_MIN_BATCH_BYTES = 256 << 10
 
 
 class StagingError(Exception):
@@ -166,7 +172,7 @@ class ChunkWriter:
             return
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._pending_bytes >= self._staging.write_buffer_bytes or len(self._pending) >= _IOV_MAX:
+        if self._pending_bytes >= self._staging.batch_bytes or len(self._pending) >= _IOV_MAX:
             await self._flush()
 
     async def _wait_inflight(self) -> None:
@@ -256,6 +262,7 @@ class ChunkWriter:
         if self._closed:
             return
         self._closed = True
+        self._staging.writers -= 1
         try:
             with contextlib.suppress(StagingError):
                 await self._wait_inflight()
@@ -323,20 +330,32 @@ class DirectoryStaging:
         *,
         chunk_max_bytes: int = 8 << 30,
         write_buffer_bytes: int = 4 << 20,
+        write_budget_bytes: int | None = None,
         digest_catch_up_bytes: int = 64 << 20,
         threads: int = 16,
         digests: DigestCache | None = None,
     ) -> None:
+        """``write_budget_bytes``: what all open writers' batches may hold together (default: two
+        writers' worth at ``write_buffer_bytes``); a batch never shrinks below 256 KiB for it."""
         self.root = Path(root)
         # The running digests of uploads written on this node (``ChunkWriter.digest``).
         self.digests = digests if digests is not None else DigestCache()
         self.chunk_max_bytes = chunk_max_bytes
         self.write_buffer_bytes = write_buffer_bytes
+        self.write_budget_bytes = write_budget_bytes or 2 * _BATCHES_PER_WRITER * write_buffer_bytes
+        self.writers = 0  # open ChunkWriters (changed on the event loop only)
         # The most staged bytes a writer reads back to bring a running digest up to its offset
         # (about 0.15 s of hashing); beyond it, the finaliser hashes the whole file once instead.
         self.digest_catch_up_bytes = digest_catch_up_bytes
         self._threads = threads
         self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def batch_bytes(self) -> int:
+        """The size at which a writer hands its gathered bytes to a staging thread: the budget
+        shared by the open writers, at most ``write_buffer_bytes``."""
+        share = self.write_budget_bytes // (_BATCHES_PER_WRITER * max(1, self.writers))
+        return max(min(share, self.write_buffer_bytes), min(_MIN_BATCH_BYTES, self.write_buffer_bytes))
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -426,7 +445,9 @@ class DirectoryStaging:
             writer._new_files = True
             return writer
 
-        return await self._run(_open)
+        writer = await self._run(_open)
+        self.writers += 1  # here, on the event loop, not in _open's thread: aclose counts down there too
+        return writer
 
     async def staged_size(self, upload_id: str) -> int:
         directory = self.directory(upload_id)

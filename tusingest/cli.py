@@ -90,7 +90,7 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
 
     from tusingest.app import build_app, open_database
     from tusingest.auth import AuthConfigError
-    from tusingest.serving import hypercorn_config
+    from tusingest.serving import hypercorn_config, runtime_warning
     from tusingest.sessions.store import StoreError
 
     # Refuse to start on a store we cannot use, with the store's own words (e.g. "run tusingest migrate").
@@ -119,6 +119,8 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
         app.state.parts.locker.request_release_all()
         app.state.parts.progress.end_streams()  # live-progress streams end; their clients reconnect
 
+    if (advice := runtime_warning()) is not None:
+        logging.getLogger("tusingest").warning(advice)
     logging.getLogger("tusingest").info("tusingest listening on http://%s:%d", settings.host, settings.port)
     try:
         await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ on a request head (size, field count, time to arrive) that Hypercorn and the app
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Protocol
 
 from hypercorn.config import Config
@@ -89,3 +90,18 @@ class RequestHeadLimit:
         if size > self.max_bytes:
             return f"request head is {size} bytes; at most {self.max_bytes} are allowed"
         return None
+
+
+def runtime_warning(version: tuple[int, int, int] = sys.version_info[:3]) -> str | None:
+    """What an operator should hear about the Python running a long-lived node, or None.
+
+    CPython 3.12.0 to 3.12.5 keep every string that pathlib interns for good (python/cpython#113993,
+    fixed in 3.12.6 by #123065), and pathlib interns each part of every path it parses: each
+    upload's staging and element paths stay behind, about 120 bytes per upload measured here, so a
+    node's memory grows with the uploads it has taken (docs/benchmarks.md, peak RSS)."""
+    if (3, 12, 0) <= version < (3, 12, 6):
+        return (
+            f"Python {'.'.join(map(str, version))} never frees the path names it parses (CPython issue 113993): "
+            "this node's memory grows by about 120 bytes per upload; run Python 3.12.6 or newer"
+        )
+    return None

@@ -9,7 +9,7 @@ import pytest
 
 from tusingest.app import build_parts
 from tusingest.config import SettingsError, load_settings
-from tusingest.serving import hypercorn_config
+from tusingest.serving import hypercorn_config, runtime_warning
 from tusingest.tus.body import BodyPace
 
 
@@ -49,3 +49,16 @@ def test_the_body_pace_reaches_the_tus_options_in_bytes_per_second(tmp_path: Pat
         body_min_rate_window_seconds=10,
     )
     assert build_parts(settings).tus.ctx.options.body_pace == BodyPace(idle_timeout=20, min_rate=512, window=10)
+
+
+@pytest.mark.parametrize(
+    ("version", "warned"),
+    [((3, 12, 0), True), ((3, 12, 1), True), ((3, 12, 5), True), ((3, 12, 6), False), ((3, 13, 0), False)],
+)
+def test_a_python_that_never_frees_parsed_path_names_is_named_at_start(
+    version: tuple[int, int, int], warned: bool
+) -> None:
+    advice = runtime_warning(version)
+    assert (advice is not None) is warned
+    if advice is not None:
+        assert ".".join(map(str, version)) in advice and "3.12.6" in advice

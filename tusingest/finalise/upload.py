@@ -566,7 +566,9 @@ class UploadSagas:
                     length=size,
                     content_type=data.content_type,
                     metadata=metadata,
-                    before_commit=lambda: self.failpoints.reach("put_midway", element_id),
+                    before_commit=self.failpoints.hook("put_midway", element_id),
+                    # As the put's below: a small file's object is synced with its sidecar.
+                    durable=_steps_recorded(data),
                 )
             return await backend.put(
                 data.key,

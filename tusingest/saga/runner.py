@@ -223,7 +223,7 @@ class SagaRunner[R]:
         attributes = {"saga.kind": self.kind, "saga.id": saga.saga_id, "saga.subject": saga.subject_id}
         began_by = tracing.link_to(saga.data.get("traceparent"))
         with tracing.span(f"saga.{self.kind}", attributes | {"saga.step": saga.step}, links=began_by):
-            return await self._run_here(saga, work)
+            return await self._run_here(saga, work, fresh)
 
     async def _run_here(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None, fresh: bool = False) -> R:
         keeper = asyncio.create_task(self._keep_lease(saga.saga_id), name=f"{saga.kind}-lease-{saga.saga_id}")

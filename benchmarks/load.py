@@ -160,13 +160,15 @@ class RssSampler(threading.Thread):
         self.join(timeout=5)
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    total = 0.0
+def cpu_split(process: psutil.Process) -> tuple[float, float]:
+    """User and system (kernel: fsync, file creation, socket work) CPU seconds of a process and its children."""
+    user = system = 0.0
     for proc in [process, *process.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+            user += times.user
+            system += times.system
+    return user, system
 
 
 def _pg_admin(admin_url: str, statement: str) -> None:
@@ -515,6 +517,7 @@ class Result:
     client_cpu_s: float
     rss_samples: int
     verified: str
+    server_system_s: float = 0.0  # the kernel's share of server_cpu_s
     label: str = ""
     started_at: str = ""
     python: str = field(default_factory=lambda: sys.version.split()[0])
@@ -528,7 +531,8 @@ class Result:
             f"p99 {self.p99_ms:7.1f} ms  last PATCH p50 {self.last_patch_p50_ms:7.1f} "
             f"max {self.last_patch_max_ms:7.1f} ms  "
             f"peak RSS {self.peak_rss_mib:6.1f} MiB (idle {self.idle_rss_mib:.1f})  "
-            f"cpu server {self.server_cpu_s:.1f}s client {self.client_cpu_s:.1f}s  wall {self.wall_s:.2f}s"
+            f"cpu server {self.server_cpu_s:.1f}s (sys {self.server_system_s:.1f}s) client {self.client_cpu_s:.1f}s  "
+            f"wall {self.wall_s:.2f}s"
         )
 
 
@@ -549,14 +553,15 @@ async def bench(args: argparse.Namespace, server: Server) -> Result:
             with py_spy(
                 server.process.pid, args.profile, args.profile_rate, args.profile_native, args.profile_blocking
             ):
-                cpu_before = cpu_seconds(proc)
+                user_before, system_before = cpu_split(proc)
                 client_before = time.process_time()
                 started = time.perf_counter()
                 async with asyncio.timeout(args.timeout):
                     await run_scenario(session, server.base_url, args, payload, recorder)
                 wall = time.perf_counter() - started
                 client_cpu = time.process_time() - client_before
-                server_cpu = cpu_seconds(proc) - cpu_before
+                user_after, system_after = cpu_split(proc)
+                server_user, server_system = user_after - user_before, system_after - system_before
         finally:
             sampler.stop()
         sampler.sample()
@@ -590,7 +595,8 @@ async def bench(args: argparse.Namespace, server: Server) -> Result:
         last_patch_max_ms=round(max(recorder.last_patch_ms), 2) if recorder.last_patch_ms else 0.0,
         peak_rss_mib=round(sampler.peak / MiB, 1),
         idle_rss_mib=round(idle / MiB, 1),
-        server_cpu_s=round(server_cpu, 2),
+        server_cpu_s=round(server_user + server_system, 2),
+        server_system_s=round(server_system, 2),
         client_cpu_s=round(client_cpu, 2),
         rss_samples=sampler.samples,
         verified=verified,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import re
 import signal
@@ -122,6 +123,10 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
     if (advice := runtime_warning()) is not None:
         logging.getLogger("tusingest").warning(advice)
     logging.getLogger("tusingest").info("tusingest listening on http://%s:%d", settings.host, settings.port)
+    # What start-up built (modules, the app, ~150,000 objects) lives as long as the process: out of the
+    # collector's sight, a full collection while serving walks only what requests made (~140 ms fewer
+    # each, about one per 800 small uploads). Here, not in the app's lifespan: tests build many apps.
+    gc.freeze()
     try:
         await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     finally:

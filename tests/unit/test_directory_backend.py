@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,13 @@ from tusingest.elements.directory import DirectoryBackend, directory_error, is_t
 async def stream(*chunks: bytes) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
+
+
+def staged_file(directory: Path, name: str, data: bytes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(data)
+    return path
 
 
 @pytest.fixture
@@ -151,8 +159,9 @@ def test_a_full_disk_is_still_an_element_failure() -> None:
     assert type(error) is BackendError and error.transient is True
 
 
-async def test_a_put_that_need_not_be_durable_leaves_its_directory_fsync_to_the_next_durable_put_there(
-    backend: DirectoryBackend, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("how", ["put", "place_file"])
+async def test_an_object_that_need_not_be_durable_leaves_its_directory_fsync_to_the_next_durable_put_there(
+    backend: DirectoryBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, how: str
 ) -> None:
     # A power cut cannot be staged here; what is checked is which directory fsyncs are issued (the
     # real fsyncs still run), and that the object's bytes and name are in place before the sidecar.
@@ -164,7 +173,11 @@ async def test_a_put_that_need_not_be_durable_leaves_its_directory_fsync_to_the_
         real(directory)
 
     monkeypatch.setattr(directory_module, "_fsync_directory", recording)
-    await backend.put("2026/12/02/16/f.bin", stream(b"object"), durable=False)
+    if how == "put":
+        await backend.put("2026/12/02/16/f.bin", stream(b"object"), durable=False)
+    else:
+        source = staged_file(tmp_path / "staging", "0.chunk", b"object")
+        await backend.place_file("2026/12/02/16/f.bin", [(source, 6)], length=6, durable=False)
     after_object = list(synced)
     await backend.put("2026/12/02/16/f.bin.attr.json", stream(b"{}"))
 
@@ -174,14 +187,30 @@ async def test_a_put_that_need_not_be_durable_leaves_its_directory_fsync_to_the_
     assert (folder / "f.bin").read_bytes() == b"object"
 
 
+async def test_a_one_batch_put_and_a_place_with_nothing_to_await_take_one_thread_call_each(
+    backend: DirectoryBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[str] = []
+    real = directory_module.asyncio.to_thread
+
+    async def counting(function: Any, /, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(function, "__name__", repr(function)))
+        return await real(function, *args, **kwargs)
+
+    monkeypatch.setattr(directory_module.asyncio, "to_thread", counting)
+    await backend.put("a/f.bin.attr.json", stream(b"{", b"}"))
+    on_put = list(calls)
+    source = staged_file(tmp_path / "staging", "0.chunk", b"object")
+    await backend.place_file("a/f.bin", [(source, 6)], length=6)
+
+    assert on_put == ["commit"]
+    assert calls == ["commit", "fill_and_commit"]
+    assert (backend.root / "a" / "f.bin.attr.json").read_bytes() == b"{}"
+    assert (backend.root / "a" / "f.bin").read_bytes() == b"object"
+    assert sorted(p.name for p in (backend.root / "a").iterdir()) == ["f.bin", "f.bin.attr.json"]
+
+
 # --- place_file: the staged file becomes the object without passing through the process -----------
-
-
-def staged_file(directory: Path, name: str, data: bytes) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    path.write_bytes(data)
-    return path
 
 
 async def test_place_file_links_one_whole_file_on_the_same_filesystem(

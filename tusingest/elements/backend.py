@@ -155,9 +155,10 @@ class FilePlacer(Protocol):
         content_encoding: str | None = None,
         metadata: Mapping[str, str] | None = None,
         before_commit: Callable[[], Awaitable[None]] | None = None,
+        durable: bool = True,
     ) -> ObjectInfo:
         """Store the first ``size`` bytes of each ``(path, size)``, in order, under key: as durable
-        and atomic as ``put``, and the files stay as they are (the caller may still need them).
-        ``before_commit`` is awaited once the bytes are in place under a temp name, before they
-        become the object (a test stops there); what a kill leaves is removed like a put's."""
+        and atomic as ``put`` (``durable`` as there), and the files stay as they are (the caller may
+        still need them). ``before_commit`` is awaited once the bytes are in place under a temp name,
+        before they become the object (a test stops there); what a kill leaves is removed like a put's."""
         ...

@@ -241,10 +241,12 @@ class _TempObject:
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.fd < 0:
+            self.open()
         _write_all(self.fd, data)
 
     def commit(self, rest: bytes | bytearray, attributes: Mapping[str, bytes], *, durable: bool = True) -> None:
-        _write_all(self.fd, rest)
+        self.write(rest)
         _set_attributes(self.fd, attributes)
         os.fsync(self.fd)  # always: a rename that outlives a crash must never name a file short of its bytes
         os.close(self.fd)
@@ -332,12 +334,10 @@ class DirectoryBackend:
         attributes = _encode_attributes(content_type, content_encoding, stored_metadata)
         temp = _TempObject(target)
         # The one thread operation on temp in flight; cleanup waits for it before removing the file.
-        opening = asyncio.ensure_future(asyncio.to_thread(temp.open))
-        working: asyncio.Future[None] | None = opening
+        # The first of them makes the temp file: an object that fits one batch takes one trip to a thread.
+        working: asyncio.Future[None] | None = None
         total = 0
         try:
-            await self._finish("put", key, opening)
-            working = None
             batch = bytearray()
             async for chunk in chunks:
                 total += len(chunk)
@@ -370,11 +370,13 @@ class DirectoryBackend:
         content_encoding: str | None = None,
         metadata: Mapping[str, str] | None = None,
         before_commit: Callable[[], Awaitable[None]] | None = None,
+        durable: bool = True,
     ) -> ObjectInfo:
         """``FilePlacer``: one whole file on this element's file system becomes the object by hard
         link (no byte is copied; the file and the object share an inode, and the file stays as it
         is), anything else by ``copy_file_range`` into the temp file (a kernel copy, through
-        memory only across file systems). Then fsync and rename as ``put`` does."""
+        memory only across file systems). Then fsync and rename as ``put`` does. With nothing to
+        await before the commit, fill and commit are one trip to a thread."""
         target = self._path(key)
         total = sum(size for _, size in files)
         if total != length:
@@ -399,14 +401,20 @@ class DirectoryBackend:
                 if copied != size:
                     raise BackendError(f"{path} ended after {copied} of {size} bytes", transient=False)
 
-        filling = asyncio.ensure_future(asyncio.to_thread(fill))
-        working: asyncio.Future[None] | None = filling
+        def fill_and_commit() -> None:
+            fill()
+            temp.commit(b"", attributes, durable=durable)
+
+        working: asyncio.Future[None] | None
         try:
-            await self._finish("place", key, filling)
-            working = None
-            if before_commit is not None:
+            if before_commit is None:
+                working = asyncio.ensure_future(asyncio.to_thread(fill_and_commit))
+            else:
+                working = asyncio.ensure_future(asyncio.to_thread(fill))
+                await self._finish("place", key, working)
+                working = None
                 await before_commit()
-            working = asyncio.ensure_future(asyncio.to_thread(temp.commit, b"", attributes))
+                working = asyncio.ensure_future(asyncio.to_thread(temp.commit, b"", attributes, durable=durable))
             await self._finish("place", key, working)
         except BaseException:
             await self._discard(temp, working)

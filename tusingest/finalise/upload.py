@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -415,7 +415,7 @@ class UploadSagas:
                     tracing.span(tracing.TRANSFER, {**placing, "size.stored": data.placed_size()}),
                 ):
                     if step == "placing":
-                        info, hashed = await self._put_object(saga.subject_id, data, element_id, repeated=repeated)
+                        info, hashed = await self._put_object(upload, data, element_id, repeated=repeated)
                         data.stored_size = info.size
                         saga = await self._step(saga, "placed", data, recorded=recorded)
                         step = "placed"
@@ -437,11 +437,12 @@ class UploadSagas:
                 saga = await self._advance(saga, "inspected", data)
                 step = "inspected"
 
+        record = None
         if step == "sidecar_written":
             await self.failpoints.reach("sidecar_written", data.element_id)
-            saga = await self._register(saga, data)
+            saga, record = await self._register(saga, data, upload)
             step = "registered"
-        return await self._finish(saga, upload)
+        return await self._finish(saga, upload, record)
 
     def _inspection_usable(self, step: str | None, data: UploadSagaData) -> bool:
         if step is None:
@@ -494,11 +495,7 @@ class UploadSagas:
         if length > self.policy.max_size:
             raise FileRejected("file_too_large", f"the file has {length} bytes; the limit is {self.policy.max_size}")
         digests = whole_digests(self.staging, upload)
-        head = bytearray()
-        async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
-            head += block
-            break
-        content_type = await asyncio.to_thread(detect_mime, bytes(head))
+        content_type = await self._head_mime(upload)
         check_mime(content_type, self.policy)
         if self.policy.compression_enabled and should_compress(
             content_type, length, min_size=self.policy.compression_min_size
@@ -510,6 +507,18 @@ class UploadSagas:
             data.md5, data.sha256, data.hashed_size = digests.md5, digests.sha256, digests.size
             self._check_single_pass(data)  # refused before anything is placed
         return True
+
+    async def _head_mime(self, upload: Upload) -> str:
+        """libmagic's verdict on the upload's first HEAD_BYTES. A single upload's staged files are read
+        and judged in one thread call (not three: open, read, judge); a final one's come from its partials."""
+        if upload.kind is not UploadKind.FINAL:
+            files = await self.staging.chunk_files(upload.id, min(upload.offset, HEAD_BYTES))
+            return await asyncio.to_thread(_detect_files, upload.id, files)
+        head = bytearray()
+        async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
+            head += block
+            break
+        return await asyncio.to_thread(detect_mime, bytes(head))
 
     def _check_single_pass(self, data: UploadSagaData) -> None:
         """Single pass: the size hashed and any client-declared digest must hold (after the put
@@ -524,7 +533,7 @@ class UploadSagas:
                 )
 
     async def _put_object(
-        self, upload_id: str, data: UploadSagaData, element_id: str, *, repeated: bool
+        self, upload: Upload, data: UploadSagaData, element_id: str, *, repeated: bool
     ) -> tuple[ObjectInfo, bool]:
         """Put the object; in single-pass mode without digests yet, also take its hashes on the way
         (True then). Staged bytes that need no hashing go to an element that takes files
@@ -550,15 +559,13 @@ class UploadSagas:
             if compression:
                 return _read_file(Path(compression.spool))
             if single_pass:
-                return hashed(self._staged(upload_id))
-            return self._staged(upload_id)
+                return hashed(self._staged(upload.id))
+            return self._staged(upload.id)
 
         metadata = {"file-id": data.file_id or ""} | ({"sha256": data.sha256} if data.sha256 else {})
         files = None
-        if not compression and not single_pass:
-            upload = await self.sessions.get(upload_id)
-            if upload is not None and upload.kind is UploadKind.SINGLE:
-                files = await self.staging.chunk_files(upload_id, size)
+        if not compression and not single_pass and upload.kind is UploadKind.SINGLE:
+            files = await self.staging.chunk_files(upload.id, size)
 
         async def put(backend: Backend) -> ObjectInfo:
             if files is not None and isinstance(backend, FilePlacer):
@@ -568,7 +575,9 @@ class UploadSagas:
                     length=size,
                     content_type=data.content_type,
                     metadata=metadata,
-                    before_commit=lambda: self.failpoints.reach("put_midway", element_id),
+                    before_commit=self.failpoints.hook("put_midway", element_id),
+                    # As the put's below: a small file's object is synced with its sidecar.
+                    durable=_steps_recorded(data),
                 )
             return await backend.put(
                 data.key,
@@ -627,7 +636,9 @@ class UploadSagas:
             await self.pool.discard_incomplete(element_id, sidecar_key(data.key))
         await self.pool.call(element_id, put)
 
-    async def _register(self, saga: Saga, data: UploadSagaData) -> Saga:
+    async def _register(self, saga: Saga, data: UploadSagaData, upload: Upload) -> tuple[Saga, FileRecord]:
+        """The commit point: the files row, its outbox messages and the audit row in one transaction.
+        Also returns the row as written, so that the answer to the client need not read it back."""
         record = self._file_record(saga.subject_id, data)
         messages = self._completion_messages(record)
         saga = await self.sagas.register_file(
@@ -639,11 +650,11 @@ class UploadSagas:
             # Everything the steps found: a small file's steps reach the log only here.
             data_update=data.to_data(),
             lease_seconds=self.settings.lease_seconds,
-            audit=await self._audit(saga.subject_id, Action.UPLOAD_COMPLETED, data),
+            audit=self._audit_of(upload, Action.UPLOAD_COMPLETED, data),
         )
-        if self.relay is not None:
+        if self.relay is not None and messages:  # nothing queued (no webhooks, no Redis): no round to run
             self.relay.notify()
-        return saga
+        return saga, record
 
     def _file_record(self, upload_id: str, data: UploadSagaData) -> FileRecord:
         compression = data.compression
@@ -684,11 +695,14 @@ class UploadSagas:
             messages.append(file_event_message(FILE_CREATED, fields, self.settings.events_stream))
         return messages
 
-    async def _finish(self, saga: Saga, upload: Upload | None = None) -> UploadOutcome:
+    async def _finish(
+        self, saga: Saga, upload: Upload | None = None, record: FileRecord | None = None
+    ) -> UploadOutcome:
         """After registration nothing is undone: clean staging up, mark the upload, done.
 
         Every part repeats harmlessly, so the saga's completion need not be durable: lost to a
-        crash, recovery finds the saga registered and finishes it again."""
+        crash, recovery finds the saga registered and finishes it again. ``record``: the files row
+        this run registered (None: read it from the registry)."""
         self._found.pop(saga.saga_id, None)
         data = _data(saga)
         for element_id in data.cleanup:
@@ -699,7 +713,7 @@ class UploadSagas:
         await self.sagas.set_state(saga.saga_id, owner=self.settings.owner, state=SagaState.COMPLETED, durable=False)
         self._settled(saga, "success", data.size, data.compression)
         await self._stage(saga.subject_id, "registered")
-        return UploadOutcome("completed", file=await self.sagas.get_file(data.file_id or ""))
+        return UploadOutcome("completed", file=record or await self.sagas.get_file(data.file_id or ""))
 
     def _settled(
         self, saga: Saga, status: str, size: int | None = None, compression: Compression | None = None
@@ -737,16 +751,12 @@ class UploadSagas:
                     return UploadOutcome("failed", refusal=refusal)
             for other in data.cleanup:
                 await self._remove_from(other, data.key)
-        await self.sagas.enqueue(
-            webhook_messages(
-                webhook_event(
-                    UPLOAD_FAILED,
-                    {"upload_id": saga.subject_id, "error": {"error": code, "message": message}},
-                ),
-                self.settings.webhook_urls,
-            )
+        messages = webhook_messages(
+            webhook_event(UPLOAD_FAILED, {"upload_id": saga.subject_id, "error": {"error": code, "message": message}}),
+            self.settings.webhook_urls,
         )
-        if self.relay is not None:
+        await self.sagas.enqueue(messages)
+        if self.relay is not None and messages:
             self.relay.notify()
         failed = await self._audit(saga.subject_id, Action.UPLOAD_FAILED, data, outcome=Outcome.FAILED, reason=code)
         await self.sessions.set_state(saga.subject_id, UploadState.FAILED, audit=failed)
@@ -767,6 +777,11 @@ class UploadSagas:
     ) -> AuditEvent:
         """The audit event of the upload's completion or failure, under the upload's owner."""
         upload = await self.sessions.get(upload_id) or Upload(id=upload_id, length=None)
+        return self._audit_of(upload, action, data, outcome=outcome, reason=reason)
+
+    def _audit_of(
+        self, upload: Upload, action: str, data: UploadSagaData, *, outcome: str = Outcome.OK, reason: str | None = None
+    ) -> AuditEvent:
         elements = (data.element_id,) if data.element_id else ()
         return AuditEvent.for_owner(
             action, upload, outcome=outcome, file_id=data.file_id, element_ids=elements, reason=reason
@@ -850,6 +865,20 @@ def file_json(record: FileRecord) -> dict[str, Any]:
         "created_by": record.created_by_username,
         "upload_id": record.upload_id,
     }
+
+
+def _detect_files(upload_id: str, files: Sequence[tuple[Path, int]]) -> str:
+    """``detect_mime`` of the first ``size`` bytes of each staged ``(path, size)``, in order."""
+    head = bytearray()
+    try:
+        for path, size in files:
+            with open(path, "rb") as staged:
+                head += staged.read(size)
+    except OSError as exc:  # a chunk discarded since the listing
+        raise StagingError(f"cannot read staging for upload {upload_id}: {exc}") from exc
+    if len(head) != sum(size for _, size in files):
+        raise StagingError(f"staging for upload {upload_id} ended early")
+    return detect_mime(bytes(head))
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from tusingest.elements.backend import BackendError
@@ -48,6 +48,12 @@ class Failpoints:
         if failpoint.action == "pause":
             await asyncio.Event().wait()
         raise BackendError(f"failpoint {point} on {element_id}", transient=False)
+
+    def hook(self, point: str, element_id: str | None = None) -> Callable[[], Awaitable[None]] | None:
+        """``reach(point, element_id)`` as a callback for code that waits there, or None when the point is not set."""
+        if point not in self._points:
+            return None
+        return lambda: self.reach(point, element_id)
 
     def midway(
         self, point: str, chunks: AsyncIterator[bytes], length: int, element_id: str | None = None

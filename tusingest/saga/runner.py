@@ -128,16 +128,21 @@ class SagaRunner[R]:
                 owner=self.settings.owner,
                 lease_seconds=self.settings.lease_seconds,
             )
-            return saga, self.launch(saga, work)
+            return saga, self.launch(saga, work, fresh=True)
         finally:
             self._starting.discard(subject_id)
 
-    def launch(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None = None) -> asyncio.Task[R]:
-        """Run the saga in a task, unless a task for it runs already (then that one)."""
+    def launch(
+        self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None = None, *, fresh: bool = False
+    ) -> asyncio.Task[R]:
+        """Run the saga in a task, unless a task for it runs already (then that one).
+
+        ``fresh``: ``saga`` is the row just written, so the first attempt need not read it again.
+        """
         running = self.task(saga.saga_id)
         if running is not None:
             return running
-        task = asyncio.create_task(self._run(saga, work), name=f"{saga.kind}-saga-{saga.saga_id}")
+        task = asyncio.create_task(self._run(saga, work, fresh), name=f"{saga.kind}-saga-{saga.saga_id}")
         self._tasks[saga.saga_id] = task
         self._subjects[saga.subject_id] = saga.saga_id
         task.add_done_callback(lambda done: self._forget(saga, done))
@@ -210,23 +215,23 @@ class SagaRunner[R]:
 
     # -- one run ----------------------------------------------------------------------------
 
-    async def _run(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
+    async def _run(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None, fresh: bool = False) -> R:
         if tracing.current_ids() is not None:  # started by a request: its spans are children of the request's
-            return await self._run_here(saga, work)
+            return await self._run_here(saga, work, fresh)
         # Recovery (its node died, or its attempts rested): a trace of its own, holding this run's spans,
         # linked to the trace of the request that began the saga.
         attributes = {"saga.kind": self.kind, "saga.id": saga.saga_id, "saga.subject": saga.subject_id}
         began_by = tracing.link_to(saga.data.get("traceparent"))
         with tracing.span(f"saga.{self.kind}", attributes | {"saga.step": saga.step}, links=began_by):
-            return await self._run_here(saga, work)
+            return await self._run_here(saga, work, fresh)
 
-    async def _run_here(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None) -> R:
+    async def _run_here(self, saga: Saga, work: Callable[[Saga], Awaitable[R]] | None, fresh: bool = False) -> R:
         keeper = asyncio.create_task(self._keep_lease(saga.saga_id), name=f"{saga.kind}-lease-{saga.saga_id}")
         try:
             async with self.steps.admission(saga):
                 try:
                     async with asyncio.timeout(self.settings.timeout):
-                        return await (work(saga) if work is not None else self._attempts(saga))
+                        return await (work(saga) if work is not None else self._attempts(saga, fresh))
                 except TimeoutError:
                     return await self.steps.timed_out(await self._latest(saga))
         except SagaOwnershipLost:
@@ -246,7 +251,7 @@ class SagaRunner[R]:
                     saga_id, owner=self.settings.owner, lease_seconds=self.settings.lease_seconds
                 )
 
-    async def _attempts(self, saga: Saga) -> R:
+    async def _attempts(self, saga: Saga, fresh: bool = False) -> R:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, self.settings.retry_attempts)),
             # uniform(0, base * 2 ** (attempt - 1)): full jitter, so sagas failing together do not retry together
@@ -258,7 +263,10 @@ class SagaRunner[R]:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(await self._latest(saga), attempt.retry_state.attempt_number)
+                    number = attempt.retry_state.attempt_number
+                    # Each attempt starts from the log as it is now; the first of a saga just begun, from its row.
+                    current = saga if fresh and number == 1 else await self._latest(saga)
+                    return await self._attempt(current, number)
         except _Transient as exhausted:
             self._log_compensation(exhausted.saga, exhausted.error)
             return await self.steps.failed(exhausted.saga, exhausted.error, exhausted.attempts)

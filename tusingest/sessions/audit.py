@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,12 +85,14 @@ class AuditEvent:
 
     def fields(self) -> dict[str, Any]:
         """The event as JSON-ready fields (the log line, the stream entry, ``tusingest audit --json``)."""
-        values = asdict(self)
+        # Every field is immutable (text, a tuple of text, a datetime): a shallow copy, not asdict's deep one.
+        values = {name: getattr(self, name) for name in _EVENT_FIELDS}
         values["at"] = self.at.astimezone(UTC).isoformat(timespec="microseconds")
         values["element_ids"] = list(self.element_ids)
         return values
 
 
+_EVENT_FIELDS = tuple(f.name for f in fields(AuditEvent))
 _COLUMNS = (
     "id, at, action, outcome, subject, subject_name, client_address, upload_id, file_id, element_ids, reason, "
     "request_id"

@@ -55,6 +55,9 @@ class FinaliserHooks:
             await self.sagas.refuse_early(upload, rejection)
             raise refused(rejection) from None
 
+    def committed(self, upload: Upload, started_at: int) -> None:
+        self.sagas.followers.committed(upload, started_at)  # compression may begin while the bytes arrive
+
     async def completed(self, upload: Upload) -> None:
         # Test-only pause between the commit of the last byte and the saga's first row (the window
         # that ``Upload.completion_pending`` closes); free when no failpoint is set.

@@ -158,11 +158,13 @@ async def inspect(
     metadata: Mapping[str, str],
     spool_path: Path,
     digests: Digests | None = None,
+    compress: bool = True,
 ) -> Inspection:
     """Read the upload once and decide about it. Raises FileRejected, or ScannerUnavailable when
     the scanner cannot be reached and scanning fails closed (a transient failure: retry later).
     ``digests``: MD5 and SHA-256 of exactly ``expected_size`` bytes, taken as they were committed;
-    the pass then checks them against the declared ones instead of hashing again."""
+    the pass then checks them against the declared ones instead of hashing again. ``compress``
+    False: the caller has the compression covered (``finalise.follow``); the pass does not compress."""
     if expected_size > policy.max_size:
         raise FileRejected("file_too_large", f"the file has {expected_size} bytes; the limit is {policy.max_size}")
     declared = declared_checksums(metadata)
@@ -177,15 +179,18 @@ async def inspect(
     content_type = await asyncio.to_thread(detect_mime, bytes(head))
     check_mime(content_type, policy)
 
-    compress = policy.compression_enabled and should_compress(
-        content_type, expected_size, min_size=policy.compression_min_size
-    )
+    compress = compress and wants_compression(policy, content_type, expected_size)
     compressor = open_compressor(policy.compression_algorithm, policy.compression_level) if compress else None
     spool: BinaryIO | None = None
     if compressor is not None:
         await asyncio.to_thread(spool_path.parent.mkdir, parents=True, exist_ok=True)
         spool = await asyncio.to_thread(open, spool_path, "wb")
-    work = _Pass(compressor, spool, digests if digests is not None and digests.size == expected_size else None)
+    known = digests if digests is not None and digests.size == expected_size else None
+    if known is not None and compressor is None and scanner is None:
+        # Hashed as committed, nothing to compress or scan: the rest of the bytes need no reading.
+        declared_match(declared, known.md5, known.sha256)
+        return Inspection(known.size, known.md5, known.sha256, content_type, False, None, None)
+    work = _Pass(compressor, spool, known)
     started = time.time_ns()
     scanned, scan_note = scanner is not None, None
     try:
@@ -242,10 +247,7 @@ async def inspect(
     if work.size != expected_size:
         raise FileRejected("size_mismatch", f"read {work.size} bytes, the upload declares {expected_size}")
     md5, sha256 = work.hexdigests()
-    for algorithm, value in declared.items():
-        actual = sha256 if algorithm == "sha256" else md5
-        if actual != value:
-            raise FileRejected("checksum_mismatch", f"the file's {algorithm} is {actual}, the client declared {value}")
+    declared_match(declared, md5, sha256)
 
     compression = None
     if compressor is not None:
@@ -262,6 +264,30 @@ async def inspect(
         else:
             await asyncio.to_thread(spool_path.unlink, True)
     return Inspection(work.size, md5, sha256, content_type, scanned, scan_note, compression)
+
+
+def wants_compression(policy: FinalisePolicy, content_type: str, size: int) -> bool:
+    """Whether a file of this type and size is to be compressed (before ``worth_keeping`` judges the result)."""
+    return policy.compression_enabled and should_compress(content_type, size, min_size=policy.compression_min_size)
+
+
+def declared_match(declared: Mapping[str, str], md5: str, sha256: str) -> None:
+    """Refuse the file when a digest its client declared differs from what its bytes hash to."""
+    for algorithm, value in declared.items():
+        actual = sha256 if algorithm == "sha256" else md5
+        if actual != value:
+            raise FileRejected("checksum_mismatch", f"the file's {algorithm} is {actual}, the client declared {value}")
+
+
+def kept_compression(compressed: Compressed | None, size: int, policy: FinalisePolicy) -> Compressed | None:
+    """``compressed`` when it saves enough of ``size`` bytes to be kept, else None (its spool removed)."""
+    if compressed is None:
+        return None
+    if worth_keeping(size, compressed.stored_size, policy.compression_min_saving):
+        return compressed
+    with contextlib.suppress(OSError):
+        os.unlink(compressed.path)
+    return None
 
 
 async def _all(*parts: Awaitable[object]) -> None:

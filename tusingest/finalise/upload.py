@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import uuid
@@ -42,7 +43,7 @@ from tusingest.auth import ANONYMOUS_SUBJECT
 from tusingest.elements.backend import Backend, BackendError, FilePlacer, InvalidKey, ObjectInfo, ObjectRefused
 from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.finalise.clamd import ClamdScanner, ScannerUnavailable
-from tusingest.finalise.compression import should_compress
+from tusingest.finalise.follow import Followers
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime
 from tusingest.finalise.naming import sidecar_document, sidecar_key, storage_key, stored_name
 from tusingest.finalise.pipeline import (
@@ -52,6 +53,8 @@ from tusingest.finalise.pipeline import (
     check_mime,
     declared_checksums,
     inspect,
+    kept_compression,
+    wants_compression,
 )
 from tusingest.finalise.refusals import Refused
 from tusingest.observability import tracing
@@ -199,9 +202,12 @@ class UploadSagas:
         failpoints: Failpoints | None = None,
         metrics: Metrics | None = None,
         progress: ProgressBus | None = None,
+        followers: Followers | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.progress = progress or ProgressBus()  # where each stage is told (the SSE progress stream)
+        # What this node compresses while the bytes arrive (the finaliser's hooks tell it each commit).
+        self.followers = followers if followers is not None else Followers(staging, policy, self.progress)
         self.sessions = sessions
         self.staging = staging
         self.sagas = sagas
@@ -296,6 +302,7 @@ class UploadSagas:
     async def close(self) -> None:
         """Stop running sagas; their leases lapse and recovery (here or elsewhere) resumes them."""
         await self.runner.close()
+        await self.followers.close()
 
     async def outcome(self, upload_id: str) -> UploadOutcome | None:
         saga = await self.sagas.latest_saga(KIND, upload_id)
@@ -453,15 +460,28 @@ class UploadSagas:
     async def _inspect(self, upload: Upload, data: UploadSagaData) -> Inspection:
         length = upload.length or 0
         spool = self.staging.directory(upload.id) / SPOOL_NAME
-        return await inspect(
-            read_upload(self.sessions, self.staging, upload, READ_BLOCK),
-            expected_size=length,
-            policy=self.policy,
-            scanner=self.scanner,
-            metadata=data.metadata,
-            spool_path=spool,
-            digests=whole_digests(self.staging, upload),  # hashed as committed: not hashed again
-        )
+        # Compressed while the bytes arrived (``finalise.follow``): the pass only scans and checks,
+        # meanwhile the follower finishes what it has left; should it have failed, a pass compresses.
+        followed = self.followers.following(upload)
+        for compress in (False, True) if followed else (True,):
+            inspection = await inspect(
+                read_upload(self.sessions, self.staging, upload, READ_BLOCK),
+                expected_size=length,
+                policy=self.policy,
+                scanner=self.scanner,
+                metadata=data.metadata,
+                spool_path=spool,
+                digests=whole_digests(self.staging, upload),  # hashed as committed: not hashed again
+                compress=compress,
+            )
+            if compress or not wants_compression(self.policy, inspection.content_type, length):
+                return inspection
+            compressed = await self.followers.take(upload)
+            if compressed is not None:
+                return dataclasses.replace(
+                    inspection, compression=kept_compression(compressed, inspection.size, self.policy)
+                )
+        return inspection
 
     def _choose(self, data: UploadSagaData, size: int) -> str:
         """The element for the file (at the begin for a small file, in the saga for a large one or a
@@ -497,9 +517,7 @@ class UploadSagas:
         digests = whole_digests(self.staging, upload)
         content_type = await self._head_mime(upload)
         check_mime(content_type, self.policy)
-        if self.policy.compression_enabled and should_compress(
-            content_type, length, min_size=self.policy.compression_min_size
-        ):
+        if wants_compression(self.policy, content_type, length):
             return False
         data.size, data.content_type, data.compression, data.single_pass = length, content_type, None, True
         data.md5, data.sha256, data.hashed_size = "", "", 0

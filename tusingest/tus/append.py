@@ -181,6 +181,8 @@ async def append(ctx: TusContext, upload_id: str, body: Body, rules: AppendRules
                 upload = await ctx.commit(upload, new_offset)
                 ctx.metrics.bytes_received.inc(upload.offset - started_at)
             _keep_digest(ctx, upload, digest)
+            if upload.offset != started_at:
+                ctx.hooks.committed(upload, started_at)
             if upload.offset == started_at and (refusal := rules.cut_short(upload, end)) is not None:
                 raise refusal
             upload = await rules.settle(ctx, upload, end, new=False)
@@ -243,6 +245,8 @@ async def create(
         await ctx.store.create(upload, audit=requester.audit(Action.UPLOAD_CREATED, upload))
         upload = upload.as_stored()
         _keep_digest(ctx, upload, digest)
+        if upload.offset:
+            ctx.hooks.committed(upload, 0)
         ctx.metrics.tus_uploads.labels("created").inc()
         ctx.metrics.bytes_received.inc(upload.offset)
         completing = upload.is_complete and rules.hand_on()

@@ -61,6 +61,10 @@ class UploadHooks(Protocol):
         """The first bytes of a single upload, as soon as they arrive, before they are committed.
         Raising refuses the upload there and then (a type that will never be accepted)."""
 
+    def committed(self, upload: Upload, started_at: int) -> None:
+        """A commit on this node took the upload's offset from ``started_at`` to ``upload.offset``
+        (single and partial uploads alike; called under its lock, so it must not wait for anything)."""
+
     async def completed(self, upload: Upload) -> None:
         """The upload holds all its bytes (single or final, never partial): take it over durably.
 
@@ -103,6 +107,9 @@ class PlainHooks:
         self.store = store
 
     async def inspect_start(self, upload: Upload, head: bytes) -> None:
+        return None
+
+    def committed(self, upload: Upload, started_at: int) -> None:
         return None
 
     async def completed(self, upload: Upload) -> None:

@@ -39,6 +39,7 @@ so the target "within clamd's own scan time of the last chunk" can be judged.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -109,9 +110,12 @@ class Payload:
         return f"upload {serial:08d} {time.time_ns():016x}\n".encode()[:32].ljust(32, b".") + body[32:]
 
 
-async def patch(location: str, offset: int, body: bytes) -> tuple[float, float, dict[str, str]]:
+async def patch(
+    location: str, offset: int, body: bytes, rate: float | None = None
+) -> tuple[float, float, dict[str, str]]:
     """One PATCH on a connection of its own: (ms for the whole request, ms from its last byte sent to the
-    response head, the response's headers)."""
+    response head, the response's headers). ``rate``: bytes per second the client sends at (a network
+    slower than loopback), in 1 MiB writes; None: as fast as the socket takes them."""
     headers = {
         **load.TUS_HEADERS,
         "Upload-Offset": str(offset),
@@ -123,8 +127,15 @@ async def patch(location: str, offset: int, body: bytes) -> tuple[float, float, 
     try:
         # No buffering above the kernel: drain() returns once send() took the body's last byte.
         writer.transport.set_write_buffer_limits(high=0)
-        writer.write(body)
-        await writer.drain()
+        if rate is None:
+            writer.write(body)
+            await writer.drain()
+        else:
+            for start in range(0, len(body), MiB):
+                writer.write(body[start : start + MiB])
+                await writer.drain()
+                due = started + (start + MiB) / rate
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))  # the pace of the simulated link
         sent = time.perf_counter()
         status, answer = await read_response(reader)
         answered = time.perf_counter()
@@ -147,7 +158,7 @@ class Sample:
     clamd_last_patch_ms: list[float] = field(default_factory=list)
 
 
-async def upload(base_url: str, bodies: list[bytes], sample: Sample) -> None:
+async def upload(base_url: str, bodies: list[bytes], sample: Sample, rate: float | None = None) -> None:
     size = sum(map(len, bodies))
     sha256 = hashlib.sha256()
     for body in bodies:
@@ -164,7 +175,7 @@ async def upload(base_url: str, bodies: list[bytes], sample: Sample) -> None:
     location = urljoin(base_url + "/files/", answer["location"])
     offset = 0
     for index, body in enumerate(bodies):
-        whole_ms, after_last_byte_ms, answer = await patch(location, offset, body)
+        whole_ms, after_last_byte_ms, answer = await patch(location, offset, body, rate)
         offset += len(body)
         if index < len(bodies) - 1:
             sample.mid_ms.append(after_last_byte_ms)
@@ -223,7 +234,12 @@ def _p(values: list[float], q: float) -> float | None:
 
 
 async def run_mode(
-    mode: str, server: load.Server, sizes: list[tuple[int, int]], patch_size: int, clamd: Clamd | None
+    mode: str,
+    server: load.Server,
+    sizes: list[tuple[int, int]],
+    patch_size: int,
+    clamd: Clamd | None,
+    rate: float | None = None,
 ) -> list[Row]:
     import aiohttp
 
@@ -240,7 +256,7 @@ async def run_mode(
             for _ in range(reps):
                 serial += 1
                 bodies = payload.bodies(size, serial)
-                await upload(server.base_url, bodies, sample)
+                await upload(server.base_url, bodies, sample, rate)
                 if scanner is not None:
                     await clamd_own_time(scanner, bodies, serial, sample)
         finally:
@@ -283,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"--sizes {QUICK_SIZES}: check the harness")
     parser.add_argument("--results", type=Path, help="append each row to this file as a JSON line")
     parser.add_argument("--tusingest", default=str(Path(sys.executable).parent / "tusingest"), help="the CLI")
+    parser.add_argument(
+        "--client-mib-s", type=float, help="the client sends at this many MiB/s (a link slower than loopback)"
+    )
     args = parser.parse_args(argv)
+    rate = args.client_mib_s * MiB if args.client_mib_s else None
     sizes = parse_sizes(QUICK_SIZES if args.quick else args.sizes)
     largest = max(size for size, _ in sizes)
     # load.py's own defaults for everything about the server but the settings of each mode.
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     server = stack.enter_context(
                         load.run_server(server_args, database_url, workdir, max_file_mb, mode_settings(mode, clamd))
                     )
-                    rows = runner(run_mode(mode, server, sizes, args.patch_size, clamd))
+                    rows = runner(run_mode(mode, server, sizes, args.patch_size, clamd, rate))
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             if args.results is not None:

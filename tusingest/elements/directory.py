@@ -345,10 +345,16 @@ class DirectoryBackend:
                     raise self._length_error(key, total, length)
                 batch += chunk
                 if len(batch) >= WRITE_BATCH_SIZE:
+                    first = temp.fd < 0 and working is None
                     if working is not None:
                         await self._finish("put", key, working)
                     working = asyncio.ensure_future(asyncio.to_thread(temp.write, batch))
                     batch = bytearray()
+                    if first:
+                        # The temp file is made before more of the stream is read: from here on a kill
+                        # leaves it for discard_incomplete and sweep_incomplete to find.
+                        await self._finish("put", key, working)
+                        working = None
             if working is not None:
                 await self._finish("put", key, working)
             if length is not None and total != length:

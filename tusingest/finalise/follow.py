@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from tusingest.finalise.compression import StreamCompressor, open_compressor, should_compress
+from tusingest.finalise.compression import StreamCompressor, open_compressor
 from tusingest.finalise.mime import HEAD_BYTES, detect_mime
-from tusingest.finalise.pipeline import Compressed, FinalisePolicy
+from tusingest.finalise.pipeline import Compressed, FinalisePolicy, wants_compression
 from tusingest.sessions.content import digest_tag
 from tusingest.sessions.model import Upload, UploadKind
 from tusingest.sessions.progress import ProgressBus, Subscription
@@ -156,7 +156,6 @@ class Followers:
             return await self._compress(follower, events)
 
     async def _compress(self, follower: _Follower, events: Subscription) -> Compressed | None:
-        loop = asyncio.get_running_loop()
         compressor: StreamCompressor | None = None
         spool: BinaryIO | None = None
         position = 0
@@ -168,13 +167,13 @@ class Followers:
                 if compressor is None and target >= head_size:
                     head = b"".join([b async for b in self.staging.read(follower.upload_id, head_size)])
                     content_type = await asyncio.to_thread(detect_mime, head)
-                    if not should_compress(content_type, follower.length, min_size=self.policy.compression_min_size):
+                    if not wants_compression(self.policy, content_type, follower.length):  # the saga's own rule
                         return None
                     compressor = open_compressor(self.policy.compression_algorithm, self.policy.compression_level)
                     spool = await asyncio.to_thread(open, follower.spool, "wb")
                 if compressor is not None and spool is not None and position < target:
                     async for block in self.staging.read(follower.upload_id, target, READ_BLOCK, start=position):
-                        await loop.run_in_executor(None, _compress_into, compressor, spool, block)
+                        await asyncio.to_thread(_compress_into, compressor, spool, block)
                         position += len(block)
                     if position >= follower.length:
                         stored = await asyncio.to_thread(_finish, compressor, spool)

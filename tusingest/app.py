@@ -71,7 +71,7 @@ from tusingest.sessions.audit import Action, AuditEvent, Auditor, Outcome
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
 from tusingest.sessions.progress import PostgresProgressBus, ProgressBus
-from tusingest.staging import DirectoryStaging
+from tusingest.staging import DirectoryStaging, S3Staging, Staging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.base import REQUESTER, Requester
 from tusingest.tus.body import BodyPace
@@ -112,7 +112,7 @@ class Parts:
 
     settings: Settings
     store: SessionStore
-    staging: DirectoryStaging
+    staging: Staging
     locker: Locker
     tus: TusServer
     elements: StorageElements
@@ -227,17 +227,48 @@ def element_settings(settings: Settings, environ: Mapping[str, str] = os.environ
     )
 
 
+def open_staging(settings: Settings) -> Staging:
+    """STAGING_BACKEND: chunk files under STAGING_DIR, or an S3 bucket (STAGING_DIR holds scratch)."""
+    if settings.staging_backend == "directory":
+        return DirectoryStaging(
+            settings.staging_dir,
+            chunk_max_bytes=settings.staging_chunk_max_mb << 20,
+            write_buffer_bytes=settings.staging_write_buffer_kb << 10,
+        )
+    from tusingest.elements.s3 import S3Access, S3ClientPool
+
+    clients = S3ClientPool(
+        connect_timeout=settings.s3_connect_timeout_seconds,
+        read_timeout=settings.s3_read_timeout_seconds,
+        tls_min_version=settings.tls_min_version,
+        max_pool_connections=32,
+    )
+    secret = settings.staging_s3_secret_access_key
+    access = S3Access(
+        settings.staging_s3_endpoint_url,
+        region=settings.staging_s3_region,
+        access_key_id=settings.staging_s3_access_key_id,
+        secret_access_key=secret.get_secret_value() if secret is not None else None,
+        verify=settings.s3_ca_bundle or (None if settings.s3_verify_tls else False),
+    )
+    assert settings.staging_s3_bucket is not None  # the settings' own check
+    return S3Staging(
+        lambda: clients.client(access),
+        settings.staging_s3_bucket,
+        prefix=settings.staging_s3_prefix,
+        root=settings.staging_dir,
+        part_size=settings.chunk_size,
+        closing=clients.close,
+    )
+
+
 def build_parts(settings: Settings) -> Parts:
     metrics = Metrics()
     database = open_database(settings.database_url, lock_timeout=settings.lock_timeout_seconds, metrics=metrics)
     store = database.sessions
     # One auditor for both stores: each publishes the audit events it commits (log line, Redis stream).
     store.auditor = database.sagas.auditor = Auditor(settings.redis_url)
-    staging = DirectoryStaging(
-        settings.staging_dir,
-        chunk_max_bytes=settings.staging_chunk_max_mb << 20,
-        write_buffer_bytes=settings.staging_write_buffer_kb << 10,
-    )
+    staging = open_staging(settings)
     locker = database.locker
     metrics.watch(
         ReadGauge(
@@ -449,7 +480,7 @@ def build_app(settings: Settings) -> Starlette:
         await parts.store.open()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(parts.tracing.shutdown)
-            stack.callback(parts.staging.close)
+            stack.push_async_callback(parts.staging.aclose)
             stack.push_async_callback(parts.store.close)
             stack.push_async_callback(parts.store.auditor.aclose)
             stack.push_async_callback(parts.auth.aclose)

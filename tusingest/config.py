@@ -74,6 +74,17 @@ class Settings(BaseSettings):
     chunk_size_mb: int = Field(10, ge=5, le=5120)  # also the S3 multipart part size (>= 5 MiB)
     staging_chunk_max_mb: int = Field(8192, ge=1)  # one file per normal upload: a directory element links it
     staging_write_buffer_kb: int = Field(4096, ge=64, le=262144)
+    # directory: chunk files under STAGING_DIR (a shared volume when several nodes run).
+    # s3: parts of a multipart upload plus a short tail object in STAGING_S3_BUCKET, so nodes share
+    # nothing but the database and the bucket; STAGING_DIR then holds only scratch files (spools).
+    staging_backend: Literal["directory", "s3"] = "directory"
+    staging_s3_bucket: str | None = None
+    staging_s3_prefix: str = "staging/"
+    staging_s3_endpoint_url: str | None = None  # unset: AWS
+    staging_s3_region: str = "us-east-1"
+    # Unset: botocore's default credential chain (AWS_* variables, instance roles).
+    staging_s3_access_key_id: str | None = None
+    staging_s3_secret_access_key: SecretStr | None = None
 
     # false: the tus endpoint is not routed and the facade refuses X-Upload-Session-ID; only whole-file
     # uploads (POST /api/files/upload, /batch/upload) remain.
@@ -267,6 +278,12 @@ class Settings(BaseSettings):
                 f"RATE_LIMIT_BYTES_PER_SECOND={self.rate_limit_bytes_per_second} is below BODY_MIN_RATE_KBPS"
                 f" ({min_rate} bytes/s): throttled uploads would be cut off as too slow"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _s3_staging_has_a_bucket(self) -> Settings:
+        if self.staging_backend == "s3" and not self.staging_s3_bucket:
+            raise ValueError("STAGING_BACKEND=s3 needs STAGING_S3_BUCKET")
         return self
 
     @property

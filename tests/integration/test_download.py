@@ -66,7 +66,7 @@ async def placed(server: LiveServer, url: str) -> None:
         return None if saga is None else saga.state
 
     assert await eventually(state, lambda s: s is not None and s.is_finished, timeout=60) is SagaState.COMPLETED
-    assert not server.parts.staging.directory(upload_id(url)).exists()
+    assert await server.parts.staging.last_written(upload_id(url)) is None
 
 
 RANGES = {  # Range header -> (start, stop) of a 3 MiB + 5 upload

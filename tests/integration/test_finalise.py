@@ -155,7 +155,7 @@ async def test_a_text_file_is_stored_brotli_compressed_with_its_attr_json(
     assert attr["storage_filename"].startswith("server_alice_") and attr["storage_filename"].endswith(".log")
     assert status["status"] == "completed" and status["file"]["compression"] == {"algorithm": "brotli"}
     assert status["file"]["size_bytes"] == len(payload)
-    assert not server.parts.staging.directory(session_id(url)).exists()
+    assert await server.parts.staging.last_written(session_id(url)) is None
 
 
 @pytest.mark.parametrize("kind", ["random", "jpeg"])
@@ -231,7 +231,7 @@ async def test_an_eicar_upload_is_refused_with_422_and_nothing_reaches_an_elemen
     assert head.status_code == 200 and head.headers["ArtStore-Upload-Status"] == "failed"
     assert status["status"] == "failed" and status["error"]["error"] == "virus_detected"
     assert again.status_code == 422
-    assert not server.parts.staging.directory(session_id(url)).exists()
+    assert await server.parts.staging.last_written(session_id(url)) is None
 
 
 async def test_a_clean_upload_passes_the_scan(
@@ -420,7 +420,7 @@ async def test_an_upload_being_finalised_cannot_be_terminated(start_server: Serv
     assert last.status_code == 204 and last.headers["ArtStore-Upload-Status"] == "finalizing"
     assert deleted.status_code == 423 and "finalised" in deleted.text and deleted.headers["Retry-After"]
     assert status["status"] == "finalizing"
-    assert server.parts.staging.directory(session_id(url)).exists()  # the saga still has its bytes
+    assert await server.parts.staging.last_written(session_id(url)) is not None  # the saga still has its bytes
 
 
 async def test_head_answers_at_once_while_the_completing_patch_waits_for_its_saga(start_server: ServerFactory) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import os
 
 import httpx
+import pytest
 
 from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, upload_bytes
@@ -101,6 +102,7 @@ async def test_a_new_patch_interrupts_a_stalled_patch_and_gets_409_with_the_comm
     assert sent - buffer < int(after.headers["Upload-Offset"]) <= sent
 
 
+@pytest.mark.directory_staging
 async def test_bytes_staged_past_the_committed_offset_are_ignored_then_overwritten(server: LiveServer) -> None:
     async with server.client() as client:
         url = await create(client, 20)  # stays incomplete, so its staging is still there to look at
@@ -120,6 +122,7 @@ async def test_bytes_staged_past_the_committed_offset_are_ignored_then_overwritt
     assert sorted(p.name for p in directory.iterdir()) == [f"{0:020d}.chunk"]
 
 
+@pytest.mark.directory_staging
 async def test_an_upload_spanning_several_chunk_files_reads_back_exactly(start_server: ServerFactory) -> None:
     server = await start_server(staging_chunk_max_mb=1, staging_write_buffer_kb=256)
     payload = os.urandom((3 << 20) + 12345)

@@ -182,6 +182,7 @@ async def test_hooks_that_read_no_digests_make_staging_hash_nothing(start_sqlite
     assert upload is not None and (upload.offset == len(body)) is (sent != "wrong sha256")
 
 
+@pytest.mark.directory_staging
 async def test_nodes_that_take_turns_rebuild_and_catch_up_the_digest_from_staging(start_node: ServerFactory) -> None:
     """Round robin over two nodes: the second rebuilds the state from the staged prefix, the first
     catches up from where it stood, and the file is registered with the right digests."""
@@ -259,6 +260,7 @@ async def test_a_concatenated_upload_is_hashed_at_finalisation_and_its_partials_
     assert (record.md5, record.sha256) == (hashlib.md5(whole).hexdigest(), hashlib.sha256(whole).hexdigest())
 
 
+@pytest.mark.directory_staging
 @pytest.mark.parametrize("staging_on", ["same file system", "another file system"])
 async def test_the_placed_object_is_the_staged_file_by_hard_link_on_one_file_system_and_a_copy_across(
     start_sqlite: ServerFactory, tmp_path: Path, staging_on: str

@@ -33,7 +33,7 @@ from tusingest.finalise.pipeline import Compressed, FinalisePolicy, wants_compre
 from tusingest.sessions.content import digest_tag
 from tusingest.sessions.model import Upload, UploadKind
 from tusingest.sessions.progress import ProgressBus, Subscription
-from tusingest.staging import DirectoryStaging, StagingError
+from tusingest.staging import Staging, StagingError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Followers:
 
     def __init__(
         self,
-        staging: DirectoryStaging,
+        staging: Staging,
         policy: FinalisePolicy,
         progress: ProgressBus,
         *,
@@ -94,6 +94,8 @@ class Followers:
             or upload.length < max(self.min_bytes, self.policy.compression_min_size)
             or not self.policy.compression_enabled
             or len(self._running) >= self.capacity
+            # Staging that cannot read an upload before its seal (S3 parts) has nothing to follow.
+            or not self.staging.reads_unsealed(upload.id, upload.length)
         ):
             return
         spool = self.staging.directory(upload.id) / f"{SPOOL_PREFIX}{tag}"

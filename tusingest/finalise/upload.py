@@ -79,7 +79,7 @@ from tusingest.sessions.metadata import metadata_text
 from tusingest.sessions.model import utcnow
 from tusingest.sessions.progress import ProgressBus, ProgressEvent
 from tusingest.sessions.store import StoreError
-from tusingest.staging import DirectoryStaging, StagingError
+from tusingest.staging import Staging, StagingError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class UploadSagas:
         self,
         *,
         sessions: SessionStore,
-        staging: DirectoryStaging,
+        staging: Staging,
         sagas: SagaStore,
         pool: ElementPool,
         relay: OutboxRelay | None,
@@ -531,7 +531,8 @@ class UploadSagas:
         and judged in one thread call (not three: open, read, judge); a final one's come from its partials."""
         if upload.kind is not UploadKind.FINAL:
             files = await self.staging.chunk_files(upload.id, min(upload.offset, HEAD_BYTES))
-            return await asyncio.to_thread(_detect_files, upload.id, files)
+            if files is not None:
+                return await asyncio.to_thread(_detect_files, upload.id, files)
         head = bytearray()
         async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
             head += block

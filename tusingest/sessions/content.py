@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 
 from tusingest.sessions.model import Upload, UploadKind, UploadState
 from tusingest.sessions.store import SessionStore
-from tusingest.staging import Digests, DirectoryStaging, StagingError
+from tusingest.staging import Digests, Staging, StagingError
 
 
 def digest_tag(upload: Upload) -> str | None:
@@ -24,7 +24,7 @@ def digest_tag(upload: Upload) -> str | None:
     return f"{upload.created_at.timestamp():.6f}"
 
 
-def whole_digests(staging: DirectoryStaging, upload: Upload) -> Digests | None:
+def whole_digests(staging: Staging, upload: Upload) -> Digests | None:
     """MD5 and SHA-256 of a complete upload as its bytes were committed on this node, or None when
     this node did not see them all (the finaliser then hashes them as it reads them)."""
     tag = digest_tag(upload)
@@ -35,7 +35,7 @@ def whole_digests(staging: DirectoryStaging, upload: Upload) -> Digests | None:
 
 async def read_upload(
     store: SessionStore,
-    staging: DirectoryStaging,
+    staging: Staging,
     upload: Upload,
     block_size: int = 1 << 20,
     *,
@@ -50,7 +50,9 @@ async def read_upload(
     """
     stop = upload.offset if stop is None else min(stop, upload.offset)
     if upload.kind is not UploadKind.FINAL:
-        async for block in staging.read(upload.id, stop, block_size, start=start):
+        if upload.is_complete and upload.length is not None:
+            await staging.seal(upload.id, upload.length)  # complete: it takes no more bytes
+        async for block in staging.read(upload.id, stop, block_size, start=start, committed=upload.offset):
             yield block
         return
     partials = await store.get_many(list(dict.fromkeys(upload.parts)))
@@ -67,6 +69,7 @@ async def read_upload(
         if position >= stop:
             break
         if position + length > start:
+            await staging.seal(part_id, length)
             part_start = max(0, start - position)
             async for block in staging.read(part_id, min(length, stop - position), block_size, start=part_start):
                 yield block

@@ -21,7 +21,7 @@ from tusingest.sessions.audit import Action, AuditEvent
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import Upload, UploadState, utcnow
 from tusingest.sessions.store import SessionStore
-from tusingest.staging import DirectoryStaging, StagingError
+from tusingest.staging import Staging, StagingError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class CleanupReport:
 
 async def expire_uploads(
     store: SessionStore,
-    staging: DirectoryStaging,
+    staging: Staging,
     locker: Locker,
     now: datetime | None = None,
     *,
@@ -68,7 +68,7 @@ async def expire_uploads(
 
 
 async def sweep_staging(
-    store: SessionStore, staging: DirectoryStaging, locker: Locker, *, grace: timedelta, now: datetime | None = None
+    store: SessionStore, staging: Staging, locker: Locker, *, grace: timedelta, now: datetime | None = None
 ) -> int:
     """Remove the staging folders no upload needs; returns how many.
 
@@ -117,7 +117,7 @@ def _needed(upload: Upload | None) -> bool:
 
 async def expire_partials(
     store: SessionStore,
-    staging: DirectoryStaging,
+    staging: Staging,
     locker: Locker,
     settled: Callable[[Upload], Awaitable[bool]],
     ttl: timedelta,

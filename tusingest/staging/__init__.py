@@ -1,11 +1,24 @@
-"""Where received bytes wait until the upload completes: chunk files under STAGING_DIR.
+"""Where received bytes wait until the upload completes: chunk files under STAGING_DIR, or parts of
+an S3 multipart upload with a short tail object (STAGING_BACKEND=s3).
 
 The session store's committed offset is the truth (invariant 1). Staging may hold more bytes
 than that after a crash or an aborted request; they are cut off when a writer is next opened
 and never read, because every reader is bounded by a committed length.
 """
 
+from tusingest.staging.base import Staging, StagingError, StagingWriter
 from tusingest.staging.digests import DigestCache, Digests, RunningDigest
-from tusingest.staging.directory import ChunkWriter, DirectoryStaging, StagingError
+from tusingest.staging.directory import ChunkWriter, DirectoryStaging
+from tusingest.staging.s3 import S3Staging
 
-__all__ = ["ChunkWriter", "DigestCache", "Digests", "DirectoryStaging", "RunningDigest", "StagingError"]
+__all__ = [
+    "ChunkWriter",
+    "DigestCache",
+    "Digests",
+    "DirectoryStaging",
+    "RunningDigest",
+    "S3Staging",
+    "Staging",
+    "StagingError",
+    "StagingWriter",
+]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tusingest.staging.base import StagingError
 from tusingest.staging.digests import DigestCache, RunningDigest
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
@@ -37,10 +38,6 @@ _IOV_MAX = 512  # well under the kernel's IOV_MAX (1024)
 _BATCHES_PER_WRITER = 2
 # The smallest batch a shared budget cuts to: below it, thread hops per byte start to cost.
 _MIN_BATCH_BYTES = 256 << 10
-
-
-class StagingError(Exception):
-    """Staged bytes are missing or unreadable: the upload cannot continue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +366,9 @@ class DirectoryStaging:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
     async def _run[T](self, function: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function)
 
@@ -449,13 +449,19 @@ class DirectoryStaging:
         self.writers += 1  # here, on the event loop, not in _open's thread: aclose counts down there too
         return writer
 
+    async def seal(self, upload_id: str, length: int) -> None:
+        """Chunk files are readable as they are: nothing to do."""
+
+    def reads_unsealed(self, upload_id: str, committed: int, start: int = 0) -> bool:
+        return True
+
     async def staged_size(self, upload_id: str) -> int:
         directory = self.directory(upload_id)
         chunks = await self._run(lambda: _list_chunks(directory))
         return chunks[-1].end if chunks else 0
 
     async def read(
-        self, upload_id: str, length: int, block_size: int = 1 << 20, *, start: int = 0
+        self, upload_id: str, length: int, block_size: int = 1 << 20, *, start: int = 0, committed: int | None = None
     ) -> AsyncIterator[bytes]:
         """Bytes ``start`` up to ``length`` of an upload, in blocks of at most ``block_size``.
 

@@ -27,7 +27,7 @@ from tusingest.observability.logs import note_upload
 from tusingest.sessions import Upload, UploadKind, UploadState
 from tusingest.sessions.audit import Action
 from tusingest.sessions.content import digest_tag
-from tusingest.staging import ChunkWriter, RunningDigest, StagingError
+from tusingest.staging import RunningDigest, StagingError, StagingWriter
 from tusingest.tus.base import Requester, TusContext
 from tusingest.tus.body import Body, BodyEnd, BodyPace, BodyTooSlow, Interrupt, body_chunks, write_body
 from tusingest.tus.checksum import BodyChecksum
@@ -316,7 +316,7 @@ async def _stage(
         return await writer.sync(), end, writer.digest
 
 
-async def _body_digest(writer: ChunkWriter, algorithm: str, shared: bool) -> bytes | None:
+async def _body_digest(writer: StagingWriter, algorithm: str, shared: bool) -> bytes | None:
     """The body's digest from the writer's running digest when ``shared``; None: the checksum's own."""
     if not shared:
         return None

@@ -17,7 +17,7 @@ from tusingest.sessions import SessionStore, Upload, UploadKind, UploadState
 from tusingest.sessions.audit import ANONYMOUS, Action, AuditEvent, Outcome
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import utcnow
-from tusingest.staging import DirectoryStaging
+from tusingest.staging import Staging
 from tusingest.tus.body import BodyPace
 from tusingest.tus.errors import InvalidatedUpload, TusError, UploadGone, UploadLocked, UploadNotFound
 from tusingest.tus.headers import TUS_VERSION, http_date
@@ -206,7 +206,7 @@ class TusOptions:
 class TusContext:
     options: TusOptions
     store: SessionStore
-    staging: DirectoryStaging
+    staging: Staging
     locker: Locker
     hooks: UploadHooks
     metrics: Metrics = field(default_factory=Metrics)

@@ -19,7 +19,7 @@ from typing import Protocol
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from tusingest.staging import ChunkWriter
+from tusingest.staging import StagingWriter
 
 
 class BodyEnd(enum.Enum):
@@ -118,7 +118,7 @@ class Interrupt:
 
 async def write_body(
     body: Body,
-    writer: ChunkWriter,
+    writer: StagingWriter,
     limit: int,
     interrupt: Interrupt,
     on_chunk: Callable[[bytes], None] | None = None,

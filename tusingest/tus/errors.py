@@ -105,6 +105,14 @@ class RangeNotSatisfiable(TusError):
     status, default_message = 416, "the range starts past the upload's bytes"
 
 
+class NotYetReadable(TusError):
+    """GET of an upload in progress whose committed bytes staging cannot read before the upload is
+    complete (S3 staging holds them in the parts of an open multipart upload)."""
+
+    code = "ERR_NOT_YET_READABLE"
+    status, default_message = 409, "the bytes of this upload can be read once it is complete"
+
+
 class ServerError(TusError):
     code = "ERR_INTERNAL_SERVER_ERROR"
     status, default_message = 500, "internal server error"

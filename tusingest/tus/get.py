@@ -31,7 +31,7 @@ from tusingest.sessions.content import read_upload
 from tusingest.sessions.metadata import MetadataError, metadata_text
 from tusingest.staging import StagingError
 from tusingest.tus.base import StoredUpload, TusContext, requester_of, tus_headers
-from tusingest.tus.errors import RangeNotSatisfiable, TusError, UploadGone
+from tusingest.tus.errors import NotYetReadable, RangeNotSatisfiable, TusError, UploadGone
 from tusingest.tus.headers import http_date
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,15 @@ class GetHandler:
         if download.stored is not None:
             blocks = download.stored.read(start, stop)
             return blocks, await anext(blocks, b"")
+        if (
+            upload.kind is not UploadKind.FINAL
+            and not upload.is_complete
+            and not self.ctx.staging.reads_unsealed(upload.id, upload.offset, start)
+        ):
+            raise NotYetReadable(
+                "this server stages uploads in S3, where the bytes of an upload in progress cannot be read"
+                " (only its last bytes, after its last whole part); GET it once it is complete"
+            )
         blocks = read_upload(self.ctx.store, self.ctx.staging, upload, start=start, stop=stop)
         try:
             return blocks, await anext(blocks, b"")

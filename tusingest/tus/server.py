@@ -15,7 +15,7 @@ from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import is_upload_id
 from tusingest.sessions.store import StoreError
-from tusingest.staging import DirectoryStaging, StagingError
+from tusingest.staging import Staging, StagingError
 from tusingest.tus.base import PlainHooks, TusContext, TusOptions, UploadHooks, tus_headers
 from tusingest.tus.delete import DeleteHandler
 from tusingest.tus.errors import (
@@ -51,7 +51,7 @@ class TusServer:
         self,
         options: TusOptions,
         store: SessionStore,
-        staging: DirectoryStaging,
+        staging: Staging,
         locker: Locker,
         hooks: UploadHooks | None = None,
         metrics: Metrics | None = None,

@@ -259,6 +259,7 @@ def open_staging(settings: Settings) -> Staging:
         root=settings.staging_dir,
         part_size=settings.chunk_size,
         closing=clients.close,
+        identity=access,  # an S3 element of the same endpoint and keys copies sealed uploads server-side
     )
 
 

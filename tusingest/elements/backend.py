@@ -14,7 +14,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from tusingest.staging import StagedObject
 
 
 class BackendError(Exception):
@@ -161,4 +164,25 @@ class FilePlacer(Protocol):
         and atomic as ``put`` (``durable`` as there), and the files stay as they are (the caller may
         still need them). ``before_commit`` is awaited once the bytes are in place under a temp name,
         before they become the object (a test stops there); what a kill leaves is removed like a put's."""
+        ...
+
+
+@runtime_checkable
+class ObjectPlacer(Protocol):
+    """Optional, beside ``Backend``: an element that can take a sealed upload staged as an S3 object
+    by a copy on the S3 side (an S3 element on the staging's endpoint and identity), so the bytes
+    never pass through the process. The saga uses it when ``can_place_from`` says so."""
+
+    def can_place_from(self, source: StagedObject) -> bool: ...
+
+    async def place_object(
+        self,
+        key: str,
+        source: StagedObject,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Store ``source`` under key, with this content type and metadata: as atomic as ``put``;
+        what a kill leaves (a multipart copy) is removed like a put's."""
         ...

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     )
 
     from tusingest.elements.settings import S3Settings
+    from tusingest.staging import StagedObject
 
 log = logging.getLogger(__name__)
 
@@ -595,12 +596,49 @@ class S3Backend:
                 ),
             )
         else:
-            await self._copy_multipart(client, info, source_key, other.bucket, target_key)
+            await self._copy_multipart(client, info, (self.bucket, source_key), other.bucket, target_key)
         return copied
 
+    def can_place_from(self, source: StagedObject) -> bool:
+        """``ObjectPlacer``: staging on this endpoint as this identity is copied on the S3 side."""
+        return isinstance(source.identity, S3Access) and self.access.same_identity(source.identity)
+
+    async def place_object(
+        self,
+        key: str,
+        source: StagedObject,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        if not self.can_place_from(source):
+            raise BackendError(f"element {self.element_id}: cannot copy {source.key} server-side", transient=False)
+        target_key = self._object_key(key)
+        stored_metadata = {name.lower(): value for name, value in (metadata or {}).items()}
+        info = ObjectInfo(key, source.size, content_type, None, stored_metadata)
+        client = await self._client()
+        if source.size <= self._multipart_copy_threshold:
+            await self._call(
+                "copy_object",
+                key,
+                client.copy_object(
+                    Bucket=self.bucket,
+                    Key=target_key,
+                    CopySource={"Bucket": source.bucket, "Key": source.key},
+                    MetadataDirective="REPLACE",
+                    ContentType=content_type,
+                    Metadata=stored_metadata,
+                ),
+            )
+        else:
+            await self._copy_multipart(client, info, (source.bucket, source.key), self.bucket, target_key)
+        return info
+
     async def _copy_multipart(
-        self, client: S3Client, info: ObjectInfo, source_key: str, bucket: str, target_key: str
+        self, client: S3Client, info: ObjectInfo, source: tuple[str, str], bucket: str, target_key: str
     ) -> None:
+        """Copy ``source`` (bucket, key) part by part on the S3 side into ``target_key`` of ``bucket``."""
+        source_bucket, source_key = source
         request: CreateMultipartUploadRequestTypeDef = {
             "Bucket": bucket,
             "Key": target_key,
@@ -626,7 +664,7 @@ class S3Backend:
                         Key=target_key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        CopySource={"Bucket": self.bucket, "Key": source_key},
+                        CopySource={"Bucket": source_bucket, "Key": source_key},
                         CopySourceRange=f"bytes={first}-{last}",
                     ),
                 )

@@ -40,7 +40,15 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel
 
 from tusingest.auth import ANONYMOUS_SUBJECT
-from tusingest.elements.backend import Backend, BackendError, FilePlacer, InvalidKey, ObjectInfo, ObjectRefused
+from tusingest.elements.backend import (
+    Backend,
+    BackendError,
+    FilePlacer,
+    InvalidKey,
+    ObjectInfo,
+    ObjectPlacer,
+    ObjectRefused,
+)
 from tusingest.elements.pool import ElementPool, ElementUnavailable, NoElementAvailable
 from tusingest.finalise.clamd import ClamdScanner, ScannerUnavailable
 from tusingest.finalise.follow import Followers
@@ -582,11 +590,28 @@ class UploadSagas:
             return self._staged(upload.id)
 
         metadata = {"file-id": data.file_id or ""} | ({"sha256": data.sha256} if data.sha256 else {})
-        files = None
-        if not compression and not single_pass and upload.kind is UploadKind.SINGLE:
-            files = await self.staging.chunk_files(upload.id, size)
+        files, staged = None, None
+        if not compression and upload.kind is UploadKind.SINGLE:
+            if not single_pass:
+                files = await self.staging.chunk_files(upload.id, size)
+            if files is None:
+                staged = await self.staging.staged_object(upload.id, size)
 
         async def put(backend: Backend) -> ObjectInfo:
+            if staged is not None and isinstance(backend, ObjectPlacer) and backend.can_place_from(staged):
+                # Staged as one S3 object where the element is: copied on the S3 side. Bytes still to
+                # hash are read for that alone; nothing goes up from here.
+                placed_metadata = metadata
+                if single_pass:
+                    async for _ in hashed(self._staged(upload.id)):
+                        pass
+                    placed_metadata = metadata | {"sha256": data.sha256}
+                midway = self.failpoints.hook("put_midway", element_id)
+                if midway is not None:
+                    await midway()
+                return await backend.place_object(
+                    data.key, staged, content_type=data.content_type, metadata=placed_metadata
+                )
             if files is not None and isinstance(backend, FilePlacer):
                 return await backend.place_file(
                     data.key,

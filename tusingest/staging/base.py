@@ -9,6 +9,7 @@ beyond it is garbage, never read, and dropped when a writer is next opened or th
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, Self
@@ -18,6 +19,18 @@ from tusingest.staging.digests import DigestCache, RunningDigest
 
 class StagingError(Exception):
     """Staged bytes are missing or unreadable: the upload cannot continue."""
+
+
+@dataclass(frozen=True, slots=True)
+class StagedObject:
+    """A sealed upload's bytes as one object in an S3 bucket, which an element on the same endpoint
+    and identity copies on the S3 side. ``identity`` is the staging's S3 access, compared by the
+    element (staging knows no element)."""
+
+    identity: object
+    bucket: str
+    key: str
+    size: int
 
 
 class StagingWriter(Protocol):
@@ -89,6 +102,11 @@ class Staging(Protocol):
 
     def reads_unsealed(self, upload_id: str, committed: int, start: int = 0) -> bool:
         """Whether ``read`` serves the bytes from ``start`` of an upload not yet sealed, at ``committed``."""
+        ...
+
+    async def staged_object(self, upload_id: str, length: int) -> StagedObject | None:
+        """The sealed upload as one object of ``length`` bytes, or None where there is none (a
+        directory holds chunk files: ``chunk_files``)."""
         ...
 
     async def staged_size(self, upload_id: str) -> int:

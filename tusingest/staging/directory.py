@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tusingest.staging.base import StagingError
+from tusingest.staging.base import StagedObject, StagingError
 from tusingest.staging.digests import DigestCache, RunningDigest
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
@@ -454,6 +454,9 @@ class DirectoryStaging:
 
     def reads_unsealed(self, upload_id: str, committed: int, start: int = 0) -> bool:
         return True
+
+    async def staged_object(self, upload_id: str, length: int) -> StagedObject | None:
+        return None  # chunk files, not an object
 
     async def staged_size(self, upload_id: str) -> int:
         directory = self.directory(upload_id)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tusingest.staging.base import StagingError
+from tusingest.staging.base import StagedObject, StagingError
 from tusingest.staging.digests import DigestCache, RunningDigest
 
 if TYPE_CHECKING:
@@ -211,15 +211,18 @@ class S3Staging:
         threads: int = 8,
         digests: DigestCache | None = None,
         closing: Callable[[], Awaitable[None]] | None = None,
+        identity: object = None,
     ) -> None:
         """``client`` gives the S3 client to use (borrowed); ``closing`` is awaited by ``aclose``
-        (the owner of the client closes it there)."""
+        (the owner of the client closes it there); ``identity``: the endpoint and credentials the
+        client uses, for elements to tell whether they can copy a sealed upload on the S3 side."""
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"an S3 part holds at least {MIN_PART_SIZE} bytes, not {part_size}")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         self._client = client
         self._closing = closing
+        self.identity = identity
         self.bucket = bucket
         self.prefix = prefix
         self.root = Path(root)
@@ -538,6 +541,11 @@ class S3Staging:
                     yield block
         except (ClientError, BotoCoreError) as exc:
             raise StagingError(f"S3 staging: get of {key} failed: {exc}") from exc
+
+    async def staged_object(self, upload_id: str, length: int) -> StagedObject | None:
+        if await self._sealed_size(upload_id) != length:
+            return None
+        return StagedObject(self.identity, self.bucket, self._data_key(upload_id), length)
 
     async def staged_size(self, upload_id: str) -> int:
         """What this node's writer of the upload has taken, else the furthest offset a tail or the

@@ -30,6 +30,7 @@ from tusingest.elements.backends import open_backend
 from tusingest.elements.directory import DirectoryBackend, is_temp_name
 from tusingest.elements.model import StorageElement
 from tusingest.elements.s3 import S3Access, S3Backend, S3ClientPool
+from tusingest.staging import StagedObject
 
 MiB = 1 << 20
 PART = 5 * MiB  # the S3 minimum, so multipart paths run on small objects
@@ -730,6 +731,39 @@ async def test_s3_copy_needs_the_same_endpoint_and_credentials(s3_backend: S3Bac
     assert s3_backend.can_copy_to(elsewhere(endpoint_url="http://127.0.0.1:1")) is False
     assert s3_backend.can_copy_to(elsewhere(region="eu-west-1")) is False
     assert s3_backend.can_copy_to(elsewhere(access_key_id="someone-else")) is False
+
+
+async def test_s3_places_a_staged_object_by_a_server_side_copy_with_the_file_s_attributes(
+    s3_backend: S3Backend, s3_clients: S3ClientPool
+) -> None:
+    """``ObjectPlacer``: a sealed upload in S3 staging (same endpoint and keys) becomes the object by a
+    copy on the S3 side, with the content type and metadata of the file, not those of the staged object;
+    above the copy threshold part by part. Another identity cannot place from it."""
+    data = os.urandom(2 * PART + 10)
+    await s3_backend.put("staging/u/data", stream(data), metadata={"staged": "yes"})
+    source = StagedObject(s3_backend.access, s3_backend.bucket, "files/staging/u/data", len(data))
+    assert s3_backend.can_place_from(source)
+    info = await s3_backend.place_object("2026/f.bin", source, content_type="video/mp4", metadata={"File-Id": "f1"})
+    assert (info.size, info.content_type, dict(info.metadata)) == (len(data), "video/mp4", {"file-id": "f1"})
+    head = await s3_backend.head("2026/f.bin")
+    assert head is not None and (head.content_type, dict(head.metadata)) == ("video/mp4", {"file-id": "f1"})
+    assert await read(s3_backend, "2026/f.bin") == data
+    assert "-" not in raw_etag(s3_backend, "2026/f.bin")  # one CopyObject, not a put from here
+    part_by_part = S3Backend(
+        "s3-1",
+        bucket=s3_backend.bucket,
+        prefix="files",
+        access=s3_backend.access,
+        clients=s3_clients,
+        copy_part_size=PART,
+        multipart_copy_threshold=PART,
+    )
+    await part_by_part.place_object("2026/g.bin", source, content_type="video/mp4")
+    assert await read(part_by_part, "2026/g.bin") == data
+    assert raw_etag(part_by_part, "2026/g.bin").endswith("-3")
+    stranger = dataclasses.replace(s3_backend.access, access_key_id="someone-else")
+    assert not s3_backend.can_place_from(StagedObject(stranger, s3_backend.bucket, source.key, len(data)))
+    assert not s3_backend.can_place_from(StagedObject(None, s3_backend.bucket, source.key, len(data)))
 
 
 async def test_s3_elements_with_the_same_endpoint_and_keys_share_one_client_that_outlives_their_close(

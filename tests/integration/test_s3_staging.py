@@ -200,3 +200,29 @@ async def test_expiry_and_the_sweep_remove_staged_parts_and_tails(
     report = await expire_uploads(parts.store, parts.staging, parts.locker, later, staging_grace=timedelta(hours=1))
     assert (report.expired, report.staging_removed) == (1, 1)
     assert nothing_staged(server, staging_bucket) == []
+
+
+async def test_staging_s3_going_away_answers_503_with_retry_after_and_the_offset_stays(
+    tmp_path: Path, sqlite_url: str, private_moto_server: MotoServer
+) -> None:
+    """Not a 500: the staged bytes may be fine, the store is not answering; the client retries."""
+    bucket = create_bucket(private_moto_server.url)
+    settings = base_settings(
+        tmp_path,
+        sqlite_url,
+        staging_backend="s3",
+        staging_s3_bucket=bucket,
+        staging_s3_endpoint_url=private_moto_server.url,
+        staging_s3_access_key_id=MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        staging_s3_secret_access_key=MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        chunk_size_mb=5,
+        s3_connect_timeout_seconds=1.0,
+    )
+    async with live_server(settings) as live, live.client() as client:
+        url = await create(client, 4000)
+        assert (await patch(client, url, 0, b"a" * 1000)).status_code == 204
+        private_moto_server.stop()
+        response = await patch(client, url, 1000, b"b" * 1000)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "5" and "staging is unavailable" in response.text
+        assert (await client.head(url, headers=TUS)).headers["Upload-Offset"] == "1000"

@@ -20,6 +20,7 @@ from tusingest.api.multipart import MultipartError, TruncatedBody
 from tusingest.finalise.refusals import Refused
 from tusingest.sessions.locks import LockTimeout
 from tusingest.sessions.store import StoreError
+from tusingest.staging import StagingUnavailable
 from tusingest.tus.body import BodyPace, BodyTooSlow
 from tusingest.tus.errors import TusError, UploadGone, UploadNotFound
 
@@ -83,6 +84,11 @@ def api_exception_handlers(pace: BodyPace) -> dict[Any, Handler]:
         BodyTooSlow: answer(lambda exc: ApiError(408, "body_too_slow", too_slow)),
         ClientDisconnect: closed,
         LockTimeout: answer(lambda exc: ApiError(409, "session_busy", BUSY)),
+        StagingUnavailable: answer(
+            lambda exc: ApiError(
+                503, "staging_unavailable", "staging is unavailable; retry shortly", headers={"Retry-After": "5"}
+            )
+        ),
         # Was a 500 from Starlette: the store being down is not a bug, and the client may retry.
         StoreError: answer(
             lambda exc: ApiError(

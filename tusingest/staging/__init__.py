@@ -6,7 +6,7 @@ than that after a crash or an aborted request; they are cut off when a writer is
 and never read, because every reader is bounded by a committed length.
 """
 
-from tusingest.staging.base import StagedObject, Staging, StagingError, StagingWriter
+from tusingest.staging.base import StagedObject, Staging, StagingError, StagingUnavailable, StagingWriter
 from tusingest.staging.digests import DigestCache, Digests, RunningDigest
 from tusingest.staging.directory import ChunkWriter, DirectoryStaging
 from tusingest.staging.s3 import S3Staging
@@ -21,5 +21,6 @@ __all__ = [
     "StagedObject",
     "Staging",
     "StagingError",
+    "StagingUnavailable",
     "StagingWriter",
 ]

@@ -21,6 +21,11 @@ class StagingError(Exception):
     """Staged bytes are missing or unreadable: the upload cannot continue."""
 
 
+class StagingUnavailable(StagingError):
+    """Staging's store does not answer or fails on its side (S3 down, throttling, a 5xx): the
+    staged bytes may be fine, and the request can be tried again shortly."""
+
+
 @dataclass(frozen=True, slots=True)
 class StagedObject:
     """A sealed upload's bytes as one object in an S3 bucket, which an element on the same endpoint

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tusingest.staging.base import StagedObject, StagingError
+from tusingest.staging.base import StagedObject, StagingError, StagingUnavailable
 from tusingest.staging.digests import DigestCache, RunningDigest
 
 if TYPE_CHECKING:
@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 MIN_PART_SIZE = 5 << 20  # S3: every part but the last holds at least 5 MiB
 _TAIL_NAME = re.compile(r"^(\d{20})\.tail$")
 _DATA = "data"
+_SEALED_REMEMBERED = 4096
 _MULTIPART_META = "multipart"  # the tail's metadata key naming the multipart upload
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"})
 
 type ClientGetter = Callable[[], Awaitable[S3Client]]
 
@@ -232,6 +234,7 @@ class S3Staging:
         self._executor: ThreadPoolExecutor | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._writers: dict[str, S3StagingWriter] = {}  # the open writers on this node, by upload
+        self._sealed: dict[str, int] = {}  # sizes of sealed uploads seen, oldest first
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -277,9 +280,12 @@ class S3Staging:
         except ClientError as exc:
             if _error_code(exc) in _MISSING:
                 raise _Missing(f"S3 staging: {what}: no such object") from exc
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status >= 500 or status == 429 or _error_code(exc) in _THROTTLED:
+                raise StagingUnavailable(f"S3 staging: {what} failed: {exc}") from exc
             raise StagingError(f"S3 staging: {what} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StagingError(f"S3 staging: {what} failed: {exc}") from exc
+        except BotoCoreError as exc:  # no answer: a connection refused or cut, a timeout
+            raise StagingUnavailable(f"S3 staging: {what} failed: {exc}") from exc
 
     async def _create_multipart(self, upload_id: str) -> str:
         key = self._data_key(upload_id)
@@ -331,13 +337,24 @@ class S3Staging:
             raise self._no_tail(upload_id, offset, exc) from None
         return head["ContentLength"], head.get("Metadata", {}).get(_MULTIPART_META) or None
 
-    async def _sealed_size(self, upload_id: str) -> int | None:
+    async def _sealed_size(self, upload_id: str, *, fresh: bool = False) -> int | None:
+        """The size of the sealed object, None while there is none. A seal is final until the upload
+        is removed, so a size once seen is remembered (a finalisation asks several times); ``seal``
+        asks S3 itself (``fresh``), so a remembered size never stands in for a new seal."""
+        known = None if fresh else self._sealed.get(upload_id)
+        if known is not None:
+            return known
+        self._sealed.pop(upload_id, None)
         key = self._data_key(upload_id)
         try:
             head = await self._call(f"head of {key}", lambda c: c.head_object(Bucket=self.bucket, Key=key))
         except _Missing:
             return None
-        return head["ContentLength"]
+        size = head["ContentLength"]
+        self._sealed[upload_id] = size
+        if len(self._sealed) > _SEALED_REMEMBERED:
+            del self._sealed[next(iter(self._sealed))]
+        return size
 
     async def _objects(self, upload_id: str) -> list[tuple[str, datetime]]:
         """Every object of the upload: (key, last modified)."""
@@ -435,7 +452,7 @@ class S3Staging:
         """Complete the multipart upload named by tail ``length`` into ``data``: parts 1..k as they
         are, the tail as the last part (copied on the S3 side); then drop the tails and any other
         multipart upload of the key. An object ``data`` of ``length`` bytes means sealed already."""
-        if await self._sealed_size(upload_id) == length:
+        if await self._sealed_size(upload_id, fresh=True) == length:
             return
         key = self._data_key(upload_id)
         whole = length // self.part_size
@@ -568,6 +585,7 @@ class S3Staging:
     async def remove(self, upload_id: str) -> None:
         """Abort the multipart uploads and delete every object of the upload; drop its scratch."""
         self.digests.forget(upload_id)
+        self._sealed.pop(upload_id, None)
         for key, multipart, _ in await self._multiparts(upload_id):
             await self._abort(key, multipart)
         await self._delete([k for k, _ in await self._objects(upload_id)])

@@ -15,7 +15,7 @@ from tusingest.sessions import SessionStore
 from tusingest.sessions.locks import Locker, LockTimeout
 from tusingest.sessions.model import is_upload_id
 from tusingest.sessions.store import StoreError
-from tusingest.staging import Staging, StagingError
+from tusingest.staging import Staging, StagingError, StagingUnavailable
 from tusingest.tus.base import PlainHooks, TusContext, TusOptions, UploadHooks, tus_headers
 from tusingest.tus.delete import DeleteHandler
 from tusingest.tus.errors import (
@@ -109,6 +109,11 @@ class TusServer:
             self.ctx.metrics.lock_timeouts.inc()
             retry = str(max(1, round(self.ctx.options.lock_timeout)))
             return self.error_response(UploadLocked(headers={"Retry-After": retry}))
+        except StagingUnavailable as exc:
+            log.warning("staging unavailable for upload %s: %s", upload_id, exc)
+            return self.error_response(
+                ServiceUnavailable("staging is unavailable; retry shortly", headers={"Retry-After": "5"})
+            )
         except StagingError as exc:
             log.error("staging failed for upload %s: %s", upload_id, exc)
             return self.error_response(ServerError("the upload's staged data cannot be used"))

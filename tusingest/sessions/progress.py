@@ -8,9 +8,13 @@ carries events across nodes with LISTEN/NOTIFY: the PostgreSQL session store sen
 an offset in the very statement that commits it (no extra round trip, and nobody hears of an
 offset that was rolled back), and one dedicated connection per node listens.
 
-Delivery is best effort and in order: each subscriber has an unbounded queue, so no step is
-dropped however fast commits come. When the listening connection was lost, events may have been
-missed: every subscriber then gets ``RESYNC`` and re-reads the upload's state.
+Delivery is best effort and in order: each subscriber has a queue of QUEUE_MAX events, and one that
+falls further behind gets ``RESYNC`` instead of the backlog. Other events (a saga's stages, an ending
+state) are NOTIFYs of their own, which a publisher never waits for: they queue (SEND_MAX at most;
+beyond that they are dropped and logged) for one task that sends what has gathered in one round
+trip, and what is queued when the node closes is still sent. When the listening connection was
+lost, events may have been missed: every subscriber then gets ``RESYNC`` and re-reads the upload's
+state.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ log = logging.getLogger(__name__)
 
 PROGRESS_CHANNEL: Final = "tusingest_progress"
 MESSAGE_MAX: Final = 512  # a failure's message is cut to this in a NOTIFY (payloads must stay under 8000 bytes)
+SEND_MAX: Final = 1024  # events queued for NOTIFY before more are dropped (PostgreSQL that slow loses watchers anyway)
+SEND_BATCH: Final = 256  # events one NOTIFY round trip carries at most
+FLUSH_SECONDS: Final = 5.0  # how long close() lets the queued events go out
+# One statement, in queue order: the select list (pg_notify) is evaluated after the ORDER BY.
+_NOTIFY_ALL: Final = (
+    "SELECT pg_notify($1, payload) FROM unnest($2::text[]) WITH ORDINALITY AS queued(payload, n) ORDER BY n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +179,23 @@ class PostgresProgressBus(ProgressBus):
         self.reconnect_max_seconds = reconnect_max_seconds
         self._connection: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
-        self._sending = asyncio.Lock()  # one connection runs one statement at a time
         self._task: asyncio.Task[None] | None = None
+        self._unsent: asyncio.Queue[ProgressEvent] = asyncio.Queue(maxsize=SEND_MAX)
+        self._sender: asyncio.Task[None] | None = None  # the one user of the connection's statements
 
     async def open(self) -> None:
         await self._connect()  # a database that cannot be reached stops the start, as the stores do
         self._task = asyncio.create_task(self._keep_listening(), name="progress-listener")
+        self._sender = asyncio.create_task(self._send_queued(), name="progress-sender")
 
     async def close(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            with contextlib.suppress(TimeoutError):  # what is still queued then is lost, as on a crash
+                async with asyncio.timeout(FLUSH_SECONDS):
+                    await self._unsent.join()
+            sender.cancel()
+            await asyncio.wait([sender])
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -186,15 +206,37 @@ class PostgresProgressBus(ProgressBus):
                 await asyncio.wait_for(connection.close(), 5)
 
     async def publish(self, event: ProgressEvent) -> None:
-        connection = self._connection
-        if connection is None or connection.is_closed():
-            log.warning("progress event of upload %s not published: not connected to PostgreSQL", event.upload_id)
+        """Queue ``event`` for the sender and return at once: a saga's stage never waits for PostgreSQL."""
+        if self._sender is None:
+            log.warning("progress event of upload %s not published: the progress bus is not open", event.upload_id)
             return
         try:
-            async with self._sending:
-                await connection.execute("SELECT pg_notify($1, $2)", self.channel, event.to_json())
+            self._unsent.put_nowait(event)
+        except asyncio.QueueFull:
+            log.warning("progress event of upload %s dropped: %d events wait to be sent", event.upload_id, SEND_MAX)
+
+    async def _send_queued(self) -> None:
+        """Send what has gathered in the queue, in order, up to SEND_BATCH events a round trip."""
+        while True:
+            batch = [await self._unsent.get()]
+            while len(batch) < SEND_BATCH and not self._unsent.empty():
+                batch.append(self._unsent.get_nowait())
+            try:
+                await self._send(batch)
+            finally:
+                for _ in batch:
+                    self._unsent.task_done()
+
+    async def _send(self, batch: list[ProgressEvent]) -> None:
+        connection = self._connection
+        try:
+            if connection is None or connection.is_closed():
+                raise ConnectionError("not connected to PostgreSQL")  # an OSError, so caught below
+            await connection.execute(_NOTIFY_ALL, self.channel, [event.to_json() for event in batch])
         except _CONNECTION_ERRORS as exc:
-            log.warning("progress event of upload %s not published: %s", event.upload_id, exc)
+            # The listener reconnects and has every subscriber re-read the state: nothing is retried here.
+            uploads = ", ".join(sorted({event.upload_id for event in batch}))
+            log.warning("%d progress events not published (uploads %.200s): %s", len(batch), uploads, exc)
 
     async def _connect(self) -> None:
         connection = await asyncpg.connect(self.database_url, server_settings={"application_name": "tusingest"})

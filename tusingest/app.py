@@ -70,7 +70,7 @@ from tusingest.sessions import SessionStore
 from tusingest.sessions.audit import Action, AuditEvent, Auditor, Outcome
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
-from tusingest.sessions.progress import PostgresProgressBus, ProgressBus
+from tusingest.sessions.progress import ProgressBus
 from tusingest.staging import DirectoryStaging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.base import REQUESTER, Requester
@@ -155,6 +155,7 @@ def open_database(database_url: str, lock_timeout: float = 10.0, metrics: Metric
         case "postgresql":
             from tusingest.saga.postgres import PostgresSagaStore
             from tusingest.sessions.pglocks import PostgresLocker
+            from tusingest.sessions.pgprogress import PostgresProgressBus
             from tusingest.sessions.postgres import PostgresSessionStore
 
             postgres_sessions = PostgresSessionStore(database_url)

@@ -22,14 +22,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-import aiohttp
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+if TYPE_CHECKING:  # imported by JwksKeys: only a JWKS URL needs an HTTP client
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +393,7 @@ class JwksKeySet:
         self._is_url = source.startswith(("http://", "https://"))
         self._cache_seconds = cache_seconds
         self._refetch_min_seconds = refetch_min_seconds
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._timeout_seconds = timeout_seconds
         self._tls_min_version = tls_min_version
         self._clock = clock
         self._keys: list[Key] = []
@@ -421,10 +423,12 @@ class JwksKeySet:
                 return  # a flood of made-up kids must not turn into a flood of fetches
             self._tried_at = now
             self.fetches += 1
+            from aiohttp import ClientError
+
             try:
                 document = await self._fetch()
                 keys = [key for jwk in _jwk_list(document) if (key := key_from_jwk(jwk)) is not None]
-            except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            except (OSError, ClientError, TimeoutError, ValueError) as exc:
                 log.warning(
                     "JWKS %s could not be fetched (%s); keeping %d cached key(s)", self._source, exc, len(self._keys)
                 )
@@ -436,9 +440,12 @@ class JwksKeySet:
         if not self._is_url:
             return json.loads(await asyncio.to_thread(Path(self._source).read_bytes))
         if self._session is None:
+            import aiohttp
+
             tls = ssl.create_default_context(cafile=self._ca_bundle)
             tls.minimum_version = self._tls_min_version
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(ssl=tls))
+            timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=tls))
         async with self._session.get(self._source, allow_redirects=False) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tusingest.sessions.progress import SEND_MAX, PostgresProgressBus, ProgressEvent, Subscription
+from tusingest.sessions.pgprogress import SEND_MAX, PostgresProgressBus
+from tusingest.sessions.progress import ProgressEvent, Subscription
 
 WATCHED = [f"upload-{n}" for n in range(8)]  # SEND_MAX / 8 events each: under a subscriber's QUEUE_MAX
 
@@ -34,7 +35,7 @@ async def received(queue: Subscription, count: int) -> list[ProgressEvent | None
 async def test_publishing_never_waits_queues_send_max_events_and_drops_the_rest_with_a_warning(
     postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="tusingest.sessions.progress")
+    caplog.set_level(logging.WARNING, logger="tusingest.sessions.pgprogress")
     async with opened(postgres_url) as publisher, opened(postgres_url) as listener:
         with contextlib.ExitStack() as stack:
             queues = {upload_id: stack.enter_context(listener.subscribe(upload_id)) for upload_id in WATCHED}
@@ -75,7 +76,7 @@ async def test_closing_a_node_still_sends_the_events_it_had_queued(postgres_url:
 async def test_a_closed_bus_logs_what_it_cannot_publish_and_does_not_raise(
     postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="tusingest.sessions.progress")
+    caplog.set_level(logging.WARNING, logger="tusingest.sessions.pgprogress")
     async with opened(postgres_url) as bus:
         pass
 

@@ -15,14 +15,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-
 import tusingest
 from tusingest.sessions.store import StoreError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a SQLite server imports neither
+    import asyncpg
     from alembic.config import Config
+    from asyncpg.pool import PoolConnectionProxy
 
 # The revisions of migrations/versions, newest last. Kept here so that a serving node checks its
 # database without importing alembic and SQLAlchemy (about 22 MiB resident and 0.7 s at start);
@@ -100,6 +99,8 @@ async def read_revision(connection: asyncpg.Connection | PoolConnectionProxy) ->
 
 
 async def current_revision(database_url: str) -> str | None:
+    import asyncpg
+
     connection = await asyncpg.connect(database_url)
     try:
         return await read_revision(connection)

@@ -14,6 +14,7 @@ import asyncio
 import enum
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -147,13 +148,13 @@ def _ts(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-async def insert_sqlite(db: aiosqlite.Connection, event: AuditEvent) -> None:
-    """Write the row on ``db``: call inside the transaction of the change it records."""
+def insert_sqlite(db: sqlite3.Connection, event: AuditEvent) -> None:
+    """Write the row on ``db``: call inside the transaction of the change it records (in aiosqlite's thread)."""
     values = event.fields()
     values["at"] = _ts(event.at)
     values["element_ids"] = json.dumps(values["element_ids"])
     marks = ",".join("?" * len(values))
-    await db.execute(f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({marks})", [values[c] for c in _names()])
+    db.execute(f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({marks})", [values[c] for c in _names()])
 
 
 async def list_sqlite(db: aiosqlite.Connection, query: AuditQuery) -> list[AuditEvent]:

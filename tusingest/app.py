@@ -70,8 +70,8 @@ from tusingest.sessions import SessionStore
 from tusingest.sessions.audit import Action, AuditEvent, Auditor, Outcome
 from tusingest.sessions.expiry import expire_partials, expire_uploads
 from tusingest.sessions.locks import Locker, MemoryLocker
-from tusingest.sessions.progress import PostgresProgressBus, ProgressBus
-from tusingest.staging import DirectoryStaging, S3Staging, Staging
+from tusingest.sessions.progress import ProgressBus
+from tusingest.staging import DirectoryStaging, Staging
 from tusingest.tus import TusOptions, TusServer
 from tusingest.tus.base import REQUESTER, Requester
 from tusingest.tus.body import BodyPace
@@ -155,6 +155,7 @@ def open_database(database_url: str, lock_timeout: float = 10.0, metrics: Metric
         case "postgresql":
             from tusingest.saga.postgres import PostgresSagaStore
             from tusingest.sessions.pglocks import PostgresLocker
+            from tusingest.sessions.pgprogress import PostgresProgressBus
             from tusingest.sessions.postgres import PostgresSessionStore
 
             postgres_sessions = PostgresSessionStore(database_url)
@@ -236,6 +237,7 @@ def open_staging(settings: Settings) -> Staging:
             write_buffer_bytes=settings.staging_write_buffer_kb << 10,
         )
     from tusingest.elements.s3 import S3Access, S3ClientPool
+    from tusingest.staging.s3 import S3Staging
 
     clients = S3ClientPool(
         connect_timeout=settings.s3_connect_timeout_seconds,

@@ -22,14 +22,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-import aiohttp
-import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+if TYPE_CHECKING:
+    # Imported where keys are read and tokens verified: a server with no key (anonymous, loopback only)
+    # loads neither PyJWT nor cryptography (~9 MiB); only a JWKS URL needs an HTTP client.
+    import aiohttp
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,8 @@ class Key:
 
 def _key_of(public_key: object, where: str, kid: str | None = None) -> Key:
     """The Key for a public key: RSA verifies RS256 only, P-256 ES256 only; anything else is refused."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
             raise AuthConfigError(f"{where}: RSA key of {public_key.key_size} bits; at least {MIN_RSA_BITS} needed")
@@ -272,6 +274,9 @@ _PEM_BLOCK: Final = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1----
 
 def load_pem_keys(data: bytes, where: str) -> list[Key]:
     """Every public key (or certificate's key) in a PEM text; a file may hold several for rotation."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     keys: list[Key] = []
     for block in _PEM_BLOCK.finditer(data):
         label, text = block.group(1), block.group(0)
@@ -294,6 +299,9 @@ def load_pem_keys(data: bytes, where: str) -> list[Key]:
 
 def key_from_jwk(jwk: Mapping[str, Any]) -> Key | None:
     """A JWK as a Key, or None for one we never verify with (symmetric, other curves, encryption keys)."""
+    import jwt
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
     kty, use = jwk.get("kty"), jwk.get("use", "sig")
     if use != "sig":
         return None
@@ -391,7 +399,7 @@ class JwksKeySet:
         self._is_url = source.startswith(("http://", "https://"))
         self._cache_seconds = cache_seconds
         self._refetch_min_seconds = refetch_min_seconds
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._timeout_seconds = timeout_seconds
         self._tls_min_version = tls_min_version
         self._clock = clock
         self._keys: list[Key] = []
@@ -421,10 +429,12 @@ class JwksKeySet:
                 return  # a flood of made-up kids must not turn into a flood of fetches
             self._tried_at = now
             self.fetches += 1
+            from aiohttp import ClientError
+
             try:
                 document = await self._fetch()
                 keys = [key for jwk in _jwk_list(document) if (key := key_from_jwk(jwk)) is not None]
-            except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            except (OSError, ClientError, TimeoutError, ValueError) as exc:
                 log.warning(
                     "JWKS %s could not be fetched (%s); keeping %d cached key(s)", self._source, exc, len(self._keys)
                 )
@@ -436,9 +446,12 @@ class JwksKeySet:
         if not self._is_url:
             return json.loads(await asyncio.to_thread(Path(self._source).read_bytes))
         if self._session is None:
+            import aiohttp
+
             tls = ssl.create_default_context(cafile=self._ca_bundle)
             tls.minimum_version = self._tls_min_version
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(ssl=tls))
+            timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=tls))
         async with self._session.get(self._source, allow_redirects=False) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
@@ -463,21 +476,23 @@ def _jwk_list(document: object) -> list[Mapping[str, Any]]:
 
 _KINDS: Final = frozenset({"service_account", "admin_user"})
 # PyJWT's own messages are not shown (they are not guaranteed free of token content); ours are.
-_REFUSALS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
-    (jwt.ExpiredSignatureError, "the token has expired"),
-    (jwt.ImmatureSignatureError, "the token is not valid yet"),
-    (jwt.InvalidIssuerError, "the token's issuer is not accepted"),
-    (jwt.InvalidAudienceError, "the token's audience is not accepted"),
-    (jwt.InvalidSignatureError, "the token's signature does not verify"),
-    (jwt.DecodeError, "the token is malformed"),
+_REFUSALS: Final = (  # PyJWT's exception classes by name: jwt is imported only once a token is checked
+    ("ExpiredSignatureError", "the token has expired"),
+    ("ImmatureSignatureError", "the token is not valid yet"),
+    ("InvalidIssuerError", "the token's issuer is not accepted"),
+    ("InvalidAudienceError", "the token's audience is not accepted"),
+    ("InvalidSignatureError", "the token's signature does not verify"),
+    ("DecodeError", "the token is malformed"),
 )
 
 
 def _refusal(exc: jwt.PyJWTError) -> AuthError:
+    import jwt
+
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return AuthError(f"the token lacks the {exc.claim} claim")  # one of the names we require: safe
     for kind, reason in _REFUSALS:
-        if isinstance(exc, kind):
+        if isinstance(exc, getattr(jwt, kind)):
             return AuthError(reason)
     return AuthError("the token is not valid")
 
@@ -531,6 +546,8 @@ class Authenticator:
     async def authenticate(self, authorization: str | None) -> Identity:
         if not self.settings.enabled:
             return anonymous_identity(self.settings.anonymous_name)
+        import jwt
+
         token = bearer_token(authorization)
         try:
             header = jwt.get_unverified_header(token)
@@ -564,6 +581,8 @@ class Authenticator:
         return keys
 
     def _verify(self, token: str, candidates: list[Key]) -> Identity:
+        import jwt
+
         bad_signature: jwt.PyJWTError | None = None
         for key in candidates:
             try:

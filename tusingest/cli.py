@@ -86,6 +86,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
+async def _migrate_sqlite_in_child(database_url: str) -> None:
+    """A SQLite file that is new or behind is migrated by a child Python before the server opens it, so the
+    server never loads alembic. If the child fails, the store's own open migrates here and says why not."""
+    from tusingest.config import database_engine
+    from tusingest.sessions import migrations
+
+    if database_engine(database_url) != "sqlite" or migrations.sqlite_at_head(database_url):
+        return
+    await asyncio.to_thread(Path(migrations.sqlite_path(database_url)).parent.mkdir, parents=True, exist_ok=True)
+    if (problem := await migrations.upgrade_in_child(database_url)) is not None:
+        logging.getLogger("tusingest").warning("migrating the SQLite file in a child process failed: %s", problem)
+
+
 async def _serve(settings: Settings, listener: socket.socket) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
 
@@ -94,6 +107,7 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
     from tusingest.serving import hypercorn_config, runtime_warning
     from tusingest.sessions.store import StoreError
 
+    await _migrate_sqlite_in_child(settings.database_url)
     # Refuse to start on a store we cannot use, with the store's own words (e.g. "run tusingest migrate").
     probe = open_database(settings.database_url).sessions
     try:

@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
@@ -141,6 +140,8 @@ class RedisSlotGate:
     """Slots shared by every node: one sorted set per key, member = lease token, score = lease expiry."""
 
     def __init__(self, url: str) -> None:
+        import redis.asyncio as aioredis  # here: a node without REDIS_URL never loads redis
+
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
@@ -162,7 +163,7 @@ class RedisSlotGate:
 
 # --- the limiter ------------------------------------------------------------------------------
 
-_UNREACHABLE: Final = (StorageError, aioredis.RedisError, OSError, TimeoutError)
+_UNREACHABLE: Final[tuple[type[Exception], ...]] = (StorageError, OSError, TimeoutError)
 
 
 class RateLimiter:
@@ -176,9 +177,13 @@ class RateLimiter:
                 wrap_exceptions=True,
             )  # fmt: skip
             self._gate: SlotGate = RedisSlotGate(settings.redis_url)
+            from redis.exceptions import RedisError
+
+            self.unreachable: tuple[type[Exception], ...] = (*_UNREACHABLE, RedisError)  # the slot gate's own
         else:
             storage = storage_from_string("async+memory://", wrap_exceptions=True)
             self._gate = MemorySlotGate()
+            self.unreachable = _UNREACHABLE
         assert isinstance(storage, Storage)
         self._storage = storage
         self._moving = MovingWindowRateLimiter(storage)
@@ -210,7 +215,7 @@ class RateLimiter:
             if await self._moving.hit(item, "creations", *identifiers):
                 return ALLOWED
             stats = await self._moving.get_window_stats(item, "creations", *identifiers)
-        except _UNREACHABLE as exc:
+        except self.unreachable as exc:
             log.warning("rate limit storage unreachable (%s); creation allowed", exc.__class__.__name__)
             return ALLOWED
         return Decision(False, max(0.0, stats.reset_time - time.time()), limit)
@@ -223,7 +228,7 @@ class RateLimiter:
                 token = await self._gate.acquire(
                     self._slot_key(subject), self.settings.concurrent_uploads, self.settings.slot_lease_seconds
                 )
-            except _UNREACHABLE as exc:
+            except self.unreachable as exc:
                 log.warning("rate limit storage unreachable (%s); upload allowed", exc.__class__.__name__)
                 return UploadAllowance(self, subject, None, ALLOWED)
             if token is None:
@@ -239,7 +244,7 @@ class RateLimiter:
         try:
             if await self._sliding.hit(self._bytes, "bytes", subject, cost=cost):
                 return ALLOWED
-        except _UNREACHABLE as exc:
+        except self.unreachable as exc:
             log.warning("rate limit storage unreachable (%s); bytes allowed", exc.__class__.__name__)
             return ALLOWED
         # The budget refills at bytes_per_second: this much waiting earns ``cost`` again.
@@ -312,7 +317,7 @@ class UploadAllowance:
             await self._limiter._gate.renew(
                 self._limiter._slot_key(self._subject), self._token, self._limiter.settings.slot_lease_seconds
             )
-        except _UNREACHABLE as exc:
+        except self._limiter.unreachable as exc:
             log.warning("rate limit storage unreachable (%s); slot lease not renewed", exc.__class__.__name__)
 
     async def release(self) -> None:
@@ -324,5 +329,5 @@ class UploadAllowance:
         if token is not None:
             try:
                 await self._limiter._gate.release(self._limiter._slot_key(self._subject), token)
-            except _UNREACHABLE as exc:
+            except self._limiter.unreachable as exc:
                 log.warning("rate limit storage unreachable (%s); slot left to its lease", exc.__class__.__name__)

@@ -20,8 +20,9 @@ import pytest
 from tusingest.sessions import migrations
 from tusingest.sessions.audit import Action, AuditEvent, Outcome
 from tusingest.sessions.model import IdempotencyKey, Upload, UploadKind, UploadState, new_upload_id
+from tusingest.sessions.pgprogress import PostgresProgressBus
 from tusingest.sessions.postgres import PostgresSessionStore
-from tusingest.sessions.progress import RESYNC, PostgresProgressBus, ProgressBus, ProgressEvent
+from tusingest.sessions.progress import RESYNC, ProgressBus, ProgressEvent
 from tusingest.sessions.sqlite import SQLiteSessionStore
 from tusingest.sessions.store import DatabaseNotMigrated, SessionStore, StoreError
 

@@ -17,7 +17,8 @@ import pytest
 
 from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tusingest.elements.s3 import S3Access, S3ClientPool
-from tusingest.staging import DirectoryStaging, S3Staging, Staging, StagingError
+from tusingest.staging import DirectoryStaging, Staging, StagingError
+from tusingest.staging.s3 import S3Staging
 
 MiB = 1 << 20
 PART = 5 * MiB  # S3's minimum part size, so parts fill on small uploads

@@ -14,25 +14,30 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random_exponential
 
 from tusingest.elements.model import BackendKind, ElementList, ElementListError, Mode, StorageElement
 from tusingest.elements.settings import DiscoverySettings
 
+if TYPE_CHECKING:  # redis is imported where it is used: a node without REDIS_URL never loads it
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
 log = logging.getLogger(__name__)
 
 Source = Literal["redis", "cache", "fallback", "default"]
 
-# What an unreachable, restarting or misconfigured Redis raises; all of it means "try again later".
-REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, OSError)
+
+def _redis_unavailable() -> tuple[type[Exception], ...]:
+    """What an unreachable, restarting or misconfigured Redis raises; all of it means "try again later".
+    Evaluated only where Redis is in use (an ``except`` clause evaluates it once something is raised)."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
+
 
 FIRST_RECONNECT_SECONDS = 0.1
 # Our own PING on a quiet subscription carries this payload so its reply reaches us: redis-py
@@ -156,6 +161,10 @@ class ElementDiscovery:
                 await self._apply(self._default_list(), "default")
             return
 
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         self._redis = Redis.from_url(
             self._redis_url,
             socket_connect_timeout=self._timeout_seconds,
@@ -170,7 +179,7 @@ class ElementDiscovery:
         try:
             try:
                 pubsub = await self._subscribe_and_read()
-            except REDIS_UNAVAILABLE as exc:
+            except _redis_unavailable() as exc:
                 self._lost(exc)
             if self._current is None:
                 local, source = await asyncio.to_thread(self._local_list, fallback)
@@ -191,7 +200,7 @@ class ElementDiscovery:
         try:
             async with self._applying:
                 await self._read_and_apply()
-        except REDIS_UNAVAILABLE as exc:
+        except _redis_unavailable() as exc:
             self._last_error = _describe(exc)
             raise DiscoveryError(f"Redis at {_where(self._redis_url)} is unavailable: {_describe(exc)}") from exc
         return self.current
@@ -217,7 +226,7 @@ class ElementDiscovery:
                 if pubsub is None:
                     pubsub = await self._resubscribe()
                 await self._listen(pubsub)
-            except REDIS_UNAVAILABLE as exc:
+            except _redis_unavailable() as exc:
                 self._lost(exc)
             finally:
                 if pubsub is not None:
@@ -229,7 +238,7 @@ class ElementDiscovery:
         # together do not all come back in the same instant.
         half_cap = self._reconnect_max_seconds / 2
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(REDIS_UNAVAILABLE),
+            retry=retry_if_exception_type(_redis_unavailable()),
             wait=wait_exponential(multiplier=FIRST_RECONNECT_SECONDS, max=half_cap)
             + wait_random_exponential(multiplier=FIRST_RECONNECT_SECONDS, max=half_cap),
             reraise=True,
@@ -238,7 +247,7 @@ class ElementDiscovery:
             with attempt:
                 try:
                     return await self._subscribe_and_read()
-                except REDIS_UNAVAILABLE as exc:
+                except _redis_unavailable() as exc:
                     self._lost(exc)
                     raise
         raise AssertionError("AsyncRetrying without a stop condition ended")  # pragma: no cover
@@ -342,6 +351,8 @@ class ElementDiscovery:
     async def _read_and_apply(self) -> None:
         """Read the key (the caller holds ``_applying``); a missing or invalid value keeps the current list."""
         assert self._redis is not None
+        from redis.exceptions import ResponseError
+
         try:
             raw = await self._redis.get(self._key)
         except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else than a string

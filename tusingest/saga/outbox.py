@@ -13,17 +13,8 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import aiohttp
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT
 
 from tusingest.observability import tracing
 from tusingest.observability.metrics import Metrics
@@ -31,6 +22,11 @@ from tusingest.saga.records import OutboxMessage
 from tusingest.saga.runner import cancel_and_wait
 from tusingest.saga.store import SagaStore
 from tusingest.saga.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, USER_AGENT, sign, webhook_body
+
+if TYPE_CHECKING:  # imported where used: a node without REDIS_URL or webhooks loads neither
+    import aiohttp
+    from redis.asyncio import Redis
+    from redis.typing import EncodableT, FieldT
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +100,8 @@ class OutboxRelay:
         self._claim_lease_seconds = claim_lease_seconds
         self._base_delay = base_delay
         self._jitter = jitter
-        self._http: aiohttp.ClientSession | None = None
+        self._opened = False
+        self._http: aiohttp.ClientSession | None = None  # made for the first webhook
         self._redis: Redis | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -116,19 +113,17 @@ class OutboxRelay:
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the HTTP session and the Redis client; ``deliver_due`` needs them. ``start`` calls this."""
-        if self._http is not None:
+        """Create the Redis client; ``deliver_due`` needs it (the HTTP session comes with the first webhook).
+        ``start`` calls this."""
+        if self._opened:
             return
-        # https receivers: the certificate verified (system CAs, or SSL_CERT_FILE) at ELEMENT_TLS_MIN_VERSION
-        # at least; an http:// webhook URL stays plain.
-        tls = ssl.create_default_context()
-        tls.minimum_version = self._tls_min_version
-        self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-            headers={"User-Agent": USER_AGENT},
-            connector=aiohttp.TCPConnector(ssl=tls),
-        )
+        self._opened = True
         if self._redis_url is not None:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
             self._redis = Redis.from_url(
                 self._redis_url,
                 socket_connect_timeout=self._timeout,
@@ -139,6 +134,21 @@ class OutboxRelay:
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                 client_name="tusingest-outbox",
             )
+
+    def _webhook_session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            import aiohttp
+
+            # https receivers: the certificate verified (system CAs, or SSL_CERT_FILE) at ELEMENT_TLS_MIN_VERSION
+            # at least; an http:// webhook URL stays plain.
+            tls = ssl.create_default_context()
+            tls.minimum_version = self._tls_min_version
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                headers={"User-Agent": USER_AGENT},
+                connector=aiohttp.TCPConnector(ssl=tls),
+            )
+        return self._http
 
     async def start(self) -> None:
         """Open, then deliver in the background: at once, after each ``notify()``, and every ``poll_interval``."""
@@ -152,6 +162,7 @@ class OutboxRelay:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        self._opened = False
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -163,6 +174,8 @@ class OutboxRelay:
         """For readiness: None when Redis answers (or none is configured), else why not."""
         if self._redis is None:
             return None if self._redis_url is None else "not connected"
+        from redis.exceptions import RedisError
+
         try:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
@@ -204,7 +217,7 @@ class OutboxRelay:
         the backoff and delivery times count from it. Store errors while claiming are raised; everything
         that goes wrong with one message is recorded on it.
         """
-        if self._http is None:
+        if not self._opened:
             raise RuntimeError("OutboxRelay is not open: call open() or start() first")
 
         def clock() -> datetime:
@@ -275,6 +288,10 @@ class OutboxRelay:
                 log.info("file events are not published: no REDIS_URL (dropping those queued before)")
                 self._warned_no_redis = True
             return None
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
         try:
             fields: dict[FieldT, EncodableT] = {name: value for name, value in stream_fields(message.payload).items()}
             await self._redis.xadd(message.destination, fields)
@@ -285,7 +302,9 @@ class OutboxRelay:
         return None
 
     async def _post_webhook(self, message: OutboxMessage) -> _Failure | None:
-        assert self._http is not None
+        from aiohttp import ClientError
+
+        http = self._webhook_session()
         body = webhook_body(message.payload)
         headers = {"Content-Type": "application/json", DELIVERY_HEADER: str(message.message_id)}
         event_type = message.payload.get("type")
@@ -300,7 +319,7 @@ class OutboxRelay:
             # Redirects are not followed: a POST would turn into a GET, and the body would be lost on the way.
             attributes = {"http.request.method": "POST", "webhook.event": event_type, "outbox.id": message.message_id}
             with tracing.span("webhook.deliver", attributes, kind=tracing.CLIENT) as delivery:
-                post = self._http.post(message.destination, data=body, headers=headers, allow_redirects=False)
+                post = http.post(message.destination, data=body, headers=headers, allow_redirects=False)
                 async with post as r:
                     delivery.set_attribute("http.response.status_code", r.status)
                     if 200 <= r.status < 300:
@@ -310,7 +329,7 @@ class OutboxRelay:
                     return _Failure(error, destination_down=False, status=r.status)
         except TimeoutError:
             return _Failure(f"no answer within {self._timeout:g} s", destination_down=True)
-        except (aiohttp.ClientError, OSError) as exc:
+        except (ClientError, OSError) as exc:
             return _Failure(_describe(exc), destination_down=True)
 
     # --- logging once per outage ----------------------------------------------------------------------------

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -161,6 +160,73 @@ def _is_unfinished_saga_conflict(exc: sqlite3.IntegrityError) -> bool:
     return "sagas.kind, sagas.subject_id" in str(exc)
 
 
+# --- statements, run in aiosqlite's thread (SQLiteDatabase.run and .transaction) ----------------------
+
+
+def _row(db: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+    rows = db.execute(sql, tuple(params)).fetchall()  # to its end: a pending statement would hold COMMIT up
+    return rows[0] if rows else None
+
+
+def _saga_row(db: sqlite3.Connection, saga_id: str) -> Saga | None:
+    row = _row(db, f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?", (saga_id,))
+    return None if row is None else _row_to_saga(row)
+
+
+def _owned(db: sqlite3.Connection, saga_id: str, owner: str) -> Saga:
+    """The saga, when ``owner`` owns it; call inside a transaction."""
+    saga = _saga_row(db, saga_id)
+    if saga is None:
+        raise SagaNotFound(saga_id)
+    if saga.owner != owner:
+        raise SagaOwnershipLost(saga_id, owner, saga.owner)
+    return saga
+
+
+def _refusal(db: sqlite3.Connection, saga_id: str, owner: str) -> Exception:
+    """Why a fenced update changed no row: the saga is gone, or another owner has it."""
+    saga = _saga_row(db, saga_id)
+    return SagaNotFound(saga_id) if saga is None else SagaOwnershipLost(saga_id, owner, saga.owner)
+
+
+def _fenced_update(
+    db: sqlite3.Connection, saga_id: str, owner: str, assignments: str, params: Sequence[object]
+) -> Saga:
+    """``UPDATE sagas SET <assignments>`` of the saga ``owner`` owns, in one statement; refused otherwise."""
+    row = _row(
+        db,
+        f"UPDATE sagas SET {assignments} WHERE saga_id = ? AND owner = ? RETURNING {_SAGA_COLUMNS}",
+        (*params, saga_id, owner),
+    )
+    if row is None:
+        raise _refusal(db, saga_id, owner)
+    return _row_to_saga(row)
+
+
+def _advance(
+    db: sqlite3.Connection, saga: Saga, step: str, data_update: Mapping[str, Any], lease_seconds: float, now: datetime
+) -> Saga:
+    # SQLite's json_patch merges nested objects too; the contract is a shallow merge, so do it here.
+    row = _row(
+        db,
+        f"UPDATE sagas SET step = ?, data = ?, lease_expires_at = ?, updated_at = ? WHERE saga_id = ? "
+        f"RETURNING {_SAGA_COLUMNS}",
+        (
+            step,
+            _json({**saga.data, **data_update}),
+            _ts(now + timedelta(seconds=lease_seconds)),
+            _ts(now),
+            saga.saga_id,
+        ),
+    )
+    if row is None:
+        raise SagaNotFound(saga.saga_id)
+    return _row_to_saga(row)
+
+
+_INSERT_OUTBOX = "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) VALUES (?,?,?,?,?)"
+
+
 class SQLiteSagaStore:
     """The saga log, files registry and outbox of an SQLite file; on ``database``, the session store's
     connection when app.py shares one (see sessions/sqlitedb.py)."""
@@ -213,55 +279,13 @@ class SQLiteSagaStore:
         """A write of one statement: atomic by itself, so the lock suffices (no BEGIN, no COMMIT, two hops fewer)."""
         return self._lock
 
-    def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
-        """A write transaction under the database's lock (BEGIN IMMEDIATE; see SQLiteDatabase.transaction)."""
-        return self.database.transaction(lambda: self.db)
+    async def _run[T](self, statements: Callable[[sqlite3.Connection], T]) -> T:
+        """Statements that each commit by themselves, in one hop (see SQLiteDatabase.run)."""
+        return await self.database.run(lambda: self.db, statements)
 
-    async def _saga_row(self, saga_id: str) -> Saga | None:
-        row = await self._fetchone(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?", (saga_id,))
-        return None if row is None else _row_to_saga(row)
-
-    async def _owned(self, saga_id: str, owner: str) -> Saga:
-        """The saga, when ``owner`` owns it; call inside a transaction."""
-        saga = await self._saga_row(saga_id)
-        if saga is None:
-            raise SagaNotFound(saga_id)
-        if saga.owner != owner:
-            raise SagaOwnershipLost(saga_id, owner, saga.owner)
-        return saga
-
-    async def _refusal(self, saga_id: str, owner: str) -> Exception:
-        """Why a fenced update changed no row: the saga is gone, or another owner has it."""
-        saga = await self._saga_row(saga_id)
-        return SagaNotFound(saga_id) if saga is None else SagaOwnershipLost(saga_id, owner, saga.owner)
-
-    async def _fenced_update(self, saga_id: str, owner: str, assignments: str, params: Sequence[object]) -> Saga:
-        """``UPDATE sagas SET <assignments>`` of the saga ``owner`` owns, in one statement; refused otherwise."""
-        row = await self._fetchone(
-            f"UPDATE sagas SET {assignments} WHERE saga_id = ? AND owner = ? RETURNING {_SAGA_COLUMNS}",
-            (*params, saga_id, owner),
-        )
-        if row is None:
-            raise await self._refusal(saga_id, owner)
-        return _row_to_saga(row)
-
-    async def _update_saga(self, saga_id: str, assignments: str, params: Sequence[object]) -> Saga:
-        row = await self._fetchone(
-            f"UPDATE sagas SET {assignments} WHERE saga_id = ? RETURNING {_SAGA_COLUMNS}", (*params, saga_id)
-        )
-        if row is None:
-            raise SagaNotFound(saga_id)
-        return _row_to_saga(row)
-
-    async def _advance(
-        self, saga: Saga, step: str, data_update: Mapping[str, Any], lease_seconds: float, now: datetime
-    ) -> Saga:
-        # SQLite's json_patch merges nested objects too; the contract is a shallow merge, so do it here.
-        return await self._update_saga(
-            saga.saga_id,
-            "step = ?, data = ?, lease_expires_at = ?, updated_at = ?",
-            (step, _json({**saga.data, **data_update}), _ts(now + timedelta(seconds=lease_seconds)), _ts(now)),
-        )
+    async def _transaction[T](self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """A write transaction in one hop (BEGIN IMMEDIATE; see SQLiteDatabase.transaction)."""
+        return await self.database.transaction(lambda: self.db, body)
 
     # --- the saga log --------------------------------------------------------------------------------
 
@@ -302,8 +326,7 @@ class SQLiteSagaStore:
         return _row_to_saga(row)
 
     async def get_saga(self, saga_id: str) -> Saga | None:
-        async with self._lock:
-            return await self._saga_row(saga_id)
+        return await self._run(lambda db: _saga_row(db, saga_id))
 
     async def latest_saga(self, kind: SagaKind, subject_id: str) -> Saga | None:
         async with self._lock:
@@ -325,9 +348,9 @@ class SQLiteSagaStore:
         now: datetime | None = None,
     ) -> Saga:
         now = _now(now)
-        async with self._transaction():
-            saga = await self._owned(saga_id, owner)
-            return await self._advance(saga, step, data_update, lease_seconds, now)
+        return await self._transaction(
+            lambda db: _advance(db, _owned(db, saga_id, owner), step, data_update, lease_seconds, now)
+        )
 
     async def set_state(
         self,
@@ -342,9 +365,11 @@ class SQLiteSagaStore:
         durable: bool = True,  # with synchronous=NORMAL no commit here waits for the disk (sqlitedb.py)
     ) -> Saga:
         now = _now(now)
-        async with self._statement() if audit is None else self._transaction():
+
+        def change(db: sqlite3.Connection) -> Saga:
             try:
-                changed = await self._fenced_update(
+                changed = _fenced_update(
+                    db,
                     saga_id,
                     owner,
                     "state = ?, error_code = ?, error = ?, updated_at = ?, "
@@ -354,19 +379,23 @@ class SQLiteSagaStore:
             except sqlite3.IntegrityError as exc:
                 if not _is_unfinished_saga_conflict(exc):
                     raise
-                saga = await self._saga_row(saga_id)
+                saga = _saga_row(db, saga_id)
                 assert saga is not None  # it violated an index, so it exists
                 raise DuplicateSaga(saga.kind, saga.subject_id) from exc
             if audit is not None:
-                await audit_rows.insert_sqlite(self.db, audit)
+                audit_rows.insert_sqlite(db, audit)
+            return changed
+
+        changed = await self._run(change) if audit is None else await self._transaction(change)
         if audit is not None:
             await self.auditor.published(audit)
         return changed
 
     async def bump_attempts(self, saga_id: str, *, owner: str, now: datetime | None = None) -> Saga:
         now = _now(now)
-        async with self._statement():
-            return await self._fenced_update(saga_id, owner, "attempts = attempts + 1, updated_at = ?", (_ts(now),))
+        return await self._run(
+            lambda db: _fenced_update(db, saga_id, owner, "attempts = attempts + 1, updated_at = ?", (_ts(now),))
+        )
 
     async def renew_lease(self, saga_id: str, *, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
         now = _now(now)
@@ -431,31 +460,31 @@ class SQLiteSagaStore:
         now = _now(now)
         # Encoded before the transaction opens: a payload that is not JSON fails without touching anything.
         outbox_rows = [(m.kind, m.destination, _json(m.payload), _ts(now), _ts(now)) for m in messages]
-        audited = False
-        async with self._transaction():
-            saga = await self._owned(saga_id, owner)
+
+        def register(db: sqlite3.Connection) -> tuple[Saga, bool]:
+            saga = _owned(db, saga_id, owner)
             if saga.step == step:
-                return saga
-            inserted = await self._fetchone(
+                return saga, False
+            inserted = _row(
+                db,
                 f"INSERT INTO files ({_FILE_COLUMNS}) VALUES ({','.join('?' * 18)}) "
                 "ON CONFLICT (file_id) DO NOTHING RETURNING file_id",
                 _file_params(record),
             )
+            audited = False
             if inserted is None:
-                existing = await self._fetchone("SELECT upload_id FROM files WHERE file_id = ?", (record.file_id,))
+                existing = _row(db, "SELECT upload_id FROM files WHERE file_id = ?", (record.file_id,))
                 if existing is None or existing[0] != record.upload_id:
                     raise DuplicateFile(record.file_id)
             else:
                 if outbox_rows:
-                    await self.db.executemany(
-                        "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) "
-                        "VALUES (?,?,?,?,?)",
-                        outbox_rows,
-                    )
+                    db.executemany(_INSERT_OUTBOX, outbox_rows)
                 if audit is not None:
-                    await audit_rows.insert_sqlite(self.db, audit)
+                    audit_rows.insert_sqlite(db, audit)
                     audited = True
-            saga = await self._advance(saga, step, data_update, lease_seconds, now)
+            return _advance(db, saga, step, data_update, lease_seconds, now), audited
+
+        saga, audited = await self._transaction(register)
         if audited and audit is not None:
             await self.auditor.published(audit)
         return saga
@@ -465,11 +494,7 @@ class SQLiteSagaStore:
         rows = [(m.kind, m.destination, _json(m.payload), _ts(now), _ts(now)) for m in messages]
         if not rows:
             return
-        async with self._transaction():
-            await self.db.executemany(
-                "INSERT INTO outbox (kind, destination, payload, next_attempt_at, created_at) VALUES (?,?,?,?,?)",
-                rows,
-            )
+        await self._transaction(lambda db: db.executemany(_INSERT_OUTBOX, rows))
 
     async def get_file(self, file_id: str) -> FileRecord | None:
         async with self._lock:
@@ -538,11 +563,8 @@ class SQLiteSagaStore:
         return row is not None
 
     async def purge_delivered(self, *, delivered_before: datetime) -> int:
-        async with self._transaction():
-            cursor = await self.db.execute(
-                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?", (_ts(delivered_before),)
-            )
-            return cursor.rowcount
+        sql = "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?"
+        return await self._transaction(lambda db: db.execute(sql, (_ts(delivered_before),)).rowcount)
 
     async def reschedule(self, message_id: int, *, next_attempt_at: datetime, error: str) -> bool:
         async with self._statement():

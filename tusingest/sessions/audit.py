@@ -14,19 +14,21 @@ import asyncio
 import enum
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
-
-import aiosqlite
-import asyncpg
-import redis.asyncio as aioredis
-from asyncpg.pool import PoolConnectionProxy
+from typing import TYPE_CHECKING, Any
 
 from tusingest.observability.tracing import current_ids
 from tusingest.sessions.model import Upload
+
+if TYPE_CHECKING:  # imported where used, so that a server without PostgreSQL or Redis does not load them
+    import aiosqlite
+    import asyncpg
+    import redis.asyncio as aioredis
+    from asyncpg.pool import PoolConnectionProxy
 
 audit_log = logging.getLogger("tusingest.audit")
 log = logging.getLogger(__name__)
@@ -146,13 +148,13 @@ def _ts(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-async def insert_sqlite(db: aiosqlite.Connection, event: AuditEvent) -> None:
-    """Write the row on ``db``: call inside the transaction of the change it records."""
+def insert_sqlite(db: sqlite3.Connection, event: AuditEvent) -> None:
+    """Write the row on ``db``: call inside the transaction of the change it records (in aiosqlite's thread)."""
     values = event.fields()
     values["at"] = _ts(event.at)
     values["element_ids"] = json.dumps(values["element_ids"])
     marks = ",".join("?" * len(values))
-    await db.execute(f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({marks})", [values[c] for c in _names()])
+    db.execute(f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({marks})", [values[c] for c in _names()])
 
 
 async def list_sqlite(db: aiosqlite.Connection, query: AuditQuery) -> list[AuditEvent]:
@@ -197,7 +199,11 @@ class Auditor:
     def __init__(self, redis_url: str | None = None, *, stream: str = AUDIT_STREAM, timeout: float = 2.0) -> None:
         self.stream = stream
         self.timeout = timeout
-        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=timeout) if redis_url else None
+        self._redis: aioredis.Redis | None = None
+        if redis_url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=timeout)
 
     async def published(self, event: AuditEvent) -> None:
         entry = event.fields()
@@ -206,11 +212,13 @@ class Auditor:
         audit_log.info(line, extra={"audit": entry})
         if self._redis is None:
             return
+        from redis.exceptions import RedisError
+
         try:
             await asyncio.wait_for(
                 self._redis.xadd(self.stream, {"event": line}, maxlen=STREAM_MAXLEN, approximate=True), self.timeout
             )
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             log.warning("audit event %s not added to the Redis stream %s: %s", event.id, self.stream, exc)
 
     async def aclose(self) -> None:

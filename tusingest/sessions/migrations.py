@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-
 import tusingest
 from tusingest.sessions.store import StoreError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a SQLite server imports neither
+    import asyncpg
     from alembic.config import Config
+    from asyncpg.pool import PoolConnectionProxy
 
 # The revisions of migrations/versions, newest last. Kept here so that a serving node checks its
 # database without importing alembic and SQLAlchemy (about 22 MiB resident and 0.7 s at start);
@@ -100,6 +100,8 @@ async def read_revision(connection: asyncpg.Connection | PoolConnectionProxy) ->
 
 
 async def current_revision(database_url: str) -> str | None:
+    import asyncpg
+
     connection = await asyncpg.connect(database_url)
     try:
         return await read_revision(connection)
@@ -163,3 +165,34 @@ def _adopt_hand_made_sqlite(config: Config, path: str) -> None:
 
 async def upgrade_async(database_url: str, revision: str = "head") -> None:
     await asyncio.to_thread(upgrade, database_url, revision)
+
+
+def sqlite_at_head(database_url: str) -> bool:
+    """Whether the SQLite file exists and is at the head revision (read without alembic)."""
+    path = Path(sqlite_path(database_url))
+    if not path.is_file():
+        return False
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return read_sqlite_revision(db) == HEAD_REVISION
+
+
+_UPGRADE_IN_CHILD = "import sys; from tusingest.sessions.migrations import upgrade; upgrade(sys.argv[1])"
+
+
+async def upgrade_in_child(database_url: str) -> str | None:
+    """``upgrade`` in a child Python, so that this process never imports alembic and SQLAlchemy (about
+    29 MiB, resident for the rest of a server's life). None when it succeeded, else the child's last words."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _UPGRADE_IN_CHILD,
+        database_url,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, errors = await child.communicate()
+    if child.returncode == 0:
+        return None
+    lines = errors.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {child.returncode}"

@@ -4,13 +4,13 @@
 Two places publish, never the protocol handlers: the session store's ``commit_offset`` (every
 committed offset, and termination or expiry through ``set_state``) and the upload saga (its
 stages). ``ProgressBus`` delivers in this process only (SQLite: one node); ``PostgresProgressBus``
-carries events across nodes with LISTEN/NOTIFY: the PostgreSQL session store sends the NOTIFY of
-an offset in the very statement that commits it (no extra round trip, and nobody hears of an
-offset that was rolled back), and one dedicated connection per node listens.
+(sessions/pgprogress.py, so that a SQLite server never imports asyncpg) carries events across nodes
+with LISTEN/NOTIFY: the PostgreSQL session store sends the NOTIFY of an offset in the very
+statement that commits it (no extra round trip, and nobody hears of an offset that was rolled
+back), and one dedicated connection per node listens.
 
-Delivery is best effort and in order: each subscriber has an unbounded queue, so no step is
-dropped however fast commits come. When the listening connection was lost, events may have been
-missed: every subscriber then gets ``RESYNC`` and re-reads the upload's state.
+Delivery is best effort and in order: each subscriber has a queue of QUEUE_MAX events, and one that
+falls further behind gets ``RESYNC`` instead of the backlog.
 """
 
 from __future__ import annotations
@@ -21,17 +21,12 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Final
-
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+from typing import Final
 
 from tusingest.sessions.model import Upload, UploadState
 
 log = logging.getLogger(__name__)
 
-PROGRESS_CHANNEL: Final = "tusingest_progress"
 MESSAGE_MAX: Final = 512  # a failure's message is cut to this in a NOTIFY (payloads must stay under 8000 bytes)
 
 
@@ -78,13 +73,10 @@ class ProgressEvent:
             return None
 
 
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
-
 RESYNC: Final = None  # what a subscriber gets when events may have been missed: re-read the state
 
 Subscription = asyncio.Queue[ProgressEvent | None]
 QUEUE_MAX: Final = 256  # events a subscriber may fall behind before it is told to re-read the state instead
-type Listening = asyncpg.Connection[Any] | PoolConnectionProxy[Any]  # lazy: asyncpg's classes are generic to mypy only
 
 
 def _offer(queue: Subscription, event: ProgressEvent | None) -> None:
@@ -152,75 +144,3 @@ class ProgressBus:
 
     async def close(self) -> None:
         return None
-
-
-class PostgresProgressBus(ProgressBus):
-    """LISTEN/NOTIFY on ``channel``: every node listens on one dedicated connection (reconnected with
-    backoff when it is lost) and delivers what it hears, its own commits included."""
-
-    def __init__(
-        self, database_url: str, *, channel: str = PROGRESS_CHANNEL, reconnect_max_seconds: float = 30.0
-    ) -> None:
-        super().__init__()
-        self.database_url = database_url
-        self.channel = channel
-        self.notify_channel = channel
-        self.reconnect_max_seconds = reconnect_max_seconds
-        self._connection: asyncpg.Connection | None = None
-        self._lost = asyncio.Event()
-        self._sending = asyncio.Lock()  # one connection runs one statement at a time
-        self._task: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        await self._connect()  # a database that cannot be reached stops the start, as the stores do
-        self._task = asyncio.create_task(self._keep_listening(), name="progress-listener")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])  # ended (cancelled): nothing of it is left running
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                await asyncio.wait_for(connection.close(), 5)
-
-    async def publish(self, event: ProgressEvent) -> None:
-        connection = self._connection
-        if connection is None or connection.is_closed():
-            log.warning("progress event of upload %s not published: not connected to PostgreSQL", event.upload_id)
-            return
-        try:
-            async with self._sending:
-                await connection.execute("SELECT pg_notify($1, $2)", self.channel, event.to_json())
-        except _CONNECTION_ERRORS as exc:
-            log.warning("progress event of upload %s not published: %s", event.upload_id, exc)
-
-    async def _connect(self) -> None:
-        connection = await asyncpg.connect(self.database_url, server_settings={"application_name": "tusingest"})
-        self._lost.clear()
-        connection.add_termination_listener(lambda _: self._lost.set())
-        await connection.add_listener(self.channel, self._heard)
-        self._connection = connection
-
-    def _heard(self, connection: Listening, pid: int, channel: str, payload: object) -> None:
-        event = ProgressEvent.from_json(str(payload))
-        if event is not None:
-            self.deliver(event)
-
-    async def _keep_listening(self) -> None:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_CONNECTION_ERRORS),
-            wait=wait_random_exponential(multiplier=0.5, max=self.reconnect_max_seconds),
-            before_sleep=lambda state: log.warning(
-                "the progress listener cannot reconnect yet: %s", state.outcome and state.outcome.exception()
-            ),
-        )
-        while True:
-            await self._lost.wait()
-            log.warning("the progress listener lost its PostgreSQL connection; reconnecting")
-            self._connection = None
-            async for attempt in retrying:
-                with attempt:
-                    await self._connect()
-            self.resync()  # what was sent while nobody listened is lost: subscribers read the state again

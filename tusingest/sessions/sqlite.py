@@ -125,18 +125,21 @@ class SQLiteSessionStore:
     async def _audited(self, event: AuditEvent, sql: str, params: tuple[object, ...]) -> sqlite3.Row | None:
         """Run ``sql`` and write ``event``'s row in one transaction; publish the event once it is committed
         (and only when the statement changed something: it returned a row)."""
-        async with self.database.transaction(lambda: self.db) as db:
-            rows = list(await db.execute_fetchall(sql, params))
-            row = rows[0] if rows else None
+
+        def audited(db: sqlite3.Connection) -> sqlite3.Row | None:
+            rows = db.execute(sql, params).fetchall()  # to its end: a pending statement would hold COMMIT up
+            row: sqlite3.Row | None = rows[0] if rows else None
             if row is not None:
-                await audit_rows.insert_sqlite(db, event)
+                audit_rows.insert_sqlite(db, event)
+            return row
+
+        row = await self.database.transaction(lambda: self.db, audited)
         if row is not None:
             await self.auditor.published(event)
         return row
 
     async def record_audit(self, event: AuditEvent) -> None:
-        async with self.database.transaction(lambda: self.db) as db:
-            await audit_rows.insert_sqlite(db, event)
+        await self.database.transaction(lambda: self.db, lambda db: audit_rows.insert_sqlite(db, event))
         await self.auditor.published(event)
 
     async def list_audit(

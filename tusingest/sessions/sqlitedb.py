@@ -5,6 +5,8 @@ made a write that waited for the other connection's transaction fail with "datab
 snapshot, which busy_timeout does not cover), and needed retries; one connection has nobody to wait for.
 Every statement runs under ``lock``: that orders the stores' statements, keeps one store's statement out of
 the other's open transaction, and keeps a cursor's read snapshot from spanning another statement's write.
+A transaction (or any group of statements) runs as one function in aiosqlite's thread: one hop there and
+back, so the lock is held for one trip instead of one per statement plus BEGIN and COMMIT.
 busy_timeout still covers other processes on the same file (`tusingest cleanup` beside a server).
 
 The schema comes from the alembic scripts (migrations/), as on PostgreSQL. Opening checks the file's
@@ -17,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiosqlite
@@ -35,15 +36,30 @@ def _file_revision(path: str) -> str | None:
         return migrations.read_sqlite_revision(db)
 
 
-async def _to_the_end(statement: Awaitable[object]) -> None:
-    """Await a statement; if cancelled meanwhile, wait for it to finish anyway, then re-raise."""
-    running = asyncio.ensure_future(statement)
+async def _to_the_end[T](statements: Awaitable[T]) -> T:
+    """Await statements handed to aiosqlite's thread; if cancelled meanwhile, wait for them to finish anyway
+    (they run regardless, and the lock must not be released under them), then re-raise."""
+    running = asyncio.ensure_future(statements)
     try:
-        await asyncio.shield(running)
+        return await asyncio.shield(running)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             await running
         raise
+
+
+def _in_transaction[T](db: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    """BEGIN IMMEDIATE, ``body``, COMMIT; ROLLBACK when anything raises (in aiosqlite's thread)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("ROLLBACK")
+        raise
+    return result
 
 
 class SQLiteDatabase:
@@ -109,27 +125,29 @@ class SQLiteDatabase:
         except Exception as exc:  # alembic and SQLAlchemy raise their own types; the caller needs a StoreError
             raise StoreError(f"cannot migrate SQLite database {self.path!r}: {exc}") from exc
 
-    @asynccontextmanager
-    async def transaction(self, connection: Callable[[], aiosqlite.Connection]) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT under ``lock``, on the store's ``connection()`` (which raises once that
-        store is closed; asked under the lock, so a store closed meanwhile runs nothing).
+    async def run[T](
+        self, connection: Callable[[], aiosqlite.Connection], statements: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """``statements(db)`` under ``lock``, in one hop to aiosqlite's thread, each statement committing by
+        itself, on the store's ``connection()`` (which raises once that store is closed; asked under the
+        lock, so a store closed meanwhile runs nothing)."""
+        async with self.lock:
+            db = connection()
+            # aiosqlite has no public "run this in the connection's thread"; _execute is what its own
+            # methods use, and _conn is the sqlite3 connection they run on (the contract suites hold both).
+            done: T = await _to_the_end(db._execute(statements, db._conn))  # type: ignore[no-untyped-call]
+            return done
+
+    async def transaction[T](
+        self, connection: Callable[[], aiosqlite.Connection], body: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """BEGIN IMMEDIATE, ``body(db)``, COMMIT (ROLLBACK when it raises) as ``run`` does: in one hop.
 
         IMMEDIATE takes the write lock up front, so a read-then-write transaction never meets another
         process's newer snapshot half-way (which SQLite answers with SQLITE_BUSY instead of waiting).
 
-        BEGIN, COMMIT and ROLLBACK run to their end even when the caller is cancelled meanwhile: a
-        statement already handed to aiosqlite's thread finishes regardless, and only once it has do we
-        know whether a transaction is open. Otherwise a cancelled BEGIN would leave one open for the
-        next caller, and a ROLLBACK after a finished COMMIT would fail and hide the cancellation.
+        The whole runs to its end even when the caller is cancelled meanwhile: handed to aiosqlite's
+        thread, it finishes regardless, and the lock is kept until it has (no half-open transaction is
+        left for the next caller). The caller's cancellation is raised once it has.
         """
-        async with self.lock:
-            db = connection()
-            try:
-                await _to_the_end(db.execute("BEGIN IMMEDIATE"))
-                yield db
-                await _to_the_end(db.execute("COMMIT"))
-            except BaseException:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.OperationalError):
-                        await _to_the_end(db.execute("ROLLBACK"))
-                raise
+        return await self.run(connection, lambda db: _in_transaction(db, body))

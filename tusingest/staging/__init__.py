@@ -9,7 +9,9 @@ and never read, because every reader is bounded by a committed length.
 from tusingest.staging.base import StagedObject, Staging, StagingError, StagingUnavailable, StagingWriter
 from tusingest.staging.digests import DigestCache, Digests, RunningDigest
 from tusingest.staging.directory import ChunkWriter, DirectoryStaging
-from tusingest.staging.s3 import S3Staging
+
+# tusingest.staging.s3 (S3Staging) is imported where it is used: botocore stays out of a server that
+# stages in a directory.
 
 __all__ = [
     "ChunkWriter",
@@ -17,7 +19,6 @@ __all__ = [
     "Digests",
     "DirectoryStaging",
     "RunningDigest",
-    "S3Staging",
     "StagedObject",
     "Staging",
     "StagingError",

@@ -1,26 +1,32 @@
 """Three `tusingest serve` nodes behind a private nginx (round-robin, the proxy settings of
-deploy/nginx/tusingest-proxy.conf), sharing PostgreSQL (a fresh database per test), Redis, one
-staging directory and one directory Storage Element: shared-directory staging. Clients know only
-nginx's address. Each PATCH of an upload lands on another node; a node SIGKILLed while it
-receives a PATCH costs the client a retry, never a byte; a seeded run of uploads with kills at
-random moments ends with every upload registered once, exact, and nothing left over; a node
-killed in the middle of a saga has it finished by another node once its lease runs out; a
-rolling SIGTERM restart of all three under running uploads answers no 5xx of a node's own.
-
-S3 staging (STAGING_BACKEND=s3, issue 15 item 1) is not built yet; these tests cover the
-shared-directory mode."""
+deploy/nginx/tusingest-proxy.conf), sharing PostgreSQL (a fresh database per test) and Redis, and
+every test twice, once per staging mode:
+- "directory": one shared staging directory and one directory Storage Element;
+- "s3": nothing else shared but S3 (a moto server): STAGING_BACKEND=s3 on a staging bucket, with
+  5 MiB parts (CHUNK_SIZE_MB=5) so uploads cross part boundaries, an S3 Storage Element in another
+  bucket, and each node's own STAGING_DIR for scratch files only.
+Clients know only nginx's address. Each PATCH of an upload lands on another node; a node SIGKILLed
+while it receives a PATCH costs the client a retry (and in s3 mode the bytes it held in memory but
+had not synced: the client resumes from the committed offset), never a committed byte; a seeded
+run of uploads with kills at random moments ends with every upload registered once, exact, and
+nothing left over (no staged object, no orphan object, no open multipart upload); a node killed in
+the middle of a saga has it finished by another node once its lease runs out; a rolling SIGTERM
+restart of all three under running uploads answers no 5xx of a node's own."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
+import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -33,10 +39,194 @@ from tests.e2e.test_serve_cli import clean_env
 from tests.fixtures.nginx import Nginx, running_nginx
 from tests.fixtures.rawhttp import eventually, open_request, read_response
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
 from tests.fixtures.server import OCTETS, TUS
 from tusingest.finalise.upload import SMALL_FILE
 
 SETTLE_SECONDS = 40.0  # how long a delivered upload may take to become a registered file
+PART_SIZE = 5 << 20  # s3 mode: CHUNK_SIZE_MB=5, the smallest part S3 allows
+NODE_STAGING = "staging"  # s3 mode: STAGING_DIR, relative to each node's own working directory
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What the cluster holds beyond each registered file and its attr.json: all empty when clean."""
+
+    orphans: tuple[str, ...] = ()  # objects or files on an element that no file row names
+    missing: tuple[str, ...] = ()  # a registered file's object or attr.json not on its element
+    staged: tuple[str, ...] = ()  # staging objects or folders, and scratch files in a node's STAGING_DIR
+    multipart: tuple[str, ...] = ()  # open multipart uploads, in the staging bucket or the element's
+
+    @property
+    def clean(self) -> bool:
+        return not (self.orphans or self.missing or self.staged or self.multipart)
+
+
+class Shared(Protocol):
+    """Where the nodes stage and store bytes, as a test reads it back (blocking calls: run them in
+    a thread)."""
+
+    mode: str
+
+    def settings(self) -> dict[str, str]:
+        """The nodes' settings for it."""
+        ...
+
+    def stored(self, storage_key: str) -> bytes:
+        """The bytes of a registered file on the element."""
+        ...
+
+    def holds_body_bytes(self, upload_id: str) -> bool:
+        """The node receiving a PATCH of the upload has taken bytes of its body (mid-body)."""
+        ...
+
+    def leftovers(self, keys: set[str]) -> Leftovers:
+        """What is there beyond the files of ``keys`` (storage keys) and their attr.json."""
+        ...
+
+
+@dataclass
+class SharedDirectory:
+    """Shared-directory staging and a directory element."""
+
+    staging: Path
+    element: Path
+    mode: str = "directory"
+
+    def settings(self) -> dict[str, str]:
+        return {"STAGING_DIR": str(self.staging), "DEFAULT_ELEMENT_DIR": str(self.element)}
+
+    def stored(self, storage_key: str) -> bytes:
+        return (self.element / storage_key).read_bytes()
+
+    def holds_body_bytes(self, upload_id: str) -> bool:
+        # The directory backend writes a body to the shared folder as it arrives: 1 MiB staged is
+        # 1 MiB of the body received (the PATCH is longer).
+        folder = self.staging / upload_id
+        staged = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+        return staged >= 1 << 20
+
+    def leftovers(self, keys: set[str]) -> Leftovers:
+        expected = keys | {key + ".attr.json" for key in keys}
+        found = {p.relative_to(self.element).as_posix() for p in self.element.rglob("*") if p.is_file()}
+        staged = sorted(p.name for p in self.staging.iterdir()) if self.staging.exists() else []
+        return Leftovers(tuple(sorted(found - expected)), tuple(sorted(expected - found)), tuple(staged))
+
+
+@dataclass
+class SharedBuckets:
+    """S3 staging in one bucket, an S3 element in another, on one moto server; each node's own
+    STAGING_DIR (``nodes``) for scratch files."""
+
+    moto: MotoServer
+    staging_bucket: str
+    element_bucket: str
+    nodes: list[Path]
+    elements_file: Path  # the element list the nodes fall back on (SERVICE_DISCOVERY_FALLBACK_CONFIG)
+    staging_prefix: str = "staging/"
+    element_prefix: str = "files/"
+    mode: str = "s3"
+
+    @property
+    def endpoint(self) -> str:
+        return self.moto.url
+
+    def settings(self) -> dict[str, str]:
+        elements = {
+            "version": 1,
+            "storage_elements": [
+                {
+                    "element_id": "se-s3",
+                    "mode": "rw",
+                    "backend": "s3",
+                    "endpoint": self.endpoint,
+                    "bucket": self.element_bucket,
+                    "prefix": self.element_prefix.rstrip("/"),
+                }
+            ],
+        }
+        self.elements_file.write_text(json.dumps(elements))
+        return {
+            "STAGING_BACKEND": "s3",
+            "STAGING_DIR": NODE_STAGING,
+            "STAGING_S3_BUCKET": self.staging_bucket,
+            "STAGING_S3_PREFIX": self.staging_prefix,
+            "STAGING_S3_ENDPOINT_URL": self.endpoint,
+            "STAGING_S3_ACCESS_KEY_ID": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "STAGING_S3_SECRET_ACCESS_KEY": MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            "CHUNK_SIZE_MB": str(PART_SIZE >> 20),
+            "SERVICE_DISCOVERY_FALLBACK_CONFIG": str(self.elements_file),
+            "ELEMENT_SE_S3_AWS_ACCESS_KEY_ID": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "ELEMENT_SE_S3_AWS_SECRET_ACCESS_KEY": MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        }
+
+    @contextmanager
+    def _client(self) -> Iterator[Any]:
+        client = s3_client(self.endpoint)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def stored(self, storage_key: str) -> bytes:
+        with self._client() as client:
+            body: bytes = client.get_object(Bucket=self.element_bucket, Key=self.element_prefix + storage_key)[
+                "Body"
+            ].read()
+            return body
+
+    def holds_body_bytes(self, upload_id: str) -> bool:
+        # S3 staging keeps a body in memory until its PATCH ends, but for whole parts, each sent as
+        # it fills: part 1 of the upload's multipart upload is the first 5 MiB of the body received.
+        return self.part_sent(upload_id, 1)
+
+    def part_sent(self, upload_id: str, number: int) -> bool:
+        """A multipart upload of the upload's staging holds part ``number``."""
+        key = f"{self.staging_prefix}{upload_id}/data"
+        with self._client() as client:
+            uploads = client.list_multipart_uploads(Bucket=self.staging_bucket, Prefix=key).get("Uploads", [])
+            for upload in uploads:
+                parts = client.list_parts(Bucket=self.staging_bucket, Key=key, UploadId=upload["UploadId"])
+                if any(part["PartNumber"] == number for part in parts.get("Parts", [])):
+                    return True
+        return False
+
+    def _keys(self, client: Any, bucket: str) -> set[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {entry["Key"] for page in pages for entry in page.get("Contents", [])}
+
+    def _multipart(self, client: Any, bucket: str) -> set[str]:
+        pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket)
+        return {f"{bucket}/{u['Key']} {u['UploadId']}" for page in pages for u in page.get("Uploads", [])}
+
+    def leftovers(self, keys: set[str]) -> Leftovers:
+        expected = {self.element_prefix + key for key in keys}
+        expected |= {key + ".attr.json" for key in expected}
+        with self._client() as client:
+            found = self._keys(client, self.element_bucket)
+            staged = {f"{self.staging_bucket}/{key}" for key in self._keys(client, self.staging_bucket)}
+            multipart = self._multipart(client, self.staging_bucket) | self._multipart(client, self.element_bucket)
+        for node in self.nodes:
+            if node.exists():
+                staged |= {str(p) for p in node.iterdir()}
+        return Leftovers(
+            tuple(sorted(found - expected)),
+            tuple(sorted(expected - found)),
+            tuple(sorted(staged)),
+            tuple(sorted(multipart)),
+        )
+
+    def multipart_history(self) -> Counter[str]:
+        """How many multipart uploads the staging bucket saw created, completed and aborted, from
+        moto's request log: aborted ones are what killed nodes left open and cleanup took."""
+        history: Counter[str] = Counter()
+        # A request line, maybe coloured by status (werkzeug paints a 204 with ANSI codes).
+        data = re.compile(
+            rf'"(?:\x1b\[[\d;]*m)*(POST|DELETE) /{re.escape(self.staging_bucket)}/\S+/data\?(uploads|uploadId=)'
+        )
+        for method, query in data.findall(self.moto.output()):
+            history["created" if query == "uploads" else "completed" if method == "POST" else "aborted"] += 1
+        return history
 
 
 @dataclass
@@ -45,8 +235,7 @@ class Setup:
     nginx: Nginx
     db: asyncpg.Pool
     http: httpx.AsyncClient  # to nginx only
-    staging: Path
-    element: Path
+    shared: Shared
 
     def node_at(self, upstream: str) -> Node:
         """The node an ``X-Upstream`` value (``127.0.0.1:port``) names."""
@@ -54,25 +243,35 @@ class Setup:
         return next(node for node in self.cluster.nodes if node.port == port)
 
 
-@pytest.fixture
-async def setup(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> AsyncIterator[Setup]:
-    staging, element = tmp_path / "staging", tmp_path / "element"
+@pytest.fixture(params=["directory", "s3"])
+async def setup(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> AsyncIterator[Setup]:
     env = clean_env(
-        DATABASE_URL=postgres_url,
-        REDIS_URL=redis_server.url,
-        STAGING_DIR=str(staging),
-        DEFAULT_ELEMENT_DIR=str(element),
-        TRUST_PROXY_HEADERS="true",
-        **KILL_TEST_SETTINGS,
+        DATABASE_URL=postgres_url, REDIS_URL=redis_server.url, TRUST_PROXY_HEADERS="true", **KILL_TEST_SETTINGS
     )
     cluster = Cluster(tmp_path, env)
+    buckets: list[str] = []
+    moto: MotoServer | None = None
+    shared: Shared
+    if request.param == "directory":
+        shared = SharedDirectory(tmp_path / "staging", tmp_path / "element")
+    else:
+        moto = request.getfixturevalue("moto_server")
+        buckets = [create_bucket(moto.url), create_bucket(moto.url)]
+        nodes = [node.cwd / NODE_STAGING for node in cluster.nodes]
+        shared = SharedBuckets(moto, *buckets, nodes=nodes, elements_file=tmp_path / "elements.json")
+    cluster.env.update(shared.settings())  # before any node starts
     try:
         await cluster.start()
         with running_nginx(tmp_path / "nginx", [node.port for node in cluster.nodes]) as nginx:
             async with database(postgres_url) as db, httpx.AsyncClient(base_url=nginx.url, timeout=30) as http:
-                yield Setup(cluster, nginx, db, http, staging, element)
+                yield Setup(cluster, nginx, db, http, shared)
     finally:
         await cluster.stop()
+        for bucket in buckets:
+            assert moto is not None
+            remove_bucket(moto.url, bucket)
 
 
 def patch_headers(offset: int, length: int) -> dict[str, str]:
@@ -182,29 +381,29 @@ async def registered_once(setup: Setup, upload_id: str, payload: bytes) -> None:
     (row,) = rows
     source = hashlib.sha256(payload).hexdigest()
     assert (row["sha256"], row["size_bytes"]) == (source, len(payload))
-    assert hashlib.sha256((setup.element / row["storage_key"]).read_bytes()).hexdigest() == source
+    stored = await asyncio.to_thread(setup.shared.stored, row["storage_key"])
+    assert hashlib.sha256(stored).hexdigest() == source
 
 
-async def nothing_left_over(setup: Setup, upload_ids: list[str]) -> None:
-    """No saga unfinished, no staging left, on the element only each file and its attr.json."""
+async def nothing_left_over(setup: Setup, upload_ids: list[str]) -> Leftovers:
+    """No saga unfinished; on the element only each file and its attr.json; nothing staged, no
+    multipart upload open. Returns what it counted (all empty)."""
     unsettled = "SELECT subject_id, state, step FROM sagas WHERE state IN ('running', 'compensating')"
     assert not await poll(lambda: setup.db.fetch(unsettled), lambda rows: not rows, SETTLE_SECONDS, 0.2)
-    keys = await setup.db.fetch("SELECT storage_key FROM files WHERE upload_id = ANY($1::text[])", upload_ids)
-    expected = {row["storage_key"] for row in keys} | {row["storage_key"] + ".attr.json" for row in keys}
-
-    async def on_element() -> set[str]:
-        return {p.relative_to(setup.element).as_posix() for p in setup.element.rglob("*") if p.is_file()}
-
-    assert await poll(on_element, lambda found: found == expected, 10, 0.1) == expected
-
-    async def staged() -> list[str]:
-        return sorted(p.name for p in setup.staging.iterdir()) if setup.staging.exists() else []
-
-    assert await poll(staged, lambda left: not left, 10, 0.1) == []
+    rows = await setup.db.fetch("SELECT storage_key FROM files WHERE upload_id = ANY($1::text[])", upload_ids)
+    keys = {row["storage_key"] for row in rows}
+    # Staging's cleanups after a seal run in the background: give them a moment.
+    left = await poll(lambda: asyncio.to_thread(setup.shared.leftovers, keys), lambda left: left.clean, 10, 0.2)
+    assert left.orphans == () and left.missing == (), left
+    assert left.staged == (), left
+    assert left.multipart == (), left
+    return left
 
 
 async def test_each_patch_of_an_upload_lands_on_another_node_and_the_file_is_exact(setup: Setup) -> None:
-    payload = random.Random(15).randbytes(3 << 20)
+    # Two parts and a bit in s3 mode: the second node creates the multipart upload (its first part
+    # holds the first node's tail), the third sends part 2 into it.
+    payload = random.Random(15).randbytes(2 * PART_SIZE + (2 << 20))
     path = await create(setup, len(payload))
     third = len(payload) // 3
     upstreams = []
@@ -229,18 +428,17 @@ async def test_a_node_killed_mid_patch_costs_a_retry_through_nginx_and_another_n
     payload = random.Random(16).randbytes(6 << 20)
     path = await create(setup, len(payload))
     upload_id = path.rsplit("/", 1)[1]
-    sent = 3 << 20
+    sent = PART_SIZE + (512 << 10)  # in s3 mode past a part, which the node sends as the body goes on
     killed: list[Node] = []
 
     async def kill_the_receiver() -> bool:
         node = await receiving_node(setup.cluster)
         assert node is not None, "no node is receiving the PATCH"
 
-        async def staged_bytes() -> int:
-            folder = setup.staging / upload_id
-            return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+        async def holds_body_bytes() -> bool:
+            return await asyncio.to_thread(setup.shared.holds_body_bytes, upload_id)
 
-        await eventually(staged_bytes, lambda size: size >= 1 << 20, timeout=20)  # mid-body, with bytes kept
+        await eventually(holds_body_bytes, bool, timeout=20)  # mid-body: it took bytes, the body goes on
         assert await setup.cluster.kill(node, node.generation, f"mid-body of PATCH {upload_id}")
         killed.append(node)
         return True
@@ -263,18 +461,23 @@ async def all_up(cluster: Cluster) -> bool:
     return all(node.process is not None for node in cluster.nodes)
 
 
-MIN_SIZE, MAX_SIZE = 256 << 10, 3 << 20
-MIN_CHUNK, MAX_CHUNK = 128 << 10, 1 << 20
+MIN_SIZE = 256 << 10
+# In s3 mode uploads of one to three parts, in PATCHes of up to two parts: a PATCH then often
+# crosses a part boundary, and a kill in its middle leaves a part or a multipart upload nothing names.
+MAX_SIZE = {"directory": 3 << 20, "s3": 2 * PART_SIZE + (2 << 20)}
+MIN_CHUNK = {"directory": 128 << 10, "s3": 1 << 20}
+MAX_CHUNK = {"directory": 1 << 20, "s3": 2 * PART_SIZE}
 
 
 async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_register_each_once(setup: Setup) -> None:
     seed = 1515
     rng = random.Random(seed)
     kills = {"mid-body": 0, "after-answer": 0, "missed": 0}
+    past_a_part = 0  # s3 mode: mid-body kills once the node had sent a part of the body
     ids, payloads, resumes, failed_requests, planned = [], [], 0, 0, 0
     for index in range(UPLOADS):
-        payload = rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE))
-        chunk = rng.randint(MIN_CHUNK, MAX_CHUNK)
+        payload = rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE[setup.shared.mode]))
+        chunk = rng.randint(MIN_CHUNK[setup.shared.mode], MAX_CHUNK[setup.shared.mode])
         kill_at = rng.randrange(3) if rng.random() < 0.75 else None  # which PATCH of the upload
         moment = rng.choice(["mid-body", "after-answer"])
         fraction = rng.uniform(0.1, 0.9)
@@ -289,16 +492,35 @@ async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_regi
             body = payload[offset : offset + chunk]
             armed = kill_at is not None and (patches == kill_at or offset + len(body) == len(payload))
             patches += 1
+            cut = int(len(body) * fraction)
+            # s3 mode: the cut comes past a part boundary; the node sends that part as the body goes on.
+            last_part = (offset + cut) // PART_SIZE if (offset + cut) // PART_SIZE > offset // PART_SIZE else 0
 
-            async def at_cut(armed: bool = armed, moment: str = moment, index: int = index) -> bool:
+            async def at_cut(
+                armed: bool = armed,
+                moment: str = moment,
+                index: int = index,
+                upload_id: str = path.rsplit("/", 1)[1],
+                last_part: int = last_part,
+            ) -> bool:
+                nonlocal past_a_part
                 if not armed or moment != "mid-body":
                     return False
                 node = await receiving_node(setup.cluster, timeout=2)
+                shared = setup.shared
+                if node is not None and last_part and isinstance(shared, SharedBuckets):
+                    # Killed once that part went up: what the killed PATCH leaves in S3 is then
+                    # a part or a whole multipart upload that no committed tail names.
+                    async def sent() -> bool:
+                        return await asyncio.to_thread(shared.part_sent, upload_id, last_part)
+
+                    await eventually(sent, bool, timeout=20)
                 done = node is not None and await setup.cluster.kill(node, node.generation, f"mid-body #{index}")
                 kills["mid-body" if done else "missed"] += 1
+                past_a_part += done and last_part > 0
                 return done
 
-            answer = await raw_patch(setup, path, offset, body, int(len(body) * fraction), at_cut)
+            answer = await raw_patch(setup, path, offset, body, cut, at_cut)
             if armed:
                 kill_at = None
             if answer is not None and armed and moment == "after-answer" and "x-upstream" in answer[1]:
@@ -316,13 +538,25 @@ async def test_seeded_uploads_with_kills_at_random_moments_lose_nothing_and_regi
         payloads.append(payload)
     for upload_id, payload in zip(ids, payloads, strict=True):
         await registered_once(setup, upload_id, payload)
-    await nothing_left_over(setup, ids)
+    left = await nothing_left_over(setup, ids)
     total = kills["mid-body"] + kills["after-answer"]
+    staged_in = ""
+    if isinstance(setup.shared, SharedBuckets):
+        parts = sum(-(-len(payload) // PART_SIZE) for payload in payloads)
+        history = await asyncio.to_thread(setup.shared.multipart_history)
+        staged_in = (
+            f" in {parts} parts of 5 MiB (staging multipart uploads: {history['created']} created, "
+            f"{history['completed']} completed, {history['aborted']} aborted; {past_a_part} mid-body kills "
+            "after a part of the body went up)"
+        )
+        assert past_a_part >= 1, "no mid-body kill after a part went up: the test proved little of S3 staging"
     print(
-        f"\ncluster kill loop, seed {seed}: {UPLOADS} uploads, {planned} kills planned, {total} SIGKILLs "
+        f"\ncluster kill loop ({setup.shared.mode}), seed {seed}: {UPLOADS} uploads{staged_in}, "
+        f"{planned} kills planned, {total} SIGKILLs "
         f"({kills['mid-body']} mid-body, {kills['after-answer']} after the answer, {kills['missed']} missed), "
         f"{resumes} resumes from HEAD, {failed_requests} failed requests after them; "
-        "0 lost, 0 corrupted, each registered once"
+        f"0 lost, 0 corrupted, each registered once; {len(left.orphans)} orphan objects, "
+        f"{len(left.staged)} staged objects or files, {len(left.multipart)} open multipart uploads"
     )
     assert total >= UPLOADS // 2, f"only {total} kills happened: the test proved little ({kills})"
 

@@ -249,8 +249,6 @@ class UploadSagas:
         """
         if self.runner.running(upload.id):
             return
-        if await self.sagas.latest_saga(KIND, upload.id) is not None:
-            return
         metadata = upload_metadata(upload)
         created_at = datetime.now(UTC)
         file_id = str(uuid.uuid4())
@@ -275,8 +273,9 @@ class UploadSagas:
             # The element goes into the begin's commit, so that recovery knows where a put may have gone.
             with contextlib.suppress(NoElementAvailable):  # none now: the saga chooses (and waits) later
                 data.element_id = self._choose(data, upload.length or 0)
-        with contextlib.suppress(DuplicateSaga):  # another request or node began it a moment ago
-            saga, _ = await self.runner.start(upload.id, data)
+        # Begun before (a moment ago by another request or node, or before a crash): DuplicateSaga, nothing written.
+        with contextlib.suppress(DuplicateSaga):
+            saga, _ = await self.runner.start(upload.id, data, first=True)
             self._first_runs[saga.saga_id] = upload
 
     def _creator(self, upload: Upload, metadata: Mapping[str, str]) -> tuple[str | None, str]:

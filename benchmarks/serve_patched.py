@@ -42,6 +42,10 @@ Patches (comma-separated):
 ``appqueue2``
     Hypercorn's ``max_app_queue_size`` 2 instead of 8: at most 2 reads of 512 KiB wait per connection for the app
     (1 MiB instead of 4 MiB), the rest waits in the kernel's socket buffers. For the peak-RSS experiments.
+``hops``
+    Not an optimisation: counts the hand-offs to other threads (thread pools, aiosqlite's thread) by the function
+    handed over, and writes them to ``$HOPS_OUT`` (/tmp/hops.txt) when the server exits: where a small upload's
+    thread trips come from.
 ``tracemalloc``
     Not an optimisation: traces Python's allocations and writes the top lines of the snapshot that held the most
     at once, and what grew since a baseline, to ``$TRACEMALLOC_OUT`` when the server exits (slow): which buffers
@@ -342,6 +346,63 @@ def patch_tracemalloc() -> None:
     atexit.register(report)
 
 
+def _handed_over(function: Any) -> str:
+    """The function inside asyncio.to_thread's and run_in_executor's partials and context runs."""
+    import functools
+
+    while True:
+        if isinstance(function, functools.partial):
+            function = function.args[0] if function.func.__name__ == "run" and function.args else function.func
+        elif getattr(function, "__name__", "") == "run" and getattr(function, "__self__", None) is not None:
+            return "contextvars.run"
+        else:
+            return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
+
+
+_PLUMBING = ("sqlite", "directory.py", "digests.py", "asyncio", "aiosqlite", "threading", "concurrent")
+
+
+def _asked_by() -> str:
+    """The innermost frame of tusingest that is not the store, staging or element plumbing doing the hand-off."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "/tusingest/" in path and not any(part in path.rpartition("/")[2] for part in _PLUMBING):
+            return f"{path.rpartition('/tusingest/')[2]}:{frame.f_code.co_qualname}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "?"
+
+
+def patch_hops() -> None:
+    """Count each hand-off to a worker thread by what was handed over and who asked; write the counts at exit."""
+    import atexit
+    import collections
+
+    import aiosqlite
+
+    counts: collections.Counter[str] = collections.Counter()
+    submit = ThreadPoolExecutor.submit
+    execute = aiosqlite.Connection._execute
+
+    def counted_submit(self: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        counts[f"{self._thread_name_prefix or 'pool'}: {_handed_over(fn)} <- {_asked_by()}"] += 1
+        return submit(self, fn, *args, **kwargs)
+
+    async def counted_execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        counts[f"aiosqlite: {_handed_over(fn)} <- {_asked_by()}"] += 1
+        return await execute(self, fn, *args, **kwargs)
+
+    ThreadPoolExecutor.submit = counted_submit  # type: ignore[method-assign]
+    aiosqlite.Connection._execute = counted_execute  # type: ignore[method-assign]
+
+    def report() -> None:
+        with open(os.environ.get("HOPS_OUT", "/tmp/hops.txt"), "w") as out:
+            out.write(f"{sum(counts.values())} hand-offs\n")
+            out.writelines(f"{count:8d}  {name}\n" for name, count in counts.most_common())
+
+    atexit.register(report)
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "recv1m": patch_recv1m,
     "sfr": patch_sfr,
@@ -355,6 +416,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "granian": patch_granian,
     "appqueue2": patch_appqueue2,
     "tracemalloc": patch_tracemalloc,
+    "hops": patch_hops,
 }
 
 

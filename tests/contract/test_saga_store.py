@@ -324,6 +324,35 @@ async def test_a_new_saga_for_a_subject_may_start_once_the_previous_one_finished
     assert second.state is SagaState.RUNNING
 
 
+@pytest.mark.parametrize("state", [*UNFINISHED, *FINISHED])
+async def test_a_first_saga_is_refused_when_the_subject_has_one_in_any_state_and_nothing_is_written(
+    store: SagaStore, state: SagaState
+) -> None:
+    earlier = await in_state(store, state, subject_id="u1")
+
+    with pytest.raises(DuplicateSaga) as raised:
+        await store.create_saga("upload", "u1", {"n": 2}, owner=NODE_B, lease_seconds=LEASE, now=at(1), first=True)
+
+    assert (raised.value.kind, raised.value.subject_id) == ("upload", "u1")
+    assert await store.list_sagas() == [earlier]
+
+
+async def test_a_first_saga_starts_when_only_other_kinds_or_subjects_have_sagas(store: SagaStore) -> None:
+    await in_state(store, SagaState.COMPLETED, subject_id="u2")
+    await store.create_saga("delete", "u1", {}, owner=NODE_A, lease_seconds=LEASE, now=T0)
+
+    saga = await store.create_saga("upload", "u1", {"n": 1}, owner=NODE_B, lease_seconds=LEASE, now=at(1), first=True)
+
+    assert (saga.kind, saga.subject_id, saga.state, saga.owner, saga.data) == (
+        "upload",
+        "u1",
+        SagaState.RUNNING,
+        NODE_B,
+        {"n": 1},
+    )
+    assert await store.get_saga(saga.saga_id) == saga
+
+
 async def test_unfinished_sagas_of_another_kind_or_subject_do_not_conflict(store: SagaStore) -> None:
     await store.create_saga("upload", "x1", {}, owner=NODE_A, lease_seconds=LEASE, now=T0)
 
@@ -334,14 +363,15 @@ async def test_unfinished_sagas_of_another_kind_or_subject_do_not_conflict(store
     assert len(await store.list_sagas()) == 4
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["any", "first"])
 async def test_concurrent_creates_for_one_subject_from_two_stores_start_exactly_one_saga(
-    store: SagaStore, open_store: Callable[[], Awaitable[SagaStore]]
+    store: SagaStore, open_store: Callable[[], Awaitable[SagaStore]], first: bool
 ) -> None:
     other = await open_store()
 
     results = await asyncio.gather(
         *(
-            s.create_saga("upload", "u1", {}, owner=f"node-{i}", lease_seconds=LEASE, now=T0)
+            s.create_saga("upload", "u1", {}, owner=f"node-{i}", lease_seconds=LEASE, now=T0, first=first)
             for i, s in enumerate([store, other] * 4)
         ),
         return_exceptions=True,

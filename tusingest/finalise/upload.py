@@ -229,11 +229,15 @@ class UploadSagas:
         # Each running saga holds a read block, hash and compressor state and a put's buffers (two
         # 16 MiB parts on S3): bounding how many run at once bounds the node's memory.
         self._slots = asyncio.Semaphore(settings.concurrency)
-        # Sagas begun here whose first run has not started: nothing of theirs can be on an element yet.
-        self._first_runs: set[str] = set()
+        # Sagas begun here whose first run has not started, with the upload as its completing commit left
+        # it: nothing of theirs can be on an element yet, and that run need not read the upload again.
+        self._first_runs: dict[str, Upload] = {}
         # What a running saga's steps found so far, by saga id: a small file's reach the log only at its
         # registration, and a failure is recorded (and compensated) with what its run knew.
         self._found: dict[str, UploadSagaData] = {}
+        # The staged files of an upload whose MIME check listed them all, by upload id: its put places
+        # the same files (a complete upload's staging no longer changes), so they are listed once.
+        self._listed: dict[str, list[tuple[Path, int]]] = {}
 
     # -- starting, waiting, recovering ----------------------------------------------------------
 
@@ -244,8 +248,6 @@ class UploadSagas:
         then and starts nothing; an unfinished one is resumed by ``recover`` once its lease lapses.
         """
         if self.runner.running(upload.id):
-            return
-        if await self.sagas.latest_saga(KIND, upload.id) is not None:
             return
         metadata = upload_metadata(upload)
         created_at = datetime.now(UTC)
@@ -271,9 +273,10 @@ class UploadSagas:
             # The element goes into the begin's commit, so that recovery knows where a put may have gone.
             with contextlib.suppress(NoElementAvailable):  # none now: the saga chooses (and waits) later
                 data.element_id = self._choose(data, upload.length or 0)
-        with contextlib.suppress(DuplicateSaga):  # another request or node began it a moment ago
-            saga, _ = await self.runner.start(upload.id, data)
-            self._first_runs.add(saga.saga_id)
+        # Begun before (a moment ago by another request or node, or before a crash): DuplicateSaga, nothing written.
+        with contextlib.suppress(DuplicateSaga):
+            saga, _ = await self.runner.start(upload.id, data, first=True)
+            self._first_runs[saga.saga_id] = upload
 
     def _creator(self, upload: Upload, metadata: Mapping[str, str]) -> tuple[str | None, str]:
         """Who the file is registered as created by: the upload's owner (the token's subject and
@@ -382,14 +385,17 @@ class UploadSagas:
         return await self._forward(saga)
 
     async def _forward(self, saga: Saga) -> UploadOutcome:
-        upload = await self.sessions.get(saga.subject_id)
+        # A first run starts as soon as its begin is committed: the upload is as its completing commit
+        # left it (complete, so no append changes it; a termination waits for the saga to settle).
+        upload = self._first_runs.pop(saga.saga_id, None)
+        first_run = upload is not None
+        if upload is None:
+            upload = await self.sessions.get(saga.subject_id)
         if upload is None:
             raise _GiveUp("upload_gone", "the upload disappeared before it was finalised")
         data = self._found[saga.saga_id] = _data(saga)
         step = saga.step
         recorded = _steps_recorded(data)
-        first_run = saga.saga_id in self._first_runs
-        self._first_runs.discard(saga.saga_id)
         # An earlier run (killed, or an attempt that failed) got as far as a put: what that put left
         # unfinished on the element is removed before the same key is put again. A small file's put
         # is not recorded, so any run of it but the first may follow one.
@@ -523,7 +529,8 @@ class UploadSagas:
         if length > self.policy.max_size:
             raise FileRejected("file_too_large", f"the file has {length} bytes; the limit is {self.policy.max_size}")
         digests = whole_digests(self.staging, upload)
-        content_type = await self._head_mime(upload)
+        # Hashed as committed: the put places the staged files as they are, listed here once for both.
+        content_type = await self._head_mime(upload, whole=digests is not None)
         check_mime(content_type, self.policy)
         if wants_compression(self.policy, content_type, length):
             return False
@@ -534,13 +541,17 @@ class UploadSagas:
             self._check_single_pass(data)  # refused before anything is placed
         return True
 
-    async def _head_mime(self, upload: Upload) -> str:
+    async def _head_mime(self, upload: Upload, *, whole: bool = False) -> str:
         """libmagic's verdict on the upload's first HEAD_BYTES. A single upload's staged files are read
-        and judged in one thread call (not three: open, read, judge); a final one's come from its partials."""
+        and judged in one thread call (not three: open, read, judge); a final one's come from its partials.
+        ``whole``: list all the upload's staged files, and keep the listing for its put."""
         if upload.kind is not UploadKind.FINAL:
-            files = await self.staging.chunk_files(upload.id, min(upload.offset, HEAD_BYTES))
+            listed = upload.offset if whole else min(upload.offset, HEAD_BYTES)
+            files = await self.staging.chunk_files(upload.id, listed)
             if files is not None:
-                return await asyncio.to_thread(_detect_files, upload.id, files)
+                if whole and upload.kind is UploadKind.SINGLE:
+                    self._listed[upload.id] = files
+                return await asyncio.to_thread(_detect_files, upload.id, _head_of(files))
         head = bytearray()
         async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
             head += block
@@ -591,9 +602,10 @@ class UploadSagas:
 
         metadata = {"file-id": data.file_id or ""} | ({"sha256": data.sha256} if data.sha256 else {})
         files, staged = None, None
+        listed = self._listed.pop(upload.id, None)
         if not compression and upload.kind is UploadKind.SINGLE:
             if not single_pass:
-                files = await self.staging.chunk_files(upload.id, size)
+                files = listed if listed is not None else await self.staging.chunk_files(upload.id, size)
             if files is None:
                 staged = await self.staging.staged_object(upload.id, size)
 
@@ -748,6 +760,7 @@ class UploadSagas:
         crash, recovery finds the saga registered and finishes it again. ``record``: the files row
         this run registered (None: read it from the registry)."""
         self._found.pop(saga.saga_id, None)
+        self._listed.pop(saga.subject_id, None)
         data = _data(saga)
         for element_id in data.cleanup:
             await self._remove_from(element_id, data.key)
@@ -777,6 +790,7 @@ class UploadSagas:
         """Undo in reverse order, tell the webhooks, mark the upload failed, free its bytes."""
         owner = self.settings.owner
         data = self._found.pop(saga.saga_id, None) or _data(saga)
+        self._listed.pop(saga.subject_id, None)
         if saga.state is not SagaState.COMPENSATING:
             data.http_status = http_status
             saga = await self._advance(saga, saga.step or "created", data)
@@ -909,6 +923,17 @@ def file_json(record: FileRecord) -> dict[str, Any]:
         "created_by": record.created_by_username,
         "upload_id": record.upload_id,
     }
+
+
+def _head_of(files: Sequence[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    """The first of the staged ``(path, size)`` that hold the first HEAD_BYTES, the last cut to fit."""
+    head, left = [], HEAD_BYTES
+    for path, size in files:
+        if left <= 0:
+            break
+        head.append((path, min(size, left)))
+        left -= size
+    return head
 
 
 def _detect_files(upload_id: str, files: Sequence[tuple[Path, int]]) -> str:

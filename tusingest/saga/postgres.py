@@ -164,12 +164,16 @@ class PostgresSagaStore(PostgresDatabase):
         owner: str,
         lease_seconds: float,
         now: datetime | None = None,
+        first: bool = False,
     ) -> Saga:
         now = _now(now)
+        # Two concurrent ``first`` inserts may both find no saga: the unfinished-saga index refuses the second.
+        unless_any = "WHERE NOT EXISTS (SELECT 1 FROM sagas WHERE kind = $2 AND subject_id = $3) " if first else ""
         try:
             row = await self.pool.fetchrow(
                 "INSERT INTO sagas (saga_id, kind, subject_id, state, data, owner, lease_expires_at, created_at, "
-                f"updated_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $8) RETURNING {_SAGA_COLUMNS}",
+                "updated_at) SELECT $1::text, $2::text, $3::text, $4::text, $5::jsonb, $6::text, $7::timestamptz, "
+                f"$8::timestamptz, $8::timestamptz {unless_any}RETURNING {_SAGA_COLUMNS}",
                 new_saga_id(),
                 kind,
                 subject_id,
@@ -183,7 +187,8 @@ class PostgresSagaStore(PostgresDatabase):
             if exc.constraint_name == _ONE_UNFINISHED_INDEX:
                 raise DuplicateSaga(kind, subject_id) from exc
             raise
-        assert row is not None  # an INSERT ... RETURNING that did not raise returns its row
+        if row is None:  # ``first``, and the subject has a saga of this kind on record
+            raise DuplicateSaga(kind, subject_id)
         return _row_to_saga(row)
 
     async def get_saga(self, saga_id: str) -> Saga | None:

@@ -111,11 +111,17 @@ class SagaRunner[R]:
     # -- starting and finding ---------------------------------------------------------------
 
     async def start(
-        self, subject_id: str, data: SagaData, work: Callable[[Saga], Awaitable[R]] | None = None
+        self,
+        subject_id: str,
+        data: SagaData,
+        work: Callable[[Saga], Awaitable[R]] | None = None,
+        *,
+        first: bool = False,
     ) -> tuple[Saga, asyncio.Task[R]]:
         """Record a new saga for ``subject_id`` and run it here: ``forward`` with retries, or ``work`` once.
 
-        Raises DuplicateSaga while another saga of this kind for the subject is unfinished.
+        Raises DuplicateSaga while another saga of this kind for the subject is unfinished (``first``: while
+        any is on record, see ``SagaStore.create_saga``).
         """
         self._starting.add(subject_id)
         if data.traceparent is None:
@@ -127,6 +133,7 @@ class SagaRunner[R]:
                 data.to_data(),
                 owner=self.settings.owner,
                 lease_seconds=self.settings.lease_seconds,
+                first=first,
             )
             return saga, self.launch(saga, work, fresh=True)
         finally:

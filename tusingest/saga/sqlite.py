@@ -298,6 +298,7 @@ class SQLiteSagaStore:
         owner: str,
         lease_seconds: float,
         now: datetime | None = None,
+        first: bool = False,
     ) -> Saga:
         now = _now(now)
         params = (
@@ -311,18 +312,21 @@ class SQLiteSagaStore:
             _ts(now),
             _ts(now),
         )
+        insert = (
+            "INSERT INTO sagas (saga_id, kind, subject_id, state, data, owner, lease_expires_at, created_at, "
+            "updated_at) SELECT ?,?,?,?,?,?,?,?,? "
+            + ("WHERE NOT EXISTS (SELECT 1 FROM sagas WHERE kind = ? AND subject_id = ?) " if first else "")
+            + f"RETURNING {_SAGA_COLUMNS}"
+        )
         async with self._statement():
             try:
-                row = await self._fetchone(
-                    "INSERT INTO sagas (saga_id, kind, subject_id, state, data, owner, lease_expires_at, "
-                    f"created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING {_SAGA_COLUMNS}",
-                    params,
-                )
+                row = await self._fetchone(insert, (*params, kind, subject_id) if first else params)
             except sqlite3.IntegrityError as exc:
                 if _is_unfinished_saga_conflict(exc):
                     raise DuplicateSaga(kind, subject_id) from exc
                 raise
-        assert row is not None  # an INSERT ... RETURNING that did not raise returns its row
+        if row is None:  # ``first``, and the subject has a saga of this kind on record
+            raise DuplicateSaga(kind, subject_id)
         return _row_to_saga(row)
 
     async def get_saga(self, saga_id: str) -> Saga | None:

@@ -77,10 +77,13 @@ class SagaStore(Protocol):
         owner: str,
         lease_seconds: float,
         now: datetime | None = None,
+        first: bool = False,
     ) -> Saga:
         """Start a RUNNING saga owned by ``owner`` until now + lease_seconds.
 
-        Raises DuplicateSaga while another saga of ``kind`` for ``subject_id`` is running or compensating.
+        Raises DuplicateSaga while another saga of ``kind`` for ``subject_id`` is running or compensating;
+        with ``first``, also when one is on record in any state (finished too): the check and the insert are
+        one statement, so a saga begun at most once per subject costs one round trip, not a read and a write.
         """
 
     async def get_saga(self, saga_id: str) -> Saga | None: ...

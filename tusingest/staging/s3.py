@@ -451,9 +451,18 @@ class S3Staging:
     async def seal(self, upload_id: str, length: int) -> None:
         """Complete the multipart upload named by tail ``length`` into ``data``: parts 1..k as they
         are, the tail as the last part (copied on the S3 side); then drop the tails and any other
-        multipart upload of the key. An object ``data`` of ``length`` bytes means sealed already."""
+        multipart upload of the key. An object ``data`` of ``length`` bytes means sealed already; so
+        does a seal that fails because another one (a GET, another node's saga) finished first."""
         if await self._sealed_size(upload_id, fresh=True) == length:
             return
+        try:
+            await self._seal(upload_id, length)
+        except StagingError:
+            if await self._sealed_size(upload_id, fresh=True) != length:
+                raise
+        self._in_background(self._drop_unsealed(upload_id), f"the parts and tails of upload {upload_id}")
+
+    async def _seal(self, upload_id: str, length: int) -> None:
         key = self._data_key(upload_id)
         whole = length // self.part_size
         if length == 0:
@@ -494,9 +503,8 @@ class S3Staging:
                     Bucket=self.bucket, Key=key, UploadId=multipart, MultipartUpload={"Parts": parts}
                 ),
             )
-        if await self._sealed_size(upload_id) != length:
+        if await self._sealed_size(upload_id, fresh=True) != length:
             raise StagingError(f"S3 staging: the sealed object of upload {upload_id} does not hold {length} bytes")
-        self._in_background(self._drop_unsealed(upload_id), f"the parts and tails of upload {upload_id}")
 
     async def _committed_parts(self, upload_id: str, multipart: str, whole: int) -> list[CompletedPartTypeDef]:
         key = self._data_key(upload_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
+from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, bucket_keys, create_bucket, open_multiparts, remove_bucket
 from tusingest.elements.s3 import S3Access, S3ClientPool
 from tusingest.staging import DirectoryStaging, Staging, StagingError
 from tusingest.staging.s3 import S3Staging
@@ -31,19 +31,10 @@ class _Bucket:
         self.url, self.bucket = url, bucket
 
     def keys(self) -> list[str]:
-        client = s3_client(self.url)
-        try:
-            listed = client.list_objects_v2(Bucket=self.bucket)
-            return [o["Key"] for o in listed.get("Contents", [])]
-        finally:
-            client.close()
+        return bucket_keys(self.url, self.bucket)
 
     def multiparts(self) -> list[str]:
-        client = s3_client(self.url)
-        try:
-            return [u["Key"] for u in client.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])]
-        finally:
-            client.close()
+        return open_multiparts(self.url, self.bucket)
 
 
 @pytest.fixture(params=["directory", "s3"])

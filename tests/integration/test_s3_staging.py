@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.fixtures.rawhttp import eventually, open_request
-from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, create_bucket, remove_bucket, s3_client
+from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, bucket_keys, create_bucket, open_multiparts, remove_bucket
 from tests.fixtures.server import OCTETS, TUS, LiveServer, base_settings, live_server
 from tests.integration.test_finalise import bucket_objects, element_file, metadata, s3_element, split_stored
 from tusingest.sessions.expiry import expire_uploads
@@ -41,18 +41,10 @@ class StagingBucket:
         self.name = create_bucket(url)
 
     def keys(self) -> list[str]:
-        client = s3_client(self.url)
-        try:
-            return [o["Key"] for o in client.list_objects_v2(Bucket=self.name).get("Contents", [])]
-        finally:
-            client.close()
+        return bucket_keys(self.url, self.name)
 
     def multiparts(self) -> list[str]:
-        client = s3_client(self.url)
-        try:
-            return [u["Key"] for u in client.list_multipart_uploads(Bucket=self.name).get("Uploads", [])]
-        finally:
-            client.close()
+        return open_multiparts(self.url, self.name)
 
 
 @pytest.fixture

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.s3 import MOTO_CREDENTIALS, MotoServer, bucket_keys, create_bucket, open_multiparts, remove_bucket
+from tests.fixtures.s3 import (
+    MOTO_CREDENTIALS,
+    MotoServer,
+    bucket_keys,
+    create_bucket,
+    open_multiparts,
+    remove_bucket,
+    s3_client,
+)
 from tusingest.elements.s3 import S3Access, S3ClientPool
 from tusingest.staging import DirectoryStaging, Staging, StagingError
 from tusingest.staging.s3 import S3Staging
@@ -218,3 +226,45 @@ async def test_a_committed_offset_staging_cannot_account_for_is_an_error(nodes: 
     await _append(staging, "u7", 0, [b"k" * 1000])
     with pytest.raises(StagingError):
         await staging.open_writer("u7", 2000)
+
+
+async def test_s3_an_upload_keeps_its_part_size_when_the_setting_changes(
+    moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """CHUNK_SIZE_MB changed in a rolling deploy: an upload begun with 5 MiB parts resumes on a node
+    cutting 6 MiB parts with the 5 MiB its tail records, and seals exact; new uploads take 6 MiB."""
+    bucket = create_bucket(moto_server.url)
+    access = S3Access(
+        moto_server.url,
+        access_key_id=MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret_access_key=MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    pool = S3ClientPool()
+    old = S3Staging(lambda: pool.client(access), bucket, root=tmp_path / "a", part_size=PART)
+    new = S3Staging(lambda: pool.client(access), bucket, root=tmp_path / "b", part_size=PART + MiB)
+    try:
+        data = random.Random(9).randbytes(3 * PART + 17)
+        assert await _append(old, "p1", 0, [data[: PART + 100]]) == PART + 100
+        assert await _append(new, "p1", PART + 100, [data[PART + 100 :]]) == len(data)
+        await new.seal("p1", len(data))
+        assert await _read(new, "p1", len(data)) == data
+        assert _part_sizes(moto_server.url, bucket) == []  # completed: no open multipart upload
+        assert await _append(new, "p2", 0, [data]) == len(data)
+        assert _part_sizes(moto_server.url, bucket) == [PART + MiB, PART + MiB]
+    finally:
+        await old.aclose()
+        await new.aclose()
+        await pool.close()
+        remove_bucket(moto_server.url, bucket)
+
+
+def _part_sizes(url: str, bucket: str) -> list[int]:
+    client = s3_client(url)
+    try:
+        sizes = []
+        for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            listed = client.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            sizes += [part["Size"] for part in listed.get("Parts", [])]
+        return sizes
+    finally:
+        client.close()

@@ -10,7 +10,8 @@ Layout, under ``<prefix><upload id>/`` in the staging bucket, with part size P:
   names the multipart upload, so the committed offset alone leads to the whole committed state:
   ``k = offset // P``, parts 1..k of the upload named by tail ``offset`` (as tusd's S3 store keeps
   an ``.part`` object for what is shorter than a part, but found from our commit point, not from
-  listing: a listing may show what was never committed).
+  listing: a listing may show what was never committed). The tail also records P: an upload keeps
+  the part size it began with when CHUNK_SIZE_MB changes under it (a rolling deploy).
 
 A request at committed offset O begins with tail O in memory and sends part k+1 once P bytes are
 gathered, the next part's bytes arriving while one is sent. Whatever a request sent beyond what it
@@ -54,6 +55,7 @@ _TAIL_NAME = re.compile(r"^(\d{20})\.tail$")
 _DATA = "data"
 _SEALED_REMEMBERED = 4096
 _MULTIPART_META = "multipart"  # the tail's metadata key naming the multipart upload
+_PART_SIZE_META = "part-size"  # and the one giving the part size of the upload
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"})
 
@@ -85,8 +87,10 @@ class S3StagingWriter:
         tail: bytes,
         multipart: str | None,
         digest: RunningDigest | None,
+        part_size: int,
     ) -> None:
         self._staging = staging
+        self._part_size = part_size  # the upload's own: the part size it began with
         self._upload_id = upload_id
         self._start_offset = offset
         self._buffer = bytearray(tail)
@@ -120,7 +124,7 @@ class S3StagingWriter:
         if not data:
             return
         self._buffer += data
-        part_size = self._staging.part_size
+        part_size = self._part_size
         while len(self._buffer) >= part_size:
             await self._send_part()
 
@@ -155,7 +159,7 @@ class S3StagingWriter:
 
     async def _send_part(self) -> None:
         await self._wait_sending()
-        part_size = self._staging.part_size
+        part_size = self._part_size
         part = bytes(self._buffer[:part_size])
         del self._buffer[:part_size]
         start = self._buffer_start
@@ -179,7 +183,9 @@ class S3StagingWriter:
         await self.drain()
         if self.offset == self._start_offset:
             return self.offset  # nothing new: the committed tail stays the truth
-        await self._staging._put_tail(self._upload_id, self.offset, bytes(self._buffer), self._multipart)
+        await self._staging._put_tail(
+            self._upload_id, self.offset, bytes(self._buffer), self._multipart, self._part_size
+        )
         return self.offset
 
     async def discard(self) -> None:
@@ -302,9 +308,9 @@ class S3Staging:
             lambda c: c.upload_part(Bucket=self.bucket, Key=key, UploadId=multipart, PartNumber=number, Body=body),
         )
 
-    async def _put_tail(self, upload_id: str, offset: int, body: bytes, multipart: str | None) -> None:
+    async def _put_tail(self, upload_id: str, offset: int, body: bytes, multipart: str | None, part_size: int) -> None:
         key = self._tail_key(upload_id, offset)
-        metadata = {_MULTIPART_META: multipart} if multipart else {}
+        metadata = {_PART_SIZE_META: str(part_size)} | ({_MULTIPART_META: multipart} if multipart else {})
         await self._call(
             f"put of {key}", lambda c: c.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata)
         )
@@ -314,8 +320,14 @@ class S3Staging:
         error.__cause__ = exc
         return error
 
-    async def _get_tail(self, upload_id: str, offset: int) -> tuple[bytes, str | None]:
-        """The committed tail at ``offset``: its bytes and the multipart upload it names."""
+    def _tail_meta(self, metadata: dict[str, str]) -> tuple[str | None, int]:
+        """The multipart upload a tail names, and the part size of its upload (a part size set anew
+        applies to uploads begun after it: an upload keeps the one its parts were cut to)."""
+        size = metadata.get(_PART_SIZE_META, "")
+        return metadata.get(_MULTIPART_META) or None, int(size) if size.isdigit() else self.part_size
+
+    async def _get_tail(self, upload_id: str, offset: int) -> tuple[bytes, str | None, int]:
+        """The committed tail at ``offset``: its bytes, the multipart upload it names, the part size."""
         key = self._tail_key(upload_id, offset)
 
         async def _get(client: S3Client) -> tuple[bytes, dict[str, str]]:
@@ -327,15 +339,15 @@ class S3Staging:
             data, metadata = await self._call(f"get of {key}", _get)
         except _Missing as exc:
             raise self._no_tail(upload_id, offset, exc) from None
-        return data, metadata.get(_MULTIPART_META) or None
+        return (data, *self._tail_meta(metadata))
 
-    async def _head_tail(self, upload_id: str, offset: int) -> tuple[int, str | None]:
+    async def _head_tail(self, upload_id: str, offset: int) -> tuple[int, str | None, int]:
         key = self._tail_key(upload_id, offset)
         try:
             head = await self._call(f"head of {key}", lambda c: c.head_object(Bucket=self.bucket, Key=key))
         except _Missing as exc:
             raise self._no_tail(upload_id, offset, exc) from None
-        return head["ContentLength"], head.get("Metadata", {}).get(_MULTIPART_META) or None
+        return (head["ContentLength"], *self._tail_meta(head.get("Metadata", {})))
 
     async def _sealed_size(self, upload_id: str, *, fresh: bool = False) -> int | None:
         """The size of the sealed object, None while there is none. A seal is final until the upload
@@ -429,12 +441,12 @@ class S3Staging:
         running digest is this node's (``DigestCache``), caught up across the tail where it stands
         within it, a new one at offset 0, else None (the finaliser hashes the sealed object)."""
         self._check(upload_id)
-        tail, multipart = b"", None
+        tail, multipart, part_size = b"", None, self.part_size
         if offset:
-            tail, multipart = await self._get_tail(upload_id, offset)
-            if len(tail) != offset % self.part_size:
+            tail, multipart, part_size = await self._get_tail(upload_id, offset)
+            if len(tail) != offset % part_size:
                 raise StagingError(f"S3 staging: the tail of upload {upload_id} at {offset} holds {len(tail)} bytes")
-            if offset >= self.part_size and multipart is None:
+            if offset >= part_size and multipart is None:
                 raise StagingError(f"S3 staging: the tail of upload {upload_id} at {offset} names no multipart upload")
             self._in_background(self._delete_tails_before(upload_id, offset), f"old tails of upload {upload_id}")
         digest = None
@@ -446,7 +458,7 @@ class S3Staging:
             elif digest is not None and digest.offset < offset:
                 skip = digest.offset - tail_start
                 await asyncio.get_running_loop().run_in_executor(self.executor, digest.update, tail[skip:])
-        return S3StagingWriter(self, upload_id, offset, tail, multipart, digest)
+        return S3StagingWriter(self, upload_id, offset, tail, multipart, digest, part_size)
 
     async def seal(self, upload_id: str, length: int) -> None:
         """Complete the multipart upload named by tail ``length`` into ``data``: parts 1..k as they
@@ -464,12 +476,12 @@ class S3Staging:
 
     async def _seal(self, upload_id: str, length: int) -> None:
         key = self._data_key(upload_id)
-        whole = length // self.part_size
         if length == 0:
-            tail_size, multipart = 0, None
+            tail_size, multipart, part_size = 0, None, self.part_size
         else:
-            tail_size, multipart = await self._head_tail(upload_id, length)
-        if tail_size != length - whole * self.part_size:
+            tail_size, multipart, part_size = await self._head_tail(upload_id, length)
+        whole = length // part_size
+        if tail_size != length - whole * part_size:
             raise StagingError(f"S3 staging: the tail of upload {upload_id} at {length} holds {tail_size} bytes")
         tail_source = {"Bucket": self.bucket, "Key": self._tail_key(upload_id, length)}
         if multipart is None:
@@ -484,7 +496,7 @@ class S3Staging:
                     lambda c: c.copy_object(Bucket=self.bucket, Key=key, CopySource=tail_source),  # type: ignore[arg-type]
                 )
         else:
-            parts = await self._committed_parts(upload_id, multipart, whole)
+            parts = await self._committed_parts(upload_id, multipart, whole, part_size)
             if tail_size:
                 copied = await self._call(
                     f"copy of the tail into part {whole + 1} of {key}",
@@ -506,7 +518,9 @@ class S3Staging:
         if await self._sealed_size(upload_id, fresh=True) != length:
             raise StagingError(f"S3 staging: the sealed object of upload {upload_id} does not hold {length} bytes")
 
-    async def _committed_parts(self, upload_id: str, multipart: str, whole: int) -> list[CompletedPartTypeDef]:
+    async def _committed_parts(
+        self, upload_id: str, multipart: str, whole: int, part_size: int
+    ) -> list[CompletedPartTypeDef]:
         key = self._data_key(upload_id)
 
         async def _list(client: S3Client) -> dict[int, tuple[str, int]]:
@@ -521,7 +535,7 @@ class S3Staging:
         parts: list[CompletedPartTypeDef] = []
         for number in range(1, whole + 1):
             etag, size = listed.get(number, ("", -1))
-            if size != self.part_size:
+            if size != part_size:
                 raise StagingError(f"S3 staging: part {number} of upload {upload_id} is missing or holds {size} bytes")
             parts.append({"PartNumber": number, "ETag": etag})
         return parts
@@ -547,8 +561,10 @@ class S3Staging:
         if sealed is None or sealed < length:
             if not self.reads_unsealed(upload_id, committed, start):
                 raise StagingError(f"S3 staging: upload {upload_id} is not sealed; its parts cannot be read")
-            tail, _ = await self._get_tail(upload_id, committed)
+            tail, _, _ = await self._get_tail(upload_id, committed)
             tail_start = committed - len(tail)
+            if start < tail_start:  # the upload's parts are larger than this node's: in parts after all
+                raise StagingError(f"S3 staging: upload {upload_id} is not sealed; its parts cannot be read")
             for position in range(start - tail_start, length - tail_start, block_size):
                 yield tail[position : min(position + block_size, length - tail_start)]
             return

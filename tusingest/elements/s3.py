@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import (
         CompletedPartTypeDef,
+        CopyObjectRequestTypeDef,
         CreateMultipartUploadOutputTypeDef,
         CreateMultipartUploadRequestTypeDef,
         MultipartUploadTypeDef,
@@ -583,20 +584,7 @@ class S3Backend:
         copied = ObjectInfo(other_key, info.size, info.content_type, info.content_encoding, info.metadata)
         if (self.bucket, source_key) == (other.bucket, target_key):
             return copied  # S3 refuses to copy an object onto itself unchanged
-        client = await self._client()
-        if info.size <= self._multipart_copy_threshold:
-            await self._call(
-                "copy_object",
-                key,
-                client.copy_object(
-                    Bucket=other.bucket,
-                    Key=target_key,
-                    CopySource={"Bucket": self.bucket, "Key": source_key},
-                    MetadataDirective="COPY",
-                ),
-            )
-        else:
-            await self._copy_multipart(client, info, (self.bucket, source_key), other.bucket, target_key)
+        await self._copy(key, info, (self.bucket, source_key), other.bucket, target_key, replace=False)
         return copied
 
     def can_place_from(self, source: StagedObject) -> bool:
@@ -616,23 +604,29 @@ class S3Backend:
         target_key = self._object_key(key)
         stored_metadata = {name.lower(): value for name, value in (metadata or {}).items()}
         info = ObjectInfo(key, source.size, content_type, None, stored_metadata)
-        client = await self._client()
-        if source.size <= self._multipart_copy_threshold:
-            await self._call(
-                "copy_object",
-                key,
-                client.copy_object(
-                    Bucket=self.bucket,
-                    Key=target_key,
-                    CopySource={"Bucket": source.bucket, "Key": source.key},
-                    MetadataDirective="REPLACE",
-                    ContentType=content_type,
-                    Metadata=stored_metadata,
-                ),
-            )
-        else:
-            await self._copy_multipart(client, info, (source.bucket, source.key), self.bucket, target_key)
+        await self._copy(key, info, (source.bucket, source.key), self.bucket, target_key, replace=True)
         return info
+
+    async def _copy(
+        self, key: str, info: ObjectInfo, source: tuple[str, str], bucket: str, target_key: str, *, replace: bool
+    ) -> None:
+        """Copy ``source`` (bucket, key) of ``info.size`` bytes on the S3 side into ``target_key`` of
+        ``bucket``: one CopyObject up to the threshold (keeping the source's attributes, or taking
+        ``info``'s when ``replace``), else part by part with ``info``'s."""
+        client = await self._client()
+        if info.size > self._multipart_copy_threshold:
+            await self._copy_multipart(client, info, source, bucket, target_key)
+            return
+        request: CopyObjectRequestTypeDef = {
+            "Bucket": bucket,
+            "Key": target_key,
+            "CopySource": {"Bucket": source[0], "Key": source[1]},
+            "MetadataDirective": "REPLACE" if replace else "COPY",
+        }
+        if replace:
+            request["ContentType"] = info.content_type or "application/octet-stream"
+            request["Metadata"] = dict(info.metadata)
+        await self._call("copy_object", key, client.copy_object(**request))
 
     async def _copy_multipart(
         self, client: S3Client, info: ObjectInfo, source: tuple[str, str], bucket: str, target_key: str

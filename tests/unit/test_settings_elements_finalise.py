@@ -39,3 +39,17 @@ def test_the_defaults_need_no_redis_no_scanner_and_accept_every_type() -> None:
     settings = load_settings()
     assert settings.redis_url is None and settings.virus_scan_enabled is False
     assert settings.allowed_mime_types == () and settings.finalise_concurrency >= 2
+
+
+def test_s3_staging_without_a_bucket_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAGING_BACKEND", "s3")
+    with pytest.raises(SettingsError, match="STAGING_BACKEND=s3 needs STAGING_S3_BUCKET"):
+        load_settings()
+    monkeypatch.setenv("STAGING_S3_BUCKET", "staging")
+    assert (load_settings().staging_backend, load_settings().staging_s3_bucket) == ("s3", "staging")
+
+
+def test_an_unknown_staging_backend_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAGING_BACKEND", "nfs")
+    with pytest.raises(SettingsError, match=r"(?i)staging_backend"):
+        load_settings()

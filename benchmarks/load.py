@@ -544,7 +544,7 @@ async def bench(args: argparse.Namespace, server: Server) -> Result:
         await wait_ready(session, server)
         proc = psutil.Process(server.process.pid)
         sampler = RssSampler(server.process.pid)
-        await asyncio.sleep(0.3)  # settle: start-up allocations done
+        await asyncio.sleep(args.settle)  # start-up allocations done; see --settle
         idle = sampler.sample()
         sampler.peak = idle
         sampler.start()
@@ -655,6 +655,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tusingest", default=str(Path(sys.executable).parent / "tusingest"), help="the CLI")
     parser.add_argument("--tmp-dir", default=None, help="where the staging directory and SQLite file go")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.3,
+        help="seconds between the server's readiness and the load (see docs/benchmarks.md: on a VM that reports"
+        " free pages to its host, a run that starts soon after the previous one freed its files writes cheaply)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole scenario, seconds")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="deadline per request, seconds")
     parser.add_argument("--profile", help="record the server with py-spy into this file (.svg, .json or raw text)")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tusingest.elements.backend import Backend, BackendError, InvalidKey, ObjectInfo, ObjectNotFound, ObjectRefused
 from tusingest.elements.keys import check_key, check_prefix
+from tusingest.staging.fileio import write_all
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,6 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _set_attributes(fd: int, attributes: Mapping[str, bytes]) -> None:
     for name, value in attributes.items():
         try:
@@ -243,7 +238,7 @@ class _TempObject:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.fd < 0:
             self.open()
-        _write_all(self.fd, data)
+        write_all(self.fd, data)
 
     def commit(self, rest: bytes | bytearray, attributes: Mapping[str, bytes], *, durable: bool = True) -> None:
         self.write(rest)
@@ -284,7 +279,7 @@ def _copy_file(source: int, target: int, size: int) -> int:
         os.lseek(source, source_start + copied, os.SEEK_SET)
         os.lseek(target, target_start + copied, os.SEEK_SET)
         while copied < size and (block := os.read(source, min(READ_CHUNK_SIZE, size - copied))):
-            _write_all(target, block)
+            write_all(target, block)
             copied += len(block)
     return copied
 
@@ -654,7 +649,7 @@ class DirectoryBackend:
             path = self.root / f".probe.{secrets.token_hex(8)}.tmp"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, b"probe")
+                write_all(fd, b"probe")
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tusingest.staging.base import StagedObject, StagingError
 from tusingest.staging.digests import DigestCache, RunningDigest
+from tusingest.staging.fileio import writev_all
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -109,7 +110,8 @@ class ChunkWriter:
     Bytes gather in memory up to ``write_buffer_bytes``, then go to the page cache in one
     ``writev`` on a staging thread while the event loop keeps receiving. At most one batch is
     in flight, so a request holds at most two buffers. ``sync_file_range`` starts writeback
-    of each batch at once, so the fsync at the commit point has little left to do.
+    of each batch at once, so the fsync at the commit point has little left to do. The batch
+    goes to the file in calls of at most ``fileio.WRITE_PIECE`` bytes (why: ``staging/fileio.py``).
 
     With a ``RunningDigest`` (positioned at ``offset``), each batch's MD5 and SHA-256 run on two
     more staging threads while it is written (hashlib lets go of the GIL), so the slowest of the
@@ -192,7 +194,7 @@ class ChunkWriter:
         self._queued += size
         loop = asyncio.get_running_loop()
         executor = self._staging.executor
-        self._writing = executor.submit(self._write_batch, batch, size, roll_at)
+        self._writing = executor.submit(self._write_batch, batch, roll_at)
         write = asyncio.wrap_future(self._writing)
         digest = self._digest
         if digest is None:
@@ -207,18 +209,14 @@ class ChunkWriter:
         )
         self._hashing = size
 
-    def _write_batch(self, batch: list[bytes], size: int, roll_at: int | None) -> None:
+    def _write_batch(self, batch: list[bytes], roll_at: int | None) -> None:
         """Runs on a staging thread, never two at once for one writer."""
         try:
             if roll_at is not None:
                 os.close(self._fd)
                 self._fd = os.open(_chunk_path(self._directory, roll_at), _CREATE_FLAGS, 0o640)
                 self._new_files = True
-            done = os.writev(self._fd, batch)
-            if done != size:  # short writes are rare (disk full signals as OSError); finish the rest
-                rest = memoryview(b"".join(batch))[done:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest) :]
+            writev_all(self._fd, batch)
             _start_writeback(self._fd)
         except OSError as exc:
             self._digest = None  # what reached the file is unknown now; nothing of it is kept

@@ -1,6 +1,7 @@
 """A server on embedded defaults (SQLite, no Redis, no JWT key, no webhooks) never loads the clients it does
 not use: asyncpg, redis, aiohttp and werkzeug cost about 19 MiB of resident memory together, PyJWT and
-cryptography about 9 MiB; and
+cryptography about 9 MiB; structlog, with the rich and pygments it imports when they are installed, about
+7 MiB (only console lines need it, not JSON lines); and
 ``tusingest serve`` has a new SQLite file migrated by a child process, so alembic and SQLAlchemy (about
 29 MiB) are not loaded for the server's lifetime either."""
 
@@ -12,13 +13,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-NOT_NEEDED = ("asyncpg", "redis", "aiohttp", "werkzeug", "jwt", "cryptography", "botocore", "aiobotocore")
+NOT_NEEDED = (
+    "asyncpg",
+    "redis",
+    "aiohttp",
+    "werkzeug",
+    "jwt",
+    "cryptography",
+    "botocore",
+    "aiobotocore",
+    "structlog",
+    "rich",  # (pygments is not checked here: this start migrates in process, and alembic's mako imports it)
+)
 
 STARTED = """
 import asyncio, json, sys
 from tusingest.app import build_app
 from tusingest.config import load_settings
+from tusingest.observability import logs
 
+logs.configure(logs.LogSettings(format="json"))  # what `tusingest serve` does off a terminal
 app = build_app(load_settings())
 
 async def started() -> list[str]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,15 @@ VARIANTS: dict[str, list[str]] = {
     "tus-sqlite-granian": ["--store", "sqlite", "--patches", "plainhooks", "--asgi", "granian"],
     "full-sqlite-granian": ["--store", "sqlite", "--asgi", "granian"],
 }
+# Variants that differ from another only in the server's environment. GLIBC_TUNABLES naming any malloc
+# tunable (here one at its default value) makes `tusingest serve` leave glibc's thresholds as they are
+# (serving.tune_malloc), so these measure that tuning against the shipped default.
+VARIANT_ENV: dict[str, dict[str, str]] = {
+    "tus-sqlite-untuned": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"},
+    "full-sqlite-untuned": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"},
+}
+VARIANTS["tus-sqlite-untuned"] = VARIANTS["tus-sqlite"]
+VARIANTS["full-sqlite-untuned"] = VARIANTS["full-sqlite"]
 DEFAULT_VARIANTS = ("node", "tus-sqlite", "full-sqlite", "full-postgres")  # the Granian ones need `pip install granian`
 SCENARIOS = ("single", "concurrent", "small")
 QUICK: dict[str, list[str]] = {  # a smoke run: the same shapes, a fraction of the bytes
@@ -74,7 +84,8 @@ def run_once(scenario: str, variant: str, results: Path, quick: bool, timeout: f
     command = [sys.executable, str(HERE / "load.py"), "--scenario", scenario, "--results", str(results)]
     command += ["--label", f"compare {variant}", *VARIANTS[variant], *(QUICK[scenario] if quick else [])]
     print(f"# {scenario} {variant}", flush=True)
-    subprocess.run(command, check=True, timeout=timeout)
+    environ = {**os.environ, **VARIANT_ENV.get(variant, {})}
+    subprocess.run(command, check=True, timeout=timeout, env=environ)
 
 
 def throughput(row: dict[str, Any]) -> float:

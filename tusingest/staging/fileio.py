@@ -2,11 +2,13 @@
 
 Linux 6.x gives each ``write(2)`` a page-cache folio sized by the call, up to 2 MiB. On a VM
 whose balloon reports free pages to its host (virtio-balloon free page reporting, as on
-Firecracker), free blocks of 2 MiB go back to the host unbacked, and the first touch of each
-costs a host fault. Measured here (docs/benchmarks.md, "Writes in pieces"): 512 MiB written in
-4 MiB calls took 2.3 s of kernel time after a few seconds idle, in 256 KiB calls 0.15 s. Elsewhere
-the smaller calls cost a few microseconds each, so every large write of staging and the element
-goes through here.
+Firecracker), free blocks go back to the host unbacked, and the first touch of each page costs a
+host fault; the larger the folio, the likelier it comes from such a block. Measured here
+(docs/benchmarks.md, "Writes in pieces", ``benchmarks/write_sizes.py``): 512 MiB written after a
+few seconds idle took 2.2-2.4 s of kernel time in 4 MiB calls, 1.2-1.6 s in 512 KiB calls,
+0.5-0.75 s in 256 KiB calls and 0.18-0.24 s in 64 KiB calls, the size @tus/server writes in.
+Elsewhere the smaller calls cost a few microseconds each, so every large write of staging and the
+element goes through here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-WRITE_PIECE = 256 << 10  # bytes per write(2); a 256 KiB folio is never a reported block
+WRITE_PIECE = 64 << 10  # bytes per write(2)
 _IOV_MAX = 512  # iovecs per writev(2), well under the kernel's IOV_MAX (1024)
 
 Buffer = bytes | bytearray | memoryview

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load import human, parse_size  # noqa: E402  (benchmarks/ is not a package)
+from load import human, parse_size  # benchmarks/ is not a package: load.py is found by the path above
 
 
 def write_once(directory: Path, total: int, call: int) -> tuple[float, float]:

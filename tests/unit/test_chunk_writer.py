@@ -70,3 +70,56 @@ async def test_a_cancelled_request_never_closes_the_file_under_a_batch_still_bei
     with pytest.raises(OSError):
         os.fstat(fd)  # closed once the write was done
     assert chunk.read_bytes() == b"a" * (64 << 10)
+
+
+def _count_submissions(staging: DirectoryStaging, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The jobs handed to staging's threads from now on (a spy: each still runs on the real pool)."""
+    handed: list[str] = []
+    executor = staging.executor
+    real_submit = executor.submit
+
+    def submit(fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.append(getattr(fn, "__name__", repr(fn)))
+        return real_submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "submit", submit)
+    return handed
+
+
+async def test_a_short_body_is_written_hashed_and_synced_in_one_thread_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staging = DirectoryStaging(tmp_path)  # 4 MiB batches: a 64 KiB body is one short last batch
+    data = random.Random(7).randbytes(64 << 10)
+    try:
+        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
+            handed = _count_submissions(staging, monkeypatch)
+            await writer.write(data[:1000])
+            await writer.write(data[1000:])
+            offset = await writer.sync()
+            digest = writer.digest
+    finally:
+        staging.close()
+    assert len(handed) == 1, handed
+    assert offset == len(data)
+    assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == data
+    assert digest is not None and digest.offset == len(data)
+    assert digest.md5.hexdigest() == hashlib.md5(data).hexdigest()
+    assert digest.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_short_last_batch_that_begins_a_new_chunk_file_lands_in_it(tmp_path: Path) -> None:
+    staging = DirectoryStaging(tmp_path, write_buffer_bytes=64 << 10, chunk_max_bytes=64 << 10)
+    first, rest = b"a" * (64 << 10), b"b" * 5000
+    try:
+        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
+            await writer.write(first)  # a full batch: written in its own call, fills the first chunk file
+            await writer.write(rest)  # the short last batch: after the roll, in one call with the fsync
+            offset = await writer.sync()
+            digest = writer.digest
+    finally:
+        staging.close()
+    assert offset == len(first) + len(rest)
+    assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == first
+    assert (tmp_path / "u" / f"{len(first):020d}.chunk").read_bytes() == rest
+    assert digest is not None and digest.md5.hexdigest() == hashlib.md5(first + rest).hexdigest()

@@ -39,6 +39,10 @@ _IOV_MAX = 512  # well under the kernel's IOV_MAX (1024)
 _BATCHES_PER_WRITER = 2
 # The smallest batch a shared budget cuts to: below it, thread hops per byte start to cost.
 _MIN_BATCH_BYTES = 256 << 10
+# A last batch up to this size (a small file's body, a short tail) is written, hashed and synced in one
+# thread call, saving three thread hand-offs; its MD5 and SHA-256 then run one after the other (about
+# 0.2 ms for 64 KiB, 0.7 ms at this size), so larger ones keep the two hashes beside the write.
+_ONE_CALL_BYTES = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,16 +186,22 @@ class ChunkWriter:
             if self._digest is not None:  # None: the write failed, and nothing of it is kept
                 self._digest.advance(hashed)
 
-    async def _flush(self) -> None:
-        await self._wait_inflight()
-        if not self._pending:
-            return
+    def _take_batch(self) -> tuple[list[bytes], int, int | None]:
+        """The gathered bytes as the next batch: the bytes, their size, and the offset at which a new
+        chunk file begins for them (None: the current one goes on)."""
         batch, size = self._pending, self._pending_bytes
         self._pending, self._pending_bytes = [], 0
         roll_at = self._queued if self._queued - self._chunk_start >= self._staging.chunk_max_bytes else None
         if roll_at is not None:
             self._chunk_start = roll_at
         self._queued += size
+        return batch, size, roll_at
+
+    async def _flush(self) -> None:
+        await self._wait_inflight()
+        if not self._pending:
+            return
+        batch, size, roll_at = self._take_batch()
         loop = asyncio.get_running_loop()
         executor = self._staging.executor
         self._writing = executor.submit(self._write_batch, batch, roll_at)
@@ -229,22 +239,46 @@ class ChunkWriter:
 
     async def sync(self) -> int:
         """Write out everything and fsync it; returns the durable offset. Call before committing."""
+        if self._inflight is None and 0 < self._pending_bytes <= _ONE_CALL_BYTES:
+            return await self._write_and_sync()
         await self.drain()
-        fd, new_files, new_directory, directory = self._fd, self._new_files, self._new_directory, self._directory
-
-        def _sync() -> None:
-            try:
-                os.fsync(fd)
-                if new_files:
-                    _fsync_dir(directory)
-                if new_directory:
-                    _fsync_dir(directory.parent)
-            except OSError as exc:
-                raise StagingError(f"cannot sync staged bytes of upload {directory.name}: {exc}") from exc
-
-        await asyncio.get_running_loop().run_in_executor(self._staging.executor, _sync)
+        new_directory = self._new_directory
+        await asyncio.get_running_loop().run_in_executor(self._staging.executor, self._fsync, new_directory)
         self._new_files = self._new_directory = False
         return self._queued
+
+    async def _write_and_sync(self) -> int:
+        """``sync`` for a short last batch (a small file's whole body, the tail of a request): its
+        write, its digests and the fsync in one thread call instead of three hand-offs and a fourth."""
+        batch, size, roll_at = self._take_batch()
+        digest, new_directory = self._digest, self._new_directory
+
+        def _job() -> None:
+            self._write_batch(batch, roll_at)
+            if digest is not None:
+                digest.update_md5(batch)
+                digest.update_sha256(batch)
+            self._fsync(new_directory)
+
+        self._writing = self._staging.executor.submit(_job)
+        await asyncio.wrap_future(self._writing)
+        if self._digest is not None:  # None: the write failed, and nothing of it is kept
+            self._digest.advance(size)
+        self._new_files = self._new_directory = False
+        return self._queued
+
+    def _fsync(self, new_directory: bool) -> None:
+        """Runs on a staging thread once every batch is in the file: the file, and the folders that
+        gained an entry since the last sync."""
+        directory = self._directory
+        try:
+            os.fsync(self._fd)
+            if self._new_files:
+                _fsync_dir(directory)
+            if new_directory:
+                _fsync_dir(directory.parent)
+        except OSError as exc:
+            raise StagingError(f"cannot sync staged bytes of upload {directory.name}: {exc}") from exc
 
     async def discard(self) -> None:
         """Forget this request's bytes: cut the staged data back to where the writer started."""

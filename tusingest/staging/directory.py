@@ -111,11 +111,11 @@ def _start_writeback(fd: int) -> None:
 class ChunkWriter:
     """Appends one request's bytes at a known offset; ``sync`` makes them durable.
 
-    Bytes gather in memory up to ``write_buffer_bytes``, then go to the page cache in one
-    ``writev`` on a staging thread while the event loop keeps receiving. At most one batch is
-    in flight, so a request holds at most two buffers. ``sync_file_range`` starts writeback
-    of each batch at once, so the fsync at the commit point has little left to do. The batch
-    goes to the file in calls of at most ``fileio.WRITE_PIECE`` bytes (why: ``staging/fileio.py``).
+    Bytes gather in memory up to ``write_buffer_bytes``, then go to the page cache on a staging
+    thread while the event loop keeps receiving, in calls of at most ``fileio.WRITE_PIECE``
+    bytes (why: ``staging/fileio.py``). At most one batch is in flight, so a request holds at
+    most two buffers. ``sync_file_range`` starts writeback of each batch at once, so the fsync
+    at the commit point has little left to do.
 
     With a ``RunningDigest`` (positioned at ``offset``), each batch's MD5 and SHA-256 run on two
     more staging threads while it is written (hashlib lets go of the GIL), so the slowest of the
@@ -249,7 +249,7 @@ class ChunkWriter:
 
     async def _write_and_sync(self) -> int:
         """``sync`` for a short last batch (a small file's whole body, the tail of a request): its
-        write, its digests and the fsync in one thread call instead of three hand-offs and a fourth."""
+        write, its two digests and the fsync in one thread call instead of four."""
         batch, size, roll_at = self._take_batch()
         digest, new_directory = self._digest, self._new_directory
 

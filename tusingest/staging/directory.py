@@ -101,6 +101,17 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return function
 
 
+def _remove_tree(directory: Path) -> None:
+    """Remove an upload's folder, also when a file appears in it meanwhile: a compression follower
+    that opens its spool while the folder is being removed makes the last ``rmdir`` fail, and the
+    folder would stay behind (empty, once the follower gives its spool up). A second pass removes
+    the late file; the follower opens its spool only once, so a third is never needed."""
+    for _ in range(2):
+        shutil.rmtree(directory, ignore_errors=True)
+        if not os.path.lexists(directory):
+            return
+
+
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing dirty pages now; a hint, so failures are ignored."""
     function = _sync_file_range()
@@ -544,7 +555,7 @@ class DirectoryStaging:
     async def remove(self, upload_id: str) -> None:
         directory = self.directory(upload_id)
         self.digests.forget(upload_id)
-        await self._run(lambda: shutil.rmtree(directory, ignore_errors=True))
+        await self._run(lambda: _remove_tree(directory))
 
     async def last_written(self, upload_id: str) -> datetime | None:
         """When the upload's folder or a file in it last changed; None when there is no folder."""

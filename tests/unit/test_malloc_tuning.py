@@ -28,7 +28,8 @@ print(json.dumps({"tuned": tuned, "released_mib": (peak - rss()) / (1 << 20)}))
 
 
 def _probe(mode: str, **environ: str) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if k not in {"GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_"}}
+    ours = {"GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"}
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     done = subprocess.run(
         [sys.executable, "-c", PROBE, mode], env={**env, **environ}, capture_output=True, text=True, timeout=60
     )

@@ -30,11 +30,10 @@ from pathlib import Path
 
 from tusingest.staging.base import StagedObject, StagingError
 from tusingest.staging.digests import DigestCache, RunningDigest
-from tusingest.staging.fileio import writev_all
+from tusingest.staging.fileio import IOV_MAX, writev_all
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-_IOV_MAX = 512  # well under the kernel's IOV_MAX (1024)
 # A writer holds at most this many batches: one gathering, one in flight on a staging thread.
 _BATCHES_PER_WRITER = 2
 # The smallest batch a shared budget cuts to: below it, thread hops per byte start to cost.
@@ -186,7 +185,8 @@ class ChunkWriter:
             return
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._pending_bytes >= self._staging.batch_bytes or len(self._pending) >= _IOV_MAX:
+        # A batch also goes once it holds one writev's worth of pieces (many small reads).
+        if self._pending_bytes >= self._staging.batch_bytes or len(self._pending) >= IOV_MAX:
             await self._flush()
 
     async def _wait_inflight(self) -> None:

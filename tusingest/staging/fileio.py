@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable
 
 WRITE_PIECE = 64 << 10  # bytes per write(2)
-_IOV_MAX = 512  # iovecs per writev(2), well under the kernel's IOV_MAX (1024)
+IOV_MAX = 512  # iovecs per writev(2), well under the kernel's IOV_MAX (1024)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -41,7 +41,7 @@ def writev_all(fd: int, buffers: Iterable[Buffer]) -> int:
             view = view[len(take) :]
             group.append(take)
             size += len(take)
-            if size == WRITE_PIECE or len(group) == _IOV_MAX:
+            if size == WRITE_PIECE or len(group) == IOV_MAX:
                 _writev(fd, group, size)
                 total += size
                 group, size = [], 0

@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from redis.asyncio import Redis
 from tests.fixtures.jwt import rsa_key, token, write_pem
 from tests.fixtures.rawhttp import eventually
 from tests.fixtures.redis import RedisServer
-from tests.fixtures.server import LiveServer, ServerFactory, _server_factory
+from tests.fixtures.server import LiveServer, ServerFactory
 from tests.integration.test_delete import directory_element, stream
 from tests.integration.test_finalise import TUS, element_file, text_payload, upload
 from tusingest.sessions.audit import Action, AuditEvent, Auditor
@@ -172,20 +171,14 @@ async def test_an_expired_upload_is_recorded_as_terminated_under_its_owner(
 # --- store-independent: the log line, the Redis stream and the CLI (on SQLite only) -------------------
 
 
-@pytest.fixture
-async def sqlite_factory(tmp_path: Path, sqlite_url: str) -> AsyncIterator[ServerFactory]:
-    async with _server_factory(tmp_path, sqlite_url) as factory:
-        yield factory
-
-
 async def test_events_reach_the_log_as_json_and_the_redis_stream_and_the_cli_reads_them(
-    sqlite_factory: ServerFactory,
+    start_sqlite_server: ServerFactory,
     sqlite_url: str,
     redis_server: RedisServer,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = await keyed(sqlite_factory, tmp_path, redis_url=redis_server.url)
+    server = await keyed(start_sqlite_server, tmp_path, redis_url=redis_server.url)
     since = datetime.now(UTC) - timedelta(seconds=1)
 
     with caplog.at_level(logging.INFO, logger="tusingest.audit"):

@@ -11,24 +11,16 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory, _server_factory
+from tests.fixtures.server import OCTETS, TUS, LiveServer, ServerFactory
 from tests.integration.test_facade_upload import multipart, post_file
 
 IETF = {"Upload-Draft-Interop-Version": "8"}
-
-
-@pytest.fixture
-async def start_sqlite_server(tmp_path: Path, sqlite_url: str) -> AsyncIterator[ServerFactory]:
-    """Servers with settings overrides, on SQLite only (for rules that do not depend on the store)."""
-    async with _server_factory(tmp_path, sqlite_url) as factory:
-        yield factory
 
 
 def record_calls(target: object, name: str) -> list[tuple[Any, ...]]:

@@ -5,10 +5,7 @@ runs on SQLite only."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from tests.fixtures.clamd import EICAR, Clamd
 from tests.fixtures.jwt import rsa_key, token, write_pem
@@ -20,12 +17,6 @@ from tests.integration.test_finalise import jpeg_payload, text_payload, upload
 from tests.metrics_text import samples
 
 KiB = 1 << 10
-
-
-@pytest.fixture
-async def start(tmp_path: Path, sqlite_url: str) -> AsyncIterator[ServerFactory]:
-    async with _server_factory(tmp_path, sqlite_url) as factory:
-        yield factory
 
 
 async def scrape(server: LiveServer, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
@@ -50,8 +41,8 @@ async def settled_counts(server: LiveServer, uploads: int) -> dict[tuple[str, fr
     return await eventually(lambda: scrape(server), settled, timeout=30)
 
 
-async def test_scripted_uploads_give_exact_counts(start: ServerFactory) -> None:
-    server = await start(allowed_mime_types="image/*")
+async def test_scripted_uploads_give_exact_counts(start_sqlite_server: ServerFactory) -> None:
+    server = await start_sqlite_server(allowed_mime_types="image/*")
     good = jpeg_payload(300 * KiB)
     async with server.client() as client:
         _, ok = await upload(client, good, "photo.jpg")
@@ -88,8 +79,8 @@ async def test_scripted_uploads_give_exact_counts(start: ServerFactory) -> None:
     assert value(found, "artstore_ingester_circuit_breaker_state", element="local") == 0
 
 
-async def test_a_delete_saga_is_counted_under_its_own_name(start: ServerFactory) -> None:
-    server = await start()
+async def test_a_delete_saga_is_counted_under_its_own_name(start_sqlite_server: ServerFactory) -> None:
+    server = await start_sqlite_server()
     async with server.client() as client:
         _, ok = await upload(client, jpeg_payload(100 * KiB), "photo.jpg")
         assert ok.status_code == 204, ok.headers
@@ -102,8 +93,8 @@ async def test_a_delete_saga_is_counted_under_its_own_name(start: ServerFactory)
     assert value(found, "artstore_ingester_saga_transactions_total", saga="upload", outcome="completed") == 1
 
 
-async def test_a_compressed_file_records_its_ratio(start: ServerFactory) -> None:
-    server = await start()
+async def test_a_compressed_file_records_its_ratio(start_sqlite_server: ServerFactory) -> None:
+    server = await start_sqlite_server()
     async with server.client() as client:
         _, ok = await upload(client, text_payload(2 << 20), "log.txt")
     assert ok.status_code == 204
@@ -112,8 +103,8 @@ async def test_a_compressed_file_records_its_ratio(start: ServerFactory) -> None
     assert 0 < value(found, "artstore_ingester_compression_ratio_sum") < 0.5  # log text shrinks well
 
 
-async def test_a_virus_is_counted(start: ServerFactory, clamd: Clamd) -> None:
-    server = await start(virus_scan_enabled=True, clamd_url=clamd.tcp_url)
+async def test_a_virus_is_counted(start_sqlite_server: ServerFactory, clamd: Clamd) -> None:
+    server = await start_sqlite_server(virus_scan_enabled=True, clamd_url=clamd.tcp_url)
     infected = os.urandom(200 * KiB) + EICAR + os.urandom(1000)
     async with server.client() as client:
         _, virus = await upload(client, infected, "bad.bin")
@@ -140,9 +131,9 @@ async def test_metrics_need_a_role_that_may_read_them(tmp_path: Path, sqlite_url
     assert admin_token not in admin.text and "Bearer" not in admin.text
 
 
-async def test_metrics_can_be_left_open_or_turned_off(start: ServerFactory) -> None:
-    opened = await start()  # anonymous loopback mode: open by default
-    closed = await start(prometheus_metrics_enabled=False)
+async def test_metrics_can_be_left_open_or_turned_off(start_sqlite_server: ServerFactory) -> None:
+    opened = await start_sqlite_server()  # anonymous loopback mode: open by default
+    closed = await start_sqlite_server(prometheus_metrics_enabled=False)
     async with opened.client() as client:
         assert (await client.get("/metrics")).status_code == 200
     async with closed.client() as client:
@@ -160,8 +151,10 @@ async def ready(server: LiveServer) -> tuple[int, dict[str, dict[str, object]]]:
     return response.status_code, body["checks"]
 
 
-async def test_readiness_follows_redis_down_and_back(start: ServerFactory, redis_server: RedisServer) -> None:
-    server = await start(redis_url=redis_server.url)
+async def test_readiness_follows_redis_down_and_back(
+    start_sqlite_server: ServerFactory, redis_server: RedisServer
+) -> None:
+    server = await start_sqlite_server(redis_url=redis_server.url)
     status, checks = await ready(server)
     assert status == 200 and checks["redis"] == {"ok": True, "detail": "ok"}
     assert "clamd" not in checks  # not enabled, not checked
@@ -173,15 +166,15 @@ async def test_readiness_follows_redis_down_and_back(start: ServerFactory, redis
     assert checks["redis"]["ok"] is True
 
 
-async def test_readiness_wants_free_staging_space(start: ServerFactory) -> None:
-    server = await start(staging_min_free_mb=1 << 40)  # more than any disk has
+async def test_readiness_wants_free_staging_space(start_sqlite_server: ServerFactory) -> None:
+    server = await start_sqlite_server(staging_min_free_mb=1 << 40)  # more than any disk has
     status, checks = await ready(server)
     assert status == 503 and checks["staging"]["ok"] is False
     assert "STAGING_MIN_FREE_MB" in str(checks["staging"]["detail"])
 
 
-async def test_readiness_follows_the_only_element_going_down_and_back(start: ServerFactory) -> None:
-    server = await start()
+async def test_readiness_follows_the_only_element_going_down_and_back(start_sqlite_server: ServerFactory) -> None:
+    server = await start_sqlite_server()
     assert (await ready(server))[0] == 200
     pool = server.parts.elements.pool
     breaker = pool._states["local"].breaker  # the element's own breaker, as failed backend calls feed it

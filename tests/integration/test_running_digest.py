@@ -24,12 +24,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-async def start_sqlite(tmp_path: Path, sqlite_url: str) -> AsyncIterator[ServerFactory]:
-    async with _server_factory(tmp_path, sqlite_url) as factory:
-        yield factory
-
-
-@pytest.fixture
 async def start_node(tmp_path: Path, postgres_url: str) -> AsyncIterator[ServerFactory]:
     """Nodes that share one PostgreSQL database and one staging directory."""
     async with _server_factory(tmp_path, postgres_url) as factory:
@@ -66,9 +60,9 @@ def assert_digest_of(digest: RunningDigest | None, data: bytes) -> None:
 
 @pytest.mark.parametrize("patch_size", [3 * MiB, 256 * KiB + 7], ids=["one PATCH", "many PATCHes"])
 async def test_the_kept_digest_equals_hashlib_over_the_committed_bytes(
-    start_sqlite: ServerFactory, patch_size: int
+    start_sqlite_server: ServerFactory, patch_size: int
 ) -> None:
-    server = await start_sqlite(staging_write_buffer_kb=64)  # many batches per PATCH
+    server = await start_sqlite_server(staging_write_buffer_kb=64)  # many batches per PATCH
     payload = os.urandom(3 * MiB)
     async with server.client() as client:
         url = await create(client, len(payload) + 1)  # one byte short: the upload stays in staging
@@ -79,9 +73,9 @@ async def test_the_kept_digest_equals_hashlib_over_the_committed_bytes(
 
 
 async def test_a_patch_cut_off_mid_body_keeps_the_digest_of_what_was_committed_and_resumes_it(
-    start_sqlite: ServerFactory,
+    start_sqlite_server: ServerFactory,
 ) -> None:
-    server = await start_sqlite(staging_write_buffer_kb=64)
+    server = await start_sqlite_server(staging_write_buffer_kb=64)
     payload = os.urandom(1 * MiB)
     half = len(payload) // 2 + 12345
     async with server.client() as client:
@@ -106,10 +100,10 @@ async def test_a_patch_cut_off_mid_body_keeps_the_digest_of_what_was_committed_a
     assert_digest_of(await kept_digest(server, upload_id), payload)
 
 
-async def test_a_body_refused_by_its_checksum_never_enters_the_digest(start_sqlite: ServerFactory) -> None:
+async def test_a_body_refused_by_its_checksum_never_enters_the_digest(start_sqlite_server: ServerFactory) -> None:
     import base64
 
-    server = await start_sqlite()
+    server = await start_sqlite_server()
     first, second = os.urandom(200 * KiB), os.urandom(300 * KiB)
     wrong = "sha256 " + base64.b64encode(hashlib.sha256(b"something else").digest()).decode()
     right = "sha256 " + base64.b64encode(hashlib.sha256(second).digest()).decode()
@@ -131,12 +125,12 @@ async def test_a_body_refused_by_its_checksum_never_enters_the_digest(start_sqli
 
 @pytest.mark.parametrize("algorithm", ["md5", "sha256", "sha1"])
 async def test_a_first_patch_s_checksum_is_checked_against_the_running_digest_where_it_can_be(
-    start_sqlite: ServerFactory, algorithm: str
+    start_sqlite_server: ServerFactory, algorithm: str
 ) -> None:
     """From offset 0 an MD5 or SHA-256 Upload-Checksum is the running digest's (sha1: its own hash)."""
     import base64
 
-    server = await start_sqlite(staging_write_buffer_kb=64)
+    server = await start_sqlite_server(staging_write_buffer_kb=64)
     body = os.urandom(700 * KiB)
 
     def checksum(data: bytes) -> str:
@@ -154,7 +148,9 @@ async def test_a_first_patch_s_checksum_is_checked_against_the_running_digest_wh
 
 
 @pytest.mark.parametrize("sent", ["no checksum", "right sha256", "wrong sha256"])
-async def test_hooks_that_read_no_digests_make_staging_hash_nothing(start_sqlite: ServerFactory, sent: str) -> None:
+async def test_hooks_that_read_no_digests_make_staging_hash_nothing(
+    start_sqlite_server: ServerFactory, sent: str
+) -> None:
     """Only hooks that use the running digests pay for them: with PlainHooks (the tus path alone, as
     benchmarks/compare.py's tus-path variant runs it) staging keeps none, and an Upload-Checksum is
     still checked, by the checksum's own hash. The hooks are swapped in the running app: a test-only
@@ -163,7 +159,7 @@ async def test_hooks_that_read_no_digests_make_staging_hash_nothing(start_sqlite
 
     from tusingest.tus import PlainHooks
 
-    server = await start_sqlite(staging_write_buffer_kb=64)
+    server = await start_sqlite_server(staging_write_buffer_kb=64)
     server.parts.tus.ctx.hooks = PlainHooks(server.parts.store)
     body = os.urandom(700 * KiB)
     headers = patch_headers(0)
@@ -238,9 +234,9 @@ async def test_a_node_that_would_read_back_too_much_keeps_no_digest_and_the_fina
 
 
 async def test_a_concatenated_upload_is_hashed_at_finalisation_and_its_partials_keep_no_digest(
-    start_sqlite: ServerFactory,
+    start_sqlite_server: ServerFactory,
 ) -> None:
-    server = await start_sqlite()
+    server = await start_sqlite_server()
     parts = [os.urandom(300 * KiB), os.urandom(200 * KiB)]
     async with server.client() as client:
         paths = []
@@ -263,7 +259,7 @@ async def test_a_concatenated_upload_is_hashed_at_finalisation_and_its_partials_
 @pytest.mark.directory_staging
 @pytest.mark.parametrize("staging_on", ["same file system", "another file system"])
 async def test_the_placed_object_is_the_staged_file_by_hard_link_on_one_file_system_and_a_copy_across(
-    start_sqlite: ServerFactory, tmp_path: Path, staging_on: str
+    start_sqlite_server: ServerFactory, tmp_path: Path, staging_on: str
 ) -> None:
     staging = tmp_path / "staging"
     if staging_on == "another file system":
@@ -272,7 +268,9 @@ async def test_the_placed_object_is_the_staged_file_by_hard_link_on_one_file_sys
             pytest.fail("this test needs a second file system: a tmpfs at /dev/shm")
         staging = shm / f"tusingest-test-{os.getpid()}-{id(tmp_path)}"
     # The saga stops once the object is placed, so the staged file is still there to compare.
-    server = await start_sqlite(staging_dir=str(staging), saga_failpoints="placed=pause", finalise_wait_seconds=0.1)
+    server = await start_sqlite_server(
+        staging_dir=str(staging), saga_failpoints="placed=pause", finalise_wait_seconds=0.1
+    )
     payload = os.urandom(5 * MiB + 3)
     try:
         async with server.client() as client:

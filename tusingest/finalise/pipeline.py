@@ -206,12 +206,12 @@ async def inspect(
                 nonlocal session, scanned, scan_note
                 # The scan goes to clamd while this block is hashed and compressed on two threads.
                 # Every part ends before the next block starts, also when the scan fails.
-                work_done = _all(asyncio.to_thread(work.block, data), asyncio.to_thread(work.md5_block, data))
+                work_done = all_ended(asyncio.to_thread(work.block, data), asyncio.to_thread(work.md5_block, data))
                 if session is None:
                     await work_done
                     return
                 try:
-                    await _all(work_done, session.feed(data))
+                    await all_ended(work_done, session.feed(data))
                 except ScannerUnavailable as exc:
                     scanned, scan_note, session = _scan_unavailable(exc, policy)
                 except ScanLimitExceeded as exc:
@@ -290,7 +290,7 @@ def kept_compression(compressed: Compressed | None, size: int, policy: FinaliseP
     return None
 
 
-async def _all(*parts: Awaitable[object]) -> None:
+async def all_ended(*parts: Awaitable[object]) -> None:
     """Await every part to its end, then raise the first failure (``gather`` would raise at once and
     leave the others running, so the next block's work could overtake them)."""
     for outcome in await asyncio.gather(*parts, return_exceptions=True):

@@ -214,8 +214,11 @@ class UploadSagas:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.progress = progress or ProgressBus()  # where each stage is told (the SSE progress stream)
-        # What this node compresses while the bytes arrive (the finaliser's hooks tell it each commit).
-        self.followers = followers if followers is not None else Followers(staging, policy, self.progress)
+        # What this node compresses and scans while the bytes arrive (the finaliser's hooks tell it each
+        # commit). At most as many scans follow as sagas run at once: each holds one of clamd's threads.
+        if followers is None:
+            followers = Followers(staging, policy, self.progress, scanner=scanner, scan_capacity=settings.concurrency)
+        self.followers = followers
         self.sessions = sessions
         self.staging = staging
         self.sagas = sagas
@@ -474,20 +477,27 @@ class UploadSagas:
     async def _inspect(self, upload: Upload, data: UploadSagaData) -> Inspection:
         length = upload.length or 0
         spool = self.staging.directory(upload.id) / SPOOL_NAME
-        # Compressed while the bytes arrived (``finalise.follow``): the pass only scans and checks,
-        # meanwhile the follower finishes what it has left; should it have failed, a pass compresses.
+        # Scanned while the bytes arrived (``finalise.follow``): clamd's verdict on exactly these
+        # bytes is in, and the pass does not scan; should the follower's scan have failed, it does.
+        verdict = await self.followers.verdict(upload) if self.scanner is not None else None
+        if verdict is not None and not verdict.clean:
+            raise FileRejected("virus_detected", f"the file contains {verdict.signature}")
+        # Compressed while the bytes arrived: the pass only checks (and scans, when the follower did
+        # not), meanwhile the follower finishes what it has left; should it have failed, a pass compresses.
         followed = self.followers.following(upload)
         for compress in (False, True) if followed else (True,):
             inspection = await inspect(
                 read_upload(self.sessions, self.staging, upload, READ_BLOCK),
                 expected_size=length,
                 policy=self.policy,
-                scanner=self.scanner,
+                scanner=self.scanner if verdict is None else None,
                 metadata=data.metadata,
                 spool_path=spool,
                 digests=whole_digests(self.staging, upload),  # hashed as committed: not hashed again
                 compress=compress,
             )
+            if verdict is not None:
+                inspection = dataclasses.replace(inspection, scanned=True)
             if compress or not wants_compression(self.policy, inspection.content_type, length):
                 return inspection
             compressed = await self.followers.take(upload)

@@ -284,7 +284,9 @@ async def run_mode(
 def private_clamd(workdir: Path, largest: int) -> Iterator[Clamd]:
     directory = workdir / "clamd"
     directory.mkdir()
-    clamd = start_clamd(directory, stream_max_length=largest + 64 * MiB)
+    # MaxScanSize counts what clamd extracts too: random bytes now and then hold what parses as an
+    # embedded file, and a limit at the stream's own size then refuses an upload at random.
+    clamd = start_clamd(directory, stream_max_length=largest + 64 * MiB, max_file_size=4 * largest)
     try:
         yield clamd
     finally:

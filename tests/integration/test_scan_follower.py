@@ -17,11 +17,12 @@ import pytest
 
 from tests.fixtures.clamd import EICAR, Clamd
 from tests.fixtures.rawhttp import eventually
-from tests.fixtures.server import LiveServer, ServerFactory
+from tests.fixtures.server import TUS, LiveServer, ServerFactory
 from tests.integration.test_compression_follower import assert_stored_brotli_of, create, patch
 from tests.integration.test_finalise import bucket_objects, element_file, s3_element, split_stored, text_payload
+from tests.integration.test_running_digest import start_node
 
-__all__ = ["s3_element"]  # the fixture, used by name
+__all__ = ["s3_element", "start_node"]  # the fixtures, used by name
 # The follower reads committed bytes of an upload in progress: S3 staging cannot, so it runs none.
 pytestmark = pytest.mark.directory_staging
 
@@ -128,7 +129,7 @@ async def test_a_scan_left_waiting_gives_its_connection_back_and_the_saga_scans_
 ) -> None:
     server = await scanning_server(start_sqlite_server, tmp_path, s3_element, clamd.unix_url)
     followers = server.parts.sagas.followers
-    followers.scan_idle_seconds = 0.2  # set on the running node: test-only
+    followers.scan_idle_seconds = 0.5  # set on the running node: test-only
     payload = os.urandom(9 * MiB - 100) + EICAR + os.urandom(100 - len(EICAR))
     async with server.client() as client:
         url = await create(client, len(payload))
@@ -177,3 +178,51 @@ async def test_without_a_verdict_from_the_follower_the_saga_scans_under_its_own_
     else:
         assert last.status_code == 503 and last.headers["ArtStore-Error"] == "scanner_unavailable"
         assert bucket_objects(s3_element) == {}
+
+
+async def test_a_terminated_upload_gives_its_clamd_connection_back_at_once(
+    start_sqlite_server: ServerFactory, tmp_path: Path, s3_element: dict[str, Any], clamd: Clamd
+) -> None:
+    server = await scanning_server(start_sqlite_server, tmp_path, s3_element, clamd.unix_url)
+    followers = server.parts.sagas.followers
+    async with server.client() as client:
+        url = await create(client, 10 * MiB)
+        assert (await patch(client, url, 0, os.urandom(4 * MiB))).status_code == 204
+        assert followers.scanning == 1
+        assert (await client.delete(url, headers=TUS)).status_code == 204
+
+    async def following() -> tuple[int, int]:
+        return followers.scanning, len(followers)
+
+    await eventually(following, lambda counts: counts == (0, 0))  # well before the 10 s of scan idleness
+    assert followers.verdicts_used == 0
+    assert bucket_objects(s3_element) == {}
+
+
+async def test_a_node_that_resumes_an_upload_another_began_scans_it_in_its_pass(
+    start_node: ServerFactory, tmp_path: Path, s3_element: dict[str, Any], clamd: Clamd
+) -> None:
+    """The first node's follower saw only the first PATCH and gave its scan up; the second node,
+    which commits the rest, starts none (it did not take the first bytes). So no node has a verdict,
+    and the saga, wherever it runs, scans the whole file and finds EICAR in the part the first node
+    never received."""
+    first, second = (
+        await scanning_server(start_node, tmp_path, s3_element, clamd.unix_url),
+        await scanning_server(start_node, tmp_path, s3_element, clamd.unix_url),
+    )
+    first.parts.sagas.followers.scan_idle_seconds = 0.5  # set on the running node: test-only
+    payload = os.urandom(9 * MiB) + EICAR + os.urandom(1000)
+    async with first.client() as one, second.client() as two:
+        url = await create(one, len(payload))
+        assert (await patch(one, url, 0, payload[: 4 * MiB])).status_code == 204
+        assert first.parts.sagas.followers.scanning == 1
+
+        async def following() -> int:
+            return len(first.parts.sagas.followers)
+
+        await eventually(following, lambda count: count == 0)  # its scan given up, nothing else to follow
+        last = await patch(two, url, 4 * MiB, payload[4 * MiB :])
+    assert last.status_code == 422 and last.headers["ArtStore-Error"] == "virus_detected"
+    for node in (first, second):
+        assert node.parts.sagas.followers.verdicts_used == 0 and len(node.parts.sagas.followers) == 0
+    assert bucket_objects(s3_element) == {}

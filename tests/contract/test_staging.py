@@ -268,3 +268,31 @@ def _part_sizes(url: str, bucket: str) -> list[int]:
         return sizes
     finally:
         client.close()
+
+
+async def test_chunk_files_are_listed_and_used_in_one_call_where_the_bytes_are_local_files(
+    nodes: tuple[NodeFactory, _Bucket | None],
+) -> None:
+    """``use_chunk_files``: on a directory the files that hold the first ``length`` bytes, each with its
+    share, and what ``use`` made of them (the finaliser reads a head and asks libmagic); on S3 None,
+    and ``use`` is never called."""
+    node, bucket = nodes
+    staging = node()
+    data = random.Random(11).randbytes(3 * MiB)
+    assert await _append(staging, "u1", 0, [data[: 2 * MiB]]) == 2 * MiB
+    assert await _append(staging, "u1", 2 * MiB, [data[2 * MiB :]]) == len(data)
+    used: list[list[tuple[Path, int]]] = []
+
+    def head(files: list[tuple[Path, int]]) -> bytes:
+        used.append(files)
+        return b"".join(path.read_bytes()[:size] for path, size in files)
+
+    found = await staging.use_chunk_files("u1", 2 * MiB + 10, head)
+    if bucket is not None:
+        assert found is None and used == []
+        return
+    assert found is not None
+    files, result = found
+    assert used == [files] and result == data[: 2 * MiB + 10]
+    assert sum(size for _, size in files) == 2 * MiB + 10 and all(path.is_file() for path, _ in files)
+    assert files == await staging.chunk_files("u1", 2 * MiB + 10)

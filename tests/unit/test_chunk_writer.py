@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tusingest.staging import DirectoryStaging
+from tusingest.staging import DirectoryStaging, StagingError
 
 
 async def test_batches_of_every_size_are_written_and_hashed_in_order(tmp_path: Path) -> None:
@@ -123,3 +123,78 @@ async def test_a_short_last_batch_that_begins_a_new_chunk_file_lands_in_it(tmp_p
     assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == first
     assert (tmp_path / "u" / f"{len(first):020d}.chunk").read_bytes() == rest
     assert digest is not None and digest.md5.hexdigest() == hashlib.md5(first + rest).hexdigest()
+
+
+async def test_a_new_upload_is_opened_written_hashed_and_synced_in_one_thread_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer at offset 0 makes its folder and chunk file in its first thread call: a small upload's
+    body costs one trip to a staging thread from opening to synced."""
+    staging = DirectoryStaging(tmp_path)
+    handed = _count_submissions(staging, monkeypatch)
+    data = random.Random(8).randbytes(10_000)
+    try:
+        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
+            assert not (tmp_path / "u").exists()  # nothing made yet
+            await writer.write(data)
+            offset = await writer.sync()
+            digest = writer.digest
+    finally:
+        staging.close()
+    assert len(handed) == 1, handed
+    assert offset == len(data)
+    assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == data
+    assert digest is not None and digest.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_writer_at_offset_0_over_an_earlier_attempts_folder_starts_it_afresh(tmp_path: Path) -> None:
+    folder = tmp_path / "u"
+    folder.mkdir()
+    (folder / f"{0:020d}.chunk").write_bytes(b"stale bytes of an attempt that never committed")
+    (folder / f"{100:020d}.chunk").write_bytes(b"more of them")
+    staging = DirectoryStaging(tmp_path)
+    try:
+        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
+            await writer.write(b"fresh")
+            assert await writer.sync() == 5
+            digest = writer.digest
+    finally:
+        staging.close()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{0:020d}.chunk"]
+    assert (folder / f"{0:020d}.chunk").read_bytes() == b"fresh"
+    assert digest is not None and digest.md5.hexdigest() == hashlib.md5(b"fresh").hexdigest()
+
+
+async def test_a_writer_at_offset_0_closed_before_its_first_byte_leaves_nothing(tmp_path: Path) -> None:
+    staging = DirectoryStaging(tmp_path)
+    try:
+        writer = await staging.open_writer("u", 0, digest_tag="t")
+        await writer.aclose()
+        assert staging.writers == 0
+    finally:
+        staging.close()
+    assert not (tmp_path / "u").exists()
+
+
+async def test_a_sync_with_no_bytes_still_leaves_the_uploads_folder_and_file(tmp_path: Path) -> None:
+    staging = DirectoryStaging(tmp_path)
+    try:
+        async with await staging.open_writer("u", 0) as writer:
+            assert await writer.sync() == 0
+    finally:
+        staging.close()
+    assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == b""
+
+
+async def test_a_folder_that_cannot_be_made_fails_the_first_write_with_a_staging_error(tmp_path: Path) -> None:
+    (tmp_path / "u").write_bytes(b"a file where the upload's folder belongs")
+    staging = DirectoryStaging(tmp_path)
+    try:
+        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
+            await writer.write(b"x" * 100)
+            with pytest.raises(StagingError, match="cannot open staging for upload u"):
+                await writer.sync()
+            assert writer.digest is None  # nothing of it is kept
+    finally:
+        staging.close()
+    assert (tmp_path / "u").read_bytes() == b"a file where the upload's folder belongs"

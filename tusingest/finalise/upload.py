@@ -552,16 +552,20 @@ class UploadSagas:
         return True
 
     async def _head_mime(self, upload: Upload, *, whole: bool = False) -> str:
-        """libmagic's verdict on the upload's first HEAD_BYTES. A single upload's staged files are read
-        and judged in one thread call (not three: open, read, judge); a final one's come from its partials.
+        """libmagic's verdict on the upload's first HEAD_BYTES. A single upload's staged files are listed,
+        read and judged in one thread call (not four: list, open, read, judge); a final one's come from
+        its partials.
         ``whole``: list all the upload's staged files, and keep the listing for its put."""
         if upload.kind is not UploadKind.FINAL:
             listed = upload.offset if whole else min(upload.offset, HEAD_BYTES)
-            files = await self.staging.chunk_files(upload.id, listed)
-            if files is not None:
+            found = await self.staging.use_chunk_files(
+                upload.id, listed, lambda files: _detect_files(upload.id, _head_of(files))
+            )
+            if found is not None:
+                files, content_type = found
                 if whole and upload.kind is UploadKind.SINGLE:
                     self._listed[upload.id] = files
-                return await asyncio.to_thread(_detect_files, upload.id, _head_of(files))
+                return content_type
         head = bytearray()
         async for block in read_upload(self.sessions, self.staging, upload, HEAD_BYTES):
             head += block

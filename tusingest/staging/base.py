@@ -8,7 +8,7 @@ beyond it is garbage, never read, and dropped when a writer is next opened or th
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -123,6 +123,13 @@ class Staging(Protocol):
         """The local files that hold the first ``length`` bytes with how many of each belong to
         them (for an element that links or kernel-copies files); None where the bytes are not in
         files on this machine."""
+        ...
+
+    async def use_chunk_files[T](
+        self, upload_id: str, length: int, use: Callable[[list[tuple[Path, int]]], T]
+    ) -> tuple[list[tuple[Path, int]], T] | None:
+        """``chunk_files``, and what ``use`` (which blocks: it reads them, say) makes of them, in one
+        thread call; None where the bytes are not in files on this machine (``use`` is not called)."""
         ...
 
     async def remove(self, upload_id: str) -> None:

@@ -34,6 +34,8 @@ from tusingest.staging.fileio import IOV_MAX, writev_all
 
 _CHUNK_NAME = re.compile(r"^(\d{20})\.chunk$")
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+# A new chunk file's descriptor, and whether its folder and the folder's parent gained an entry.
+type _Created = tuple[int, bool, bool]
 # A writer holds at most this many batches: one gathering, one in flight on a staging thread.
 _BATCHES_PER_WRITER = 2
 # The smallest batch a shared budget cuts to: below it, thread hops per byte start to cost.
@@ -142,11 +144,16 @@ class ChunkWriter:
         chunk_start: int,
         offset: int,
         digest: RunningDigest | None = None,
+        *,
+        create: Callable[[], _Created] | None = None,
     ) -> None:
         self._staging = staging
         self._digest = digest
         self._directory = directory
         self._fd = fd
+        # A writer at offset 0 makes its folder and first chunk file in its first thread call (fd -1
+        # until then): a small upload's body is then opened, written, hashed and synced in one.
+        self._create = create
         self._chunk_start = chunk_start
         self._start_offset = offset
         self._queued = offset  # the upload offset after every batch handed to the thread
@@ -232,6 +239,7 @@ class ChunkWriter:
 
     def _write_batch(self, batch: list[bytes], roll_at: int | None) -> None:
         """Runs on a staging thread, never two at once for one writer."""
+        self._ensure_open()
         try:
             if roll_at is not None:
                 os.close(self._fd)
@@ -253,8 +261,7 @@ class ChunkWriter:
         if self._inflight is None and 0 < self._pending_bytes <= _ONE_CALL_BYTES:
             return await self._write_and_sync()
         await self.drain()
-        new_directory = self._new_directory
-        await asyncio.get_running_loop().run_in_executor(self._staging.executor, self._fsync, new_directory)
+        await asyncio.get_running_loop().run_in_executor(self._staging.executor, self._fsync)
         self._new_files = self._new_directory = False
         return self._queued
 
@@ -262,14 +269,14 @@ class ChunkWriter:
         """``sync`` for a short last batch (a small file's whole body, the tail of a request): its
         write, its two digests and the fsync in one thread call instead of four."""
         batch, size, roll_at = self._take_batch()
-        digest, new_directory = self._digest, self._new_directory
+        digest = self._digest
 
         def _job() -> None:
             self._write_batch(batch, roll_at)
             if digest is not None:
                 digest.update_md5(batch)
                 digest.update_sha256(batch)
-            self._fsync(new_directory)
+            self._fsync()
 
         self._writing = self._staging.executor.submit(_job)
         await asyncio.wrap_future(self._writing)
@@ -278,15 +285,27 @@ class ChunkWriter:
         self._new_files = self._new_directory = False
         return self._queued
 
-    def _fsync(self, new_directory: bool) -> None:
+    def _ensure_open(self) -> None:
+        """Runs on a staging thread: the folder and first chunk file of a writer at offset 0."""
+        if self._create is None:
+            return
+        create, self._create = self._create, None
+        try:
+            self._fd, self._new_files, self._new_directory = create()
+        except OSError as exc:
+            self._digest = None
+            raise StagingError(f"cannot open staging for upload {self._directory.name}: {exc}") from exc
+
+    def _fsync(self) -> None:
         """Runs on a staging thread once every batch is in the file: the file, and the folders that
         gained an entry since the last sync."""
+        self._ensure_open()  # a request with no body still leaves its upload's folder and file
         directory = self._directory
         try:
             os.fsync(self._fd)
             if self._new_files:
                 _fsync_dir(directory)
-            if new_directory:
+            if self._new_directory:
                 _fsync_dir(directory.parent)
         except OSError as exc:
             raise StagingError(f"cannot sync staged bytes of upload {directory.name}: {exc}") from exc
@@ -311,9 +330,15 @@ class ChunkWriter:
             if writing is not None and not writing.done():
                 # Cancelled while a batch is still being written on its thread: close the file after
                 # that write, never under it (a reused descriptor would take the rest of the batch).
-                writing.add_done_callback(lambda _: os.close(self._fd))
+                writing.add_done_callback(lambda _: self._close_fd())
             else:
-                os.close(self._fd)
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        self._create = None  # closed before its first write: nothing was made, nothing is to be
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,17 +491,16 @@ class DirectoryStaging:
             except OSError as exc:
                 raise StagingError(f"cannot open staging for upload {upload_id}: {exc}") from exc
 
+        def _create_at_zero() -> _Created:
+            """The folder and the chunk file at offset 0; a folder left by an earlier attempt is emptied."""
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                self._truncate(directory, 0)
+                return os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640), True, False
+            return os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640), True, True
+
         def _open_at(directory: Path, offset: int) -> ChunkWriter:
-            if offset == 0:
-                try:
-                    directory.mkdir()
-                except FileExistsError:
-                    pass
-                else:  # a new upload: nothing to list or cut, and the new entries need syncing
-                    fd = os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640)
-                    writer = ChunkWriter(self, directory, fd, 0, 0, _digest([]))
-                    writer._new_files = writer._new_directory = True
-                    return writer
             kept = self._truncate(directory, offset)
             digest = _digest(kept)
             if kept and kept[-1].size < self.chunk_max_bytes:
@@ -488,6 +512,10 @@ class DirectoryStaging:
             writer._new_files = True
             return writer
 
+        if offset == 0:  # nothing to list or cut before the first write: that call makes the file
+            writer = ChunkWriter(self, directory, -1, 0, 0, _digest([]), create=_create_at_zero)
+            self.writers += 1
+            return writer
         writer = await self._run(_open)
         self.writers += 1  # here, on the event loop, not in _open's thread: aclose counts down there too
         return writer
@@ -551,6 +579,17 @@ class DirectoryStaging:
         directory = self.directory(upload_id)
         chunks = await self._run(lambda: _list_chunks(directory))
         return [(span.chunk.path, span.size) for span in _covering(chunks, upload_id, length)]
+
+    async def use_chunk_files[T](
+        self, upload_id: str, length: int, use: Callable[[list[tuple[Path, int]]], T]
+    ) -> tuple[list[tuple[Path, int]], T]:
+        directory = self.directory(upload_id)
+
+        def _list_and_use() -> tuple[list[tuple[Path, int]], T]:
+            files = [(span.chunk.path, span.size) for span in _covering(_list_chunks(directory), upload_id, length)]
+            return files, use(files)
+
+        return await self._run(_list_and_use)
 
     async def remove(self, upload_id: str) -> None:
         directory = self.directory(upload_id)

@@ -606,6 +606,11 @@ class S3Staging:
     async def chunk_files(self, upload_id: str, length: int) -> list[tuple[Path, int]] | None:
         return None  # the bytes are in S3, not in files here
 
+    async def use_chunk_files[T](
+        self, upload_id: str, length: int, use: Callable[[list[tuple[Path, int]]], T]
+    ) -> tuple[list[tuple[Path, int]], T] | None:
+        return None
+
     async def remove(self, upload_id: str) -> None:
         """Abort the multipart uploads and delete every object of the upload; drop its scratch."""
         self.digests.forget(upload_id)

@@ -296,3 +296,18 @@ async def test_chunk_files_are_listed_and_used_in_one_call_where_the_bytes_are_l
     assert used == [files] and result == data[: 2 * MiB + 10]
     assert sum(size for _, size in files) == 2 * MiB + 10 and all(path.is_file() for path, _ in files)
     assert files == await staging.chunk_files("u1", 2 * MiB + 10)
+
+
+async def test_an_open_writer_counts_as_staged_before_any_byte_is_in_a_file(
+    nodes: tuple[NodeFactory, _Bucket | None],
+) -> None:
+    """The expiry sweep and the diagnostics see an upload whose body is arriving, although a small one
+    has nothing in a file or object yet (a writer at offset 0 makes its file with its first write)."""
+    node, _ = nodes
+    staging = node()
+    async with await staging.open_writer("u1", 0, digest_tag="t") as writer:
+        await writer.write(b"x" * 100)  # short of a batch: still in memory
+        assert "u1" in await staging.list_upload_ids()
+        assert await staging.staged_size("u1") == 100
+        await writer.discard()
+    assert await staging.staged_size("u1") == 0

@@ -167,6 +167,10 @@ class ChunkWriter:
         self._closed = False
 
     @property
+    def upload_id(self) -> str:
+        return self._directory.name
+
+    @property
     def offset(self) -> int:
         """The upload offset after everything written so far (synced or not)."""
         return self._queued + self._pending_bytes
@@ -321,7 +325,7 @@ class ChunkWriter:
         if self._closed:
             return
         self._closed = True
-        self._staging.writers -= 1
+        self._staging._closed(self)
         try:
             with contextlib.suppress(StagingError):
                 await self._wait_inflight()
@@ -409,6 +413,9 @@ class DirectoryStaging:
         self.write_buffer_bytes = write_buffer_bytes
         self.write_budget_bytes = write_budget_bytes or 2 * _BATCHES_PER_WRITER * write_buffer_bytes
         self.writers = 0  # open ChunkWriters (changed on the event loop only)
+        # The open writer of each upload (one at a time: the locker's job): what it has taken counts
+        # as staged before any of it is in a file, as on S3.
+        self._open: dict[str, ChunkWriter] = {}
         # The most staged bytes a writer reads back to bring a running digest up to its offset
         # (about 0.15 s of hashing); beyond it, the finaliser hashes the whole file once instead.
         self.digest_catch_up_bytes = digest_catch_up_bytes
@@ -514,10 +521,11 @@ class DirectoryStaging:
 
         if offset == 0:  # nothing to list or cut before the first write: that call makes the file
             writer = ChunkWriter(self, directory, -1, 0, 0, _digest([]), create=_create_at_zero)
-            self.writers += 1
-            return writer
-        writer = await self._run(_open)
-        self.writers += 1  # here, on the event loop, not in _open's thread: aclose counts down there too
+        else:
+            writer = await self._run(_open)
+        # Here, on the event loop, not in _open's thread: aclose counts down there too.
+        self.writers += 1
+        self._open[upload_id] = writer
         return writer
 
     async def seal(self, upload_id: str, length: int) -> None:
@@ -529,7 +537,16 @@ class DirectoryStaging:
     async def staged_object(self, upload_id: str, length: int) -> StagedObject | None:
         return None  # chunk files, not an object
 
+    def _closed(self, writer: ChunkWriter) -> None:
+        self.writers -= 1
+        if self._open.get(writer.upload_id) is writer:
+            del self._open[writer.upload_id]
+
     async def staged_size(self, upload_id: str) -> int:
+        """What this node's writer of the upload has taken, else what its chunk files hold (committed or not)."""
+        writer = self._open.get(upload_id)
+        if writer is not None:
+            return writer.offset
         directory = self.directory(upload_id)
         chunks = await self._run(lambda: _list_chunks(directory))
         return chunks[-1].end if chunks else 0
@@ -615,10 +632,11 @@ class DirectoryStaging:
         return None if newest is None else datetime.fromtimestamp(newest, UTC)
 
     async def list_upload_ids(self) -> list[str]:
-        def _list() -> list[str]:
+        def _list() -> set[str]:
             try:
-                return [e.name for e in os.scandir(self.root) if e.is_dir()]
+                return {e.name for e in os.scandir(self.root) if e.is_dir()}
             except FileNotFoundError:
-                return []
+                return set()
 
-        return await self._run(_list)
+        # With the uploads whose writer has not made their folder yet, as on S3.
+        return sorted(await self._run(_list) | self._open.keys())

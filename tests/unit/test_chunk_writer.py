@@ -89,11 +89,13 @@ def _count_submissions(staging: DirectoryStaging, monkeypatch: pytest.MonkeyPatc
 async def test_a_short_body_is_written_hashed_and_synced_in_one_thread_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """From opening to synced: a writer at offset 0 makes its folder and chunk file in that call too."""
     staging = DirectoryStaging(tmp_path)  # 4 MiB batches: a 64 KiB body is one short last batch
+    handed = _count_submissions(staging, monkeypatch)
     data = random.Random(7).randbytes(64 << 10)
     try:
         async with await staging.open_writer("u", 0, digest_tag="t") as writer:
-            handed = _count_submissions(staging, monkeypatch)
+            assert not (tmp_path / "u").exists()  # nothing made yet
             await writer.write(data[:1000])
             await writer.write(data[1000:])
             offset = await writer.sync()
@@ -123,28 +125,6 @@ async def test_a_short_last_batch_that_begins_a_new_chunk_file_lands_in_it(tmp_p
     assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == first
     assert (tmp_path / "u" / f"{len(first):020d}.chunk").read_bytes() == rest
     assert digest is not None and digest.md5.hexdigest() == hashlib.md5(first + rest).hexdigest()
-
-
-async def test_a_new_upload_is_opened_written_hashed_and_synced_in_one_thread_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A writer at offset 0 makes its folder and chunk file in its first thread call: a small upload's
-    body costs one trip to a staging thread from opening to synced."""
-    staging = DirectoryStaging(tmp_path)
-    handed = _count_submissions(staging, monkeypatch)
-    data = random.Random(8).randbytes(10_000)
-    try:
-        async with await staging.open_writer("u", 0, digest_tag="t") as writer:
-            assert not (tmp_path / "u").exists()  # nothing made yet
-            await writer.write(data)
-            offset = await writer.sync()
-            digest = writer.digest
-    finally:
-        staging.close()
-    assert len(handed) == 1, handed
-    assert offset == len(data)
-    assert (tmp_path / "u" / f"{0:020d}.chunk").read_bytes() == data
-    assert digest is not None and digest.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 async def test_a_writer_at_offset_0_over_an_earlier_attempts_folder_starts_it_afresh(tmp_path: Path) -> None:

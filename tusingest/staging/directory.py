@@ -412,9 +412,8 @@ class DirectoryStaging:
         self.chunk_max_bytes = chunk_max_bytes
         self.write_buffer_bytes = write_buffer_bytes
         self.write_budget_bytes = write_budget_bytes or 2 * _BATCHES_PER_WRITER * write_buffer_bytes
-        self.writers = 0  # open ChunkWriters (changed on the event loop only)
-        # The open writer of each upload (one at a time: the locker's job): what it has taken counts
-        # as staged before any of it is in a file, as on S3.
+        # The open writer of each upload (one at a time: the locker's job; changed on the event loop
+        # only): what it has taken counts as staged before any of it is in a file, as on S3.
         self._open: dict[str, ChunkWriter] = {}
         # The most staged bytes a writer reads back to bring a running digest up to its offset
         # (about 0.15 s of hashing); beyond it, the finaliser hashes the whole file once instead.
@@ -502,10 +501,11 @@ class DirectoryStaging:
             """The folder and the chunk file at offset 0; a folder left by an earlier attempt is emptied."""
             try:
                 directory.mkdir()
+                new_directory = True
             except FileExistsError:
                 self._truncate(directory, 0)
-                return os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640), True, False
-            return os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640), True, True
+                new_directory = False
+            return os.open(_chunk_path(directory, 0), _CREATE_FLAGS, 0o640), True, new_directory
 
         def _open_at(directory: Path, offset: int) -> ChunkWriter:
             kept = self._truncate(directory, offset)
@@ -523,9 +523,7 @@ class DirectoryStaging:
             writer = ChunkWriter(self, directory, -1, 0, 0, _digest([]), create=_create_at_zero)
         else:
             writer = await self._run(_open)
-        # Here, on the event loop, not in _open's thread: aclose counts down there too.
-        self.writers += 1
-        self._open[upload_id] = writer
+        self._open[upload_id] = writer  # here, on the event loop, not in _open's thread: aclose ends it there too
         return writer
 
     async def seal(self, upload_id: str, length: int) -> None:
@@ -537,8 +535,12 @@ class DirectoryStaging:
     async def staged_object(self, upload_id: str, length: int) -> StagedObject | None:
         return None  # chunk files, not an object
 
+    @property
+    def writers(self) -> int:
+        """How many ChunkWriters are open on this node."""
+        return len(self._open)
+
     def _closed(self, writer: ChunkWriter) -> None:
-        self.writers -= 1
         if self._open.get(writer.upload_id) is writer:
             del self._open[writer.upload_id]
 
@@ -593,9 +595,8 @@ class DirectoryStaging:
     async def chunk_files(self, upload_id: str, length: int) -> list[tuple[Path, int]]:
         """The staged files that hold the first ``length`` bytes, in order, each with how many of
         its bytes belong to them: for a Storage Element that takes files (link, kernel copy)."""
-        directory = self.directory(upload_id)
-        chunks = await self._run(lambda: _list_chunks(directory))
-        return [(span.chunk.path, span.size) for span in _covering(chunks, upload_id, length)]
+        files, _ = await self.use_chunk_files(upload_id, length, lambda files: None)
+        return files
 
     async def use_chunk_files[T](
         self, upload_id: str, length: int, use: Callable[[list[tuple[Path, int]]], T]

@@ -124,6 +124,24 @@ async def test_a_text_upload_is_compressed_and_scanned_by_one_follower(
     assert_stored_brotli_of(s3_element, payload)
 
 
+async def test_eicar_in_a_compressed_upload_is_refused_and_its_follower_freed_at_once(
+    start_sqlite_server: ServerFactory, tmp_path: Path, s3_element: dict[str, Any], clamd: Clamd
+) -> None:
+    """The follower had compressed the whole file too; the failed saga lets it go instead of keeping
+    its spool for a ``take`` that never comes (it would hold one of the node's follower slots)."""
+    server = await scanning_server(
+        start_sqlite_server, tmp_path, s3_element, clamd.unix_url, compression_enabled=True, compression_min_size_mb=1
+    )
+    followers = server.parts.sagas.followers
+    text = text_payload(10 * MiB)
+    payload = text[: 6 * MiB] + EICAR + text[6 * MiB :]
+    async with server.client() as client:
+        last = await send(client, payload, 3 * MiB, "server.log")
+    assert last.status_code == 422 and last.headers["ArtStore-Error"] == "virus_detected"
+    assert followers.verdicts_used == 1 and followers.used == 0 and len(followers) == 0
+    assert bucket_objects(s3_element) == {}
+
+
 async def test_a_scan_left_waiting_gives_its_connection_back_and_the_saga_scans_in_its_pass(
     start_sqlite_server: ServerFactory, tmp_path: Path, s3_element: dict[str, Any], clamd: Clamd
 ) -> None:

@@ -193,6 +193,13 @@ class Followers:
             self.used += 1
         return compressed
 
+    def drop(self, upload_id: str) -> None:
+        """The upload's saga failed: its follower, running or finished, is of no more use (its spool goes
+        with the upload's staging folder)."""
+        follower = self._running.pop(upload_id, None)
+        if follower is not None and follower.task is not None:
+            follower.task.cancel()  # a finished one is not changed by it
+
     async def close(self) -> None:
         tasks = [f.task for f in self._running.values() if f.task is not None]
         for task in tasks:

@@ -805,6 +805,7 @@ class UploadSagas:
         owner = self.settings.owner
         data = self._found.pop(saga.saga_id, None) or _data(saga)
         self._listed.pop(saga.subject_id, None)
+        self.followers.drop(saga.subject_id)  # its copy or verdict is of no use now; it would hold a slot
         if saga.state is not SagaState.COMPENSATING:
             data.http_status = http_status
             saga = await self._advance(saga, saga.step or "created", data)

@@ -196,26 +196,32 @@ async def nodes(postgres_url: str) -> AsyncIterator[tuple[PostgresLocker, Postgr
         await a.close()
 
 
-async def hold_until_asked(node: Locker, upload_id: str, held: asyncio.Event, asked: asyncio.Event) -> None:
+async def hold_until_asked(
+    node: Locker, upload_id: str, held: asyncio.Event, asked: asyncio.Event, leaving: asyncio.Event | None = None
+) -> None:
     async with node.lock(upload_id, on_release_request=asked.set):
         held.set()
         await asked.wait()
+        if leaving is not None:
+            leaving.set()  # the last thing it does holding the lock
 
 
 async def test_a_holder_on_another_node_is_asked_to_release_and_the_newcomer_gets_the_lock_at_once(
     nodes: tuple[PostgresLocker, PostgresLocker],
 ) -> None:
     a, b = nodes
-    held, asked = asyncio.Event(), asyncio.Event()
-    holder = asyncio.create_task(hold_until_asked(a, "u1", held, asked))
+    held, asked, leaving = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold_until_asked(a, "u1", held, asked, leaving))
     await held.wait()
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with b.lock("u1"):
         waited = loop.time() - started
-        holder_done = holder.done()
+        # The holder had left its critical section. (Not ``holder.done()``: the unlock reaches the
+        # database, and wakes this node, before the holder's task has run its last step.)
+        holder_left = leaving.is_set()
     await holder
-    assert asked.is_set() and holder_done
+    assert asked.is_set() and holder_left
     assert waited < 1.0  # woken by `released`, not by the 5 s poll
 
 

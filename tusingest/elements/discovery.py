@@ -479,7 +479,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 async def _close(pubsub: PubSub) -> None:
-    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
+    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # unannotated before redis-py 8.2
 
 
 def _where(url: str | None) -> str:
